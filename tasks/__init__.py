@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over prcore (retries, caching, logging, artifacts)."""
