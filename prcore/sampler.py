@@ -1,0 +1,368 @@
+"""Personalized sampling with parallel-rescaled consistency guidance on SD 1.x/2.x and SDXL pipelines.
+
+The denoising loop is assembled from the pipeline's public parts (``encode_prompt``, its UNet,
+VAE and ``image_processor``) and a fresh scheduler (:mod:`prcore.schedulers`). At every step the
+three noise predictions of the method
+
+    e_u   pretrained model (LoRA off), negative prompt
+    e_c   pretrained model (LoRA off), base prompt      (template with {subject} -> class noun)
+    e_p   fine-tuned model (LoRA on),  personal prompt  (template with {subject} -> identifier + class noun)
+
+come from ONE batched UNet forward over rows [e_u, e_c, e_p] (3 * num_images rows); the LoRA is
+routed to the e_p rows only (:func:`prcore.adapters.per_sample_adapters`). They are combined by
+:mod:`prcore.guidance`:
+
+    e_hat = e_u + w_cfg * g_cfg + w_cg * (g_ort + eta * g_par),   g_cfg = e_c - e_u,  g_cg = e_p - e_c
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from prcore import guidance as G
+from prcore.adapters import (
+    BASE,
+    adapter_names_of,
+    adapter_state_preserved,
+    lora_layers,
+    loaded_adapters,
+    mixed_batch_blocker,
+    per_sample_adapters,
+    use_adapter,
+)
+from prcore.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
+
+BatchMode = Literal["auto", "batched", "separate"]
+SEED_MAX = 2**63 - 1
+
+
+class SamplerError(ValueError):
+    """A bad argument to :func:`sample`; the message says which and what to do."""
+
+
+@dataclass
+class SampleOutput:
+    """What :func:`sample` returns.
+
+    ``images``: list of PIL images (``output_type="pil"``), a float numpy array (N, H, W, 3) in
+    [0, 1] (``"np"``) or the final latents (``"latent"``). ``seeds``: the int seed each image's
+    generator used. ``batch_mode``: how the UNet ran ("batched" = one forward per step with
+    per-sample adapters, "separate" = one forward per adapter group, "single" = no adapter routing
+    needed).
+    """
+
+    images: Any
+    seeds: list[int]
+    personal_prompt: str
+    base_prompt: str
+    seconds: float
+    batch_mode: str = "single"
+    guidance: str = "parallel_rescaled"
+    scheduler: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def render_prompts(template: str, class_noun: str, identifier: str) -> tuple[str, str]:
+    """``(personal, base)``: ``{subject}`` -> ``"{identifier} {class_noun}"`` and -> ``class_noun``."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None] if "{" in template else []
+    if "subject" not in fields:
+        raise SamplerError(f"prompt {template!r} has no {{subject}} placeholder; write e.g. 'a photo of {{subject}} on the beach'")
+    others = sorted({f for f in fields if f != "subject"})
+    if others:
+        raise SamplerError(f"prompt {template!r} has unknown placeholder(s) {others}; only {{subject}} is allowed (write literal braces as {{{{ }}}})")
+    if not class_noun or not class_noun.strip():
+        raise SamplerError("class_noun is empty; give the subject's class, e.g. 'dog'")
+    if not identifier or not identifier.strip():
+        raise SamplerError("identifier is empty; give the subject's rare token, e.g. 'sks'")
+    personal = template.format(subject=f"{identifier.strip()} {class_noun.strip()}")
+    base = template.format(subject=class_noun.strip())
+    return personal, base
+
+
+def image_seeds(seed: int | Sequence[int], num_images: int) -> list[int]:
+    """Per-image seeds: ``seeds[i]`` as given, or a stable hash of ``(seed, i)`` for an int seed.
+
+    Image i's noise depends on its seed only, so it is the same whatever ``num_images`` is.
+    """
+    if isinstance(seed, bool) or num_images < 1:
+        raise SamplerError(f"num_images must be >= 1 (got {num_images}) and seed an int or a list of ints")
+    if isinstance(seed, int):
+        if seed < 0:
+            raise SamplerError(f"seed must be >= 0, got {seed}")
+        return [int.from_bytes(hashlib.sha256(f"prcore:{seed}:{i}".encode()).digest()[:8], "big") & SEED_MAX for i in range(num_images)]
+    seeds = list(seed)
+    if len(seeds) != num_images:
+        raise SamplerError(f"seed lists {len(seeds)} seeds but num_images is {num_images}; give one seed per image")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
+            raise SamplerError(f"seeds must be ints in [0, 2**63-1], got {s!r}")
+    return seeds
+
+
+@dataclass
+class _Cond:
+    """Text conditioning of one row group (num_images rows), and which adapter its UNet rows use."""
+
+    embeds: Tensor
+    pooled: Tensor | None
+    adapter: str
+
+
+def _is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "tokenizer_2", None) is not None
+
+
+def _text_encoders(pipe) -> list:
+    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+
+
+def _encode(pipe, text: str, adapter: str, n: int, device, *, zero: bool) -> _Cond:
+    """Encode one prompt with the text encoders' LoRA (if any) set to ``adapter``; repeat n times."""
+    encoders = _text_encoders(pipe)
+    for enc in encoders:
+        use_adapter(enc, adapter if adapter in adapter_names_of(enc) else BASE)
+    if _is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    else:
+        embeds, _ = pipe.encode_prompt(text, device, 1, False)
+        pooled = None
+    if zero:  # SDXL's force_zeros_for_empty_prompt: the empty negative prompt is all zeros
+        embeds = torch.zeros_like(embeds)
+        pooled = torch.zeros_like(pooled) if pooled is not None else None
+    embeds = embeds.repeat(n, 1, 1)
+    pooled = pooled.repeat(n, 1) if pooled is not None else None
+    return _Cond(embeds, pooled, adapter)
+
+
+def _time_ids(pipe, height: int, width: int, n_rows: int, dtype, device) -> Tensor:
+    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w), no crop."""
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    expected = pipe.unet.add_embedding.linear_1.in_features
+    te2 = getattr(pipe, "text_encoder_2", None)
+    proj = te2.config.projection_dim if te2 is not None else None
+    if proj is not None and pipe.unet.config.addition_time_embed_dim * ids.shape[1] + proj != expected:
+        raise SamplerError(
+            "this SDXL UNet expects different micro-conditioning (e.g. an aesthetic-score refiner); only base SDXL models are supported"
+        )
+    return ids.repeat(n_rows, 1)
+
+
+def _check_scales(**scales: float) -> None:
+    for name, value in scales.items():
+        if not isinstance(value, (int, float)) or value != value or value < 0:
+            raise SamplerError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    factor = int(pipe.vae_scale_factor)
+    default = int(pipe.unet.config.sample_size) * factor
+    height = default if height is None else height
+    width = default if width is None else width
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % factor:
+            raise SamplerError(f"{name}={v!r} must be a positive multiple of the VAE factor {factor} (e.g. {max(factor, (int(v) // factor) * factor) if isinstance(v, int) and v > 0 else default})")
+    return height, width
+
+
+def _unet_forward(pipe, latents: Tensor, t, conds: list[_Cond], added_time_ids: Tensor | None, mode: str) -> list[Tensor]:
+    """Noise predictions for each row group at (latents, t), as few UNet forwards as allowed.
+
+    ``mode`` "batched": one forward over all groups, LoRA routed per row; "separate": one forward
+    per distinct adapter. Either way the result is one (n, C, h, w) tensor per group.
+    """
+    unet = pipe.unet
+    n = latents.shape[0]
+
+    def run(group: list[_Cond]) -> Tensor:
+        k = len(group)
+        x = torch.cat([latents] * k)
+        embeds = torch.cat([c.embeds for c in group])
+        added = None
+        if added_time_ids is not None:
+            added = {"text_embeds": torch.cat([c.pooled for c in group]), "time_ids": added_time_ids[: k * n]}
+        return unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+    adapters = [c.adapter for c in conds]
+    if len(set(adapters)) == 1 or not lora_layers(unet):
+        use_adapter(unet, adapters[0])
+        return list(run(conds).chunk(len(conds)))
+    if mode == "batched":
+        rows = [c.adapter for c in conds for _ in range(n)]
+        with per_sample_adapters(unet, rows):
+            return list(run(conds).chunk(len(conds)))
+    out: list[Tensor | None] = [None] * len(conds)
+    for name in dict.fromkeys(adapters):
+        idx = [i for i, a in enumerate(adapters) if a == name]
+        use_adapter(unet, name)
+        for i, pred in zip(idx, run([conds[i] for i in idx]).chunk(len(idx))):
+            out[i] = pred
+    return out  # type: ignore[return-value]
+
+
+def _decode(pipe, latents: Tensor, output_type: str):
+    if output_type == "latent":
+        return latents
+    vae = pipe.vae
+    needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = torch.float32 if needs_upcast else vae.dtype
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, dtype)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, dtype)
+        z = latents.to(dtype) * std_t / vae.config.scaling_factor + mean_t
+    else:
+        z = latents.to(dtype) / vae.config.scaling_factor
+    original = vae.dtype
+    if needs_upcast:
+        vae.to(torch.float32)
+    try:
+        image = vae.decode(z, return_dict=False)[0]
+    finally:
+        if needs_upcast:
+            vae.to(original)
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+@torch.no_grad()
+def sample(
+    pipe,
+    *,
+    prompt: str,
+    class_noun: str,
+    identifier: str,
+    adapter_name: str | None,
+    negative_prompt: str = "",
+    guidance: str = "parallel_rescaled",
+    cfg_scale: float = 7.5,
+    consistency_scale: float = 3.0,
+    parallel_scale: float = 0.5,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | Sequence[int] = 0,
+    num_images: int = 1,
+    scheduler: str | None = None,
+    output_type: str = "pil",
+    progress: bool = True,
+    batch_mode: BatchMode = "auto",
+) -> SampleOutput:
+    """Sample ``num_images`` images of a subject with the chosen guidance.
+
+    ``guidance``:
+      - ``parallel_rescaled``: e_u + w_cfg*g_cfg + w_cg*(g_ort + eta*g_par)  (eta = ``parallel_scale``)
+      - ``consistency``: DCO consistency guidance, e_u + w_cfg*g_cfg + w_cg*g_cg (eta = 1)
+      - ``cfg``: CFG of the fine-tuned model (LoRA on for both rows) on the personal prompt vs the
+        negative prompt: the DreamBooth baseline
+      - ``pretrained``: CFG of the base model (no adapter) on the base prompt; ``adapter_name`` may be None
+
+    ``batch_mode``: "auto" (one batched UNet forward per step with per-sample LoRA routing, or
+    one forward per adapter group where peft cannot route per sample: merged/fused LoRA, DoRA),
+    "batched" (error if routing is impossible) or "separate" (always one forward per group).
+    Image i's noise comes from its own CPU ``torch.Generator`` seeded with ``seeds[i]``
+    (:func:`image_seeds`), so the same call gives the same pixels.
+    """
+    started = time.perf_counter()
+    personal, base = render_prompts(prompt, class_noun, identifier)
+    if guidance not in G.GUIDANCE_MODES:
+        raise SamplerError(f"unknown guidance {guidance!r}; choose one of: {', '.join(G.GUIDANCE_MODES)}")
+    _check_scales(cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise SamplerError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise SamplerError(f"num_images must be an int >= 1, got {num_images!r}")
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise SamplerError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+    if batch_mode not in ("auto", "batched", "separate"):
+        raise SamplerError(f"batch_mode must be auto, batched or separate; got {batch_mode!r}")
+    height, width = _check_size(pipe, height, width)
+    seeds = image_seeds(seed, num_images)
+    if guidance != "pretrained":
+        loaded = loaded_adapters(pipe)
+        if adapter_name is None:
+            raise SamplerError(f"guidance={guidance!r} needs adapter_name (the subject's LoRA); only guidance='pretrained' runs without one")
+        if adapter_name == BASE or adapter_name not in loaded:
+            have = ", ".join(sorted(loaded)) or "none"
+            raise SamplerError(f"unknown adapter {adapter_name!r}; LoRA adapters loaded into this pipeline: {have}. Load it first with pipe.load_lora_weights(dir, adapter_name=...)")
+    try:
+        sched = make_scheduler(scheduler, pipe.scheduler.config)
+    except UnknownSchedulerError as exc:
+        raise SamplerError(str(exc)) from None
+
+    device = pipe._execution_device
+    unet = pipe.unet
+    dtype = unet.dtype
+    n = num_images
+    sdxl = _is_sdxl(pipe)
+    zero_negative = sdxl and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)) and negative_prompt == ""
+
+    with adapter_state_preserved(unet, *_text_encoders(pipe)):
+        lora = adapter_name if adapter_name is not None else BASE
+        if guidance in ("parallel_rescaled", "consistency"):
+            conds = [
+                _encode(pipe, negative_prompt, BASE, n, device, zero=zero_negative),
+                _encode(pipe, base, BASE, n, device, zero=False),
+                _encode(pipe, personal, lora, n, device, zero=False),
+            ]
+        elif guidance == "cfg":
+            conds = [_encode(pipe, negative_prompt, lora, n, device, zero=zero_negative), _encode(pipe, personal, lora, n, device, zero=False)]
+        else:
+            conds = [_encode(pipe, negative_prompt, BASE, n, device, zero=zero_negative), _encode(pipe, base, BASE, n, device, zero=False)]
+
+        distinct = {c.adapter for c in conds}
+        if len(distinct) == 1 or not lora_layers(unet):
+            mode = "single"
+        else:
+            blocker = mixed_batch_blocker(unet, [c.adapter for c in conds])
+            if batch_mode == "batched" and blocker:
+                raise SamplerError(f"batch_mode='batched' is impossible here: {blocker}; use batch_mode='auto' or 'separate'")
+            mode = "separate" if (batch_mode == "separate" or blocker) else "batched"
+
+        time_ids = _time_ids(pipe, height, width, len(conds) * n, conds[0].embeds.dtype, device) if sdxl else None
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        from diffusers.utils.torch_utils import randn_tensor
+
+        sched.set_timesteps(num_inference_steps, device=device)
+        shape = (n, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype) * sched.init_noise_sigma
+        step_params = inspect.signature(sched.step).parameters
+        step_kwargs: dict[str, Any] = {"generator": generators} if "generator" in step_params else {}
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+
+        from tqdm.auto import tqdm
+
+        for t in tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False):
+            x_in = sched.scale_model_input(latents, t)
+            preds = _unet_forward(pipe, x_in, t, conds, time_ids, mode)
+            if guidance == "parallel_rescaled":
+                eps = G.parallel_rescaled(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
+            elif guidance == "consistency":
+                eps = G.consistency(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale)
+            else:
+                eps = G.cfg(*preds, cfg_scale=cfg_scale)
+            latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+
+        images = _decode(pipe, latents, output_type)
+    return SampleOutput(
+        images=images,
+        seeds=seeds,
+        personal_prompt=personal,
+        base_prompt=base,
+        seconds=time.perf_counter() - started,
+        batch_mode=mode,
+        guidance=guidance,
+        scheduler=scheduler or type(sched).__name__,
+    )
+
+
+__all__ = ["SampleOutput", "SamplerError", "render_prompts", "image_seeds", "sample", "SCHEDULER_NAMES", "BatchMode"]
