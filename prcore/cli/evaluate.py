@@ -1,7 +1,145 @@
-"""Placeholder: filled in by the issue that owns this command group."""
+"""``prcore eval`` (score an existing output root) and ``prcore bench dreambench`` (the DreamBench protocol)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from prcore.cli.errors import UserError, user_errors
+
+DEFAULT_MODES = "parallel_rescaled,consistency,cfg"
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    from prcore.storage import StoreError
+
+    return (StoreError,)
+
+
+def _scorer(clip_model: str | None, dino_model: str | None, device: str | None, dtype: str | None, batch_size: int):
+    from prcore.metrics import Scorer
+
+    if not clip_model and not dino_model:
+        raise UserError("no metric model configured: give --clip-model (CLIP-T, CLIP-I) and/or --dino-model (DINO)")
+    return Scorer(clip_model=clip_model, dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def eval_command(
+    output_root: Annotated[str, typer.Argument(help="Output root: a folder or s3://bucket/prefix.")],
+    run: Annotated[str | None, typer.Option("--run", help="Score only the images of this run id.")] = None,
+    clip_model: Annotated[str | None, typer.Option("--clip-model", help="CLIP model folder or hub id (CLIP-T, CLIP-I), e.g. openai/clip-vit-large-patch14.")] = None,
+    dino_model: Annotated[str | None, typer.Option("--dino-model", help="DINO/ViT model folder or hub id, e.g. facebook/dino-vits16.")] = None,
+    references: Annotated[Path | None, typer.Option("--references", help="Folder with one sub-folder of reference images per subject_id (default: the sidecars' instance_images).")] = None,
+    qc_clip_t: Annotated[float | None, typer.Option("--qc-clip-t", help="QC: minimum CLIP-T.")] = None,
+    qc_clip_i: Annotated[float | None, typer.Option("--qc-clip-i", help="QC: minimum CLIP-I.")] = None,
+    qc_dino: Annotated[float | None, typer.Option("--qc-dino", help="QC: minimum DINO.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cuda, cpu, mps (default: best available).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16, bfloat16 (default: fp16 on CUDA, else fp32).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+) -> None:
+    """Score existing outputs (CLIP-T, CLIP-I, DINO), apply QC, update the sidecars, write runs/.../scores.parquet."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from prcore.metrics import METRICS, MetricModelError, QCThresholds, evaluate_outputs
+    from prcore.storage import open_store
+
+    console = Console()
+    with user_errors(MetricModelError, *_store_errors()):
+        thresholds = QCThresholds(clip_t=qc_clip_t, clip_i=qc_clip_i, dino=qc_dino)
+        if references is not None and not references.is_dir():
+            raise UserError(f"--references {references} is not a folder")
+        store = open_store(output_root)
+        scorer = _scorer(clip_model, dino_model, device, dtype, batch_size)
+        result = evaluate_outputs(store, scorer, run_id=run, thresholds=thresholds, references_dir=references)
+    if not result.rows:
+        console.print(f"no committed images found under {output_root}/images/")
+        for line in result.skipped:
+            console.print(f"[yellow]skipped[/] {line}")
+        raise typer.Exit(1)
+    table = Table(title=f"scores: {len(result.rows)} images")
+    table.add_column("subject")
+    table.add_column("images", justify="right")
+    metrics = [m for m in METRICS if m in scorer.metrics]
+    for m in metrics:
+        table.add_column(m, justify="right")
+    table.add_column("QC failed", justify="right")
+    for entry in result.summary():
+        table.add_row(entry["subject_id"], str(entry["images"]), *[_fmt(entry.get(m)) for m in metrics], _fmt(entry["qc_failed"]))
+    console.print(table)
+    for line in result.skipped:
+        console.print(f"[yellow]skipped[/] {line}")
+    console.print(f"sidecars updated; scores in {store.uri.rstrip('/')}/{result.scores_key}")
+
+
+def dreambench_command(
+    data: Annotated[Path, typer.Option("--data", help="google/dreambooth-style folder: one sub-folder of images per subject.")],
+    model: Annotated[str, typer.Option("--model", help="Base pipeline folder or hub id (SD 1.x/2.x or SDXL).")],
+    output: Annotated[str, typer.Option("--output", help="Where images, scores and the table go: folder or s3://bucket/prefix.")],
+    clip_model: Annotated[str | None, typer.Option("--clip-model", help="CLIP model folder or hub id (CLIP-I, CLIP-T).")] = None,
+    dino_model: Annotated[str | None, typer.Option("--dino-model", help="DINO model folder or hub id (DINO).")] = None,
+    subjects: Annotated[str | None, typer.Option("--subjects", help="Comma-separated subject ids (default: all in the subjects CSV).")] = None,
+    prompts_per_subject: Annotated[int | None, typer.Option("--prompts-per-subject", min=1, help="First N templates per subject (default: all 25).")] = None,
+    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", min=1)] = 4,
+    modes: Annotated[str, typer.Option("--modes", help="Comma-separated guidance modes.")] = DEFAULT_MODES,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps per image.")] = 50,
+    cfg_scale: Annotated[float, typer.Option("--cfg-scale")] = 7.5,
+    consistency_scale: Annotated[float, typer.Option("--consistency-scale")] = 3.0,
+    parallel_scale: Annotated[float, typer.Option("--parallel-scale")] = 0.5,
+    height: Annotated[int | None, typer.Option("--height")] = None,
+    width: Annotated[int | None, typer.Option("--width")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
+    identifier: Annotated[str, typer.Option("--identifier")] = "sks",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    train_steps: Annotated[int | None, typer.Option("--train-steps", min=1, help="LoRA training steps (TrainConfig.steps).")] = None,
+    train: Annotated[list[str] | None, typer.Option("--train", help="Training override KEY=VALUE (a TrainConfig field), repeatable.")] = None,
+    subjects_csv: Annotated[Path | None, typer.Option("--subjects-csv", help="Default: DATA/dreambench_subjects.csv, else the shipped copy.")] = None,
+    object_prompts: Annotated[Path | None, typer.Option("--object-prompts")] = None,
+    live_prompts: Annotated[Path | None, typer.Option("--live-prompts")] = None,
+    work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Keep trained LoRAs here (reused on re-runs); default: a temporary folder.")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Scoring batch size.")] = 32,
+) -> None:
+    """Run the DreamBench protocol for the guidance modes and write the paper-style table."""
+    from rich.console import Console
+
+    from prcore.bench import BenchConfig, load_protocol, parse_train_overrides, run_dreambench
+    from prcore.metrics import MetricModelError
+    from prcore.models import ModelNotFoundError
+    from prcore.storage import open_store
+
+    console = Console(stderr=True)
+    with user_errors(MetricModelError, ModelNotFoundError, *_store_errors()):
+        overrides = parse_train_overrides(train or [])
+        if train_steps is not None:
+            overrides["steps"] = train_steps
+        chosen = tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None
+        config = BenchConfig(
+            model=model, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), subjects=chosen,
+            prompts_per_subject=prompts_per_subject, images_per_prompt=images_per_prompt, num_inference_steps=steps,
+            cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale,
+            height=height, width=width, scheduler=scheduler, identifier=identifier, seed=seed, train_overrides=overrides,
+        )
+        protocol = load_protocol(data, subjects=chosen, subjects_csv=subjects_csv, object_prompts=object_prompts, live_prompts=live_prompts)
+        store = open_store(output)
+        scorer = _scorer(clip_model, dino_model, device, dtype, batch_size)
+        result = run_dreambench(
+            protocol, config=config, scorer=scorer, output=store, device=device, dtype=dtype, work_dir=work_dir,
+            log=lambda msg: console.print(msg), progress=True,
+        )
+    typer.echo(result.markdown)
+    typer.echo(f"images, scores.parquet and table.{{md,csv,parquet}} in {result.output_uri} ({result.seconds:.0f}s)")
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("eval")(eval_command)
+    bench = typer.Typer(help="Benchmarks of the product's guidance modes.", no_args_is_help=True)
+    bench.command("dreambench")(dreambench_command)
+    app.add_typer(bench, name="bench")
