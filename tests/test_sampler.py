@@ -22,8 +22,8 @@ PROMPT = "a photo of {subject} in the snow"
 SIZE = 32
 
 
-def _lora_pipe(path, kind: str, lora_dir):
-    """A private (uncached) pipeline with a random, output-changing LoRA saved and loaded in diffusers format."""
+def save_random_lora(path, lora_dir) -> None:
+    """Write a random, output-changing UNet LoRA for the pipeline at ``path`` in diffusers format."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -36,6 +36,11 @@ def _lora_pipe(path, kind: str, lora_dir):
             param.data = torch.randn(param.shape, generator=gen) * 0.5
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet, adapter_name=ADAPTER))
     type(donor).save_lora_weights(lora_dir, unet_lora_layers=state, safe_serialization=True)
+
+
+def _lora_pipe(path, kind: str, lora_dir):
+    """A private (uncached) pipeline with that LoRA loaded through diffusers' load_lora_weights."""
+    save_random_lora(path, lora_dir)
     pipe = load_pipeline(path, device="cpu", dtype="float32", cache=False)
     pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER, use_safetensors=True)
     return pipe

@@ -1,7 +1,141 @@
-"""Placeholder: filled in by the issue that owns this command group."""
+"""``prcore sample``: sample a personalized subject with a LoRA and write PNGs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
 
 import typer
 
+from prcore.cli.errors import UserError, user_errors
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def adapter_name_for(lora_dir: Path) -> str:
+    """A stable adapter name per LoRA folder, so loading the same folder twice is a no-op."""
+    return "subject-" + hashlib.sha256(str(lora_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def _load_lora(pipe, lora_dir: Path) -> str:
+    name = adapter_name_for(lora_dir)
+    try:
+        from prcore.training import load_subject_lora
+    except ImportError:  # training module absent: plain diffusers loading
+        from prcore.adapters import loaded_adapters
+
+        if name not in loaded_adapters(pipe):
+            pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=name, use_safetensors=True)
+        return name
+    load_subject_lora(pipe, lora_dir, name)
+    return name
+
+
+def _check_lora_dir(lora: Path | None, guidance: str) -> None:
+    if lora is None:
+        if guidance != "pretrained":
+            raise UserError(f"--lora DIR is required for --guidance {guidance} (only --guidance pretrained runs without a LoRA)")
+        return
+    if not lora.is_dir():
+        raise UserError(f"--lora {lora}: no such folder (give the folder holding {LORA_WEIGHT_NAME})")
+    if not (lora / LORA_WEIGHT_NAME).is_file():
+        raise UserError(f"--lora {lora}: {LORA_WEIGHT_NAME} is missing; point --lora at a LoRA folder in diffusers format")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sample_command(
+    model: str = typer.Option(..., "--model", help="Base pipeline: a local diffusers folder or a hub id (SD 1.x/2.x or SDXL)."),
+    prompt: str = typer.Option(..., "--prompt", help='Prompt template with {subject}, e.g. "a {subject} in the snow".'),
+    class_noun: str = typer.Option(..., "--class-noun", help="The subject's class, e.g. dog."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the PNGs (and a JSON sidecar per image) into."),
+    lora: Path | None = typer.Option(None, "--lora", help="The subject's LoRA folder (diffusers format). Optional only with --guidance pretrained."),
+    identifier: str = typer.Option("sks", "--identifier", help="The subject's rare identifier token."),
+    guidance: str = typer.Option("parallel_rescaled", "--guidance", help="parallel_rescaled | consistency | cfg | pretrained."),
+    cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="w_cfg: classifier-free guidance weight."),
+    consistency_scale: float = typer.Option(3.0, "--consistency-scale", help="w_cg: consistency guidance weight."),
+    parallel_scale: float = typer.Option(0.5, "--parallel-scale", help="eta: weight of the part of g_cg parallel to g_cfg (1 = DCO)."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    seed: int = typer.Option(0, "--seed", help="Request seed; image i uses a generator seeded from (seed, i)."),
+    num_images: int = typer.Option(1, "--num-images", help="How many images."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (empty by default)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="ddim | euler | euler_ancestral | dpmpp_2m | dpmpp_2m_karras | unipc | pndm (default: the model's)."),
+    height: int | None = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
+    device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: fp16 on CUDA, else fp32)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the steps."),
+) -> None:
+    """Sample a personalized subject with parallel-rescaled consistency guidance and write PNGs."""
+    from prcore.guidance import GUIDANCE_MODES
+    from prcore.models import ModelNotFoundError
+    from prcore.sampler import render_prompts
+    from prcore.schedulers import SCHEDULER_NAMES
+
+    with user_errors(ModelNotFoundError):
+        # Everything checkable without the model is checked before loading it.
+        render_prompts(prompt, class_noun, identifier)
+        if guidance not in GUIDANCE_MODES:
+            raise UserError(f"--guidance {guidance!r} is not one of: {', '.join(GUIDANCE_MODES)}")
+        for flag, value in (("--cfg-scale", cfg_scale), ("--consistency-scale", consistency_scale), ("--parallel-scale", parallel_scale)):
+            if value < 0:
+                raise UserError(f"{flag} must be >= 0, got {value}")
+        if scheduler is not None and scheduler.lower().replace("-", "_") not in SCHEDULER_NAMES:
+            raise UserError(f"--scheduler {scheduler!r} is unknown; choose one of: {', '.join(SCHEDULER_NAMES)}")
+        if steps < 1 or num_images < 1 or seed < 0:
+            raise UserError("--steps and --num-images must be >= 1 and --seed >= 0")
+        _check_lora_dir(lora, guidance)
+        names = [f"{guidance}-seed{seed}-{i:03d}" for i in range(num_images)]
+        existing = [n + ".png" for n in names if (out / f"{n}.png").exists()]
+        if existing:
+            raise UserError(f"{out} already holds {', '.join(existing)}; choose another --out or --seed (finished images are never overwritten)")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a folder")
+
+        from prcore.models import load_pipeline
+        from prcore.sampler import sample
+
+        pipe = load_pipeline(model, device=device, dtype=dtype)
+        adapter = _load_lora(pipe, lora) if lora is not None else None
+        result = sample(
+            pipe, prompt=prompt, class_noun=class_noun, identifier=identifier, adapter_name=adapter,
+            negative_prompt=negative_prompt, guidance=guidance, cfg_scale=cfg_scale,
+            consistency_scale=consistency_scale, parallel_scale=parallel_scale, num_inference_steps=steps,
+            height=height, width=width, seed=seed, num_images=num_images, scheduler=scheduler,
+            output_type="pil", progress=progress,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    import io
+
+    for i, (name, image) in enumerate(zip(names, result.images)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        record = {
+            "model": str(model), "lora": str(lora) if lora else None, "prompt": prompt,
+            "personal_prompt": result.personal_prompt, "base_prompt": result.base_prompt,
+            "negative_prompt": negative_prompt, "class_noun": class_noun, "identifier": identifier,
+            "guidance": guidance, "cfg_scale": cfg_scale, "consistency_scale": consistency_scale,
+            "parallel_scale": parallel_scale, "steps": steps, "scheduler": result.scheduler,
+            "seed": seed, "index": i, "image_seed": result.seeds[i], "size": list(image.size),
+            "unet_batching": result.batch_mode,
+        }
+        _write_atomic(out / f"{name}.png", buf.getvalue())
+        _write_atomic(out / f"{name}.json", (json.dumps(record, indent=2) + "\n").encode())
+        typer.echo(str(out / f"{name}.png"))
+    typer.echo(f"wrote {num_images} image(s) to {out} in {result.seconds:.1f}s", err=True)
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("sample")(sample_command)
