@@ -1,0 +1,81 @@
+"""Run records in the store and artifacts in Prefect: table, progress, contact sheets, failures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from prcore import runner
+from prcore.storage import open_store
+from tasks.common import RETRY_OPTIONS
+
+
+def artifact_key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+@task(name="write-shard-record", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
+def write_shard_record_task(output: str, record: runner.ShardRecord) -> str:
+    key = runner.shard_record_key(record.run_id, record.shard)
+    open_store(output).put(key, record.to_json(), content_type="application/json")
+    return key
+
+
+@task(name="read-shard-record", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
+def read_shard_record_task(output: str, run_id: str, shard_index: int) -> runner.ShardRecord | None:
+    store = open_store(output)
+    key = runner.shard_record_key(run_id, shard_index)
+    if not store.exists(key):
+        return None
+    return runner.ShardRecord.from_json(store.get(key))
+
+
+@task(name="write-run-report", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
+def write_run_report_task(output: str, run_id: str, summary: dict[str, Any],
+                          failures: Sequence[runner.Failure]) -> dict[str, str]:
+    store = open_store(output)
+    return {
+        "summary": runner.write_summary(store, run_id, summary),
+        "failures": runner.write_failure_report(store, run_id, failures),
+    }
+
+
+def publish_artifacts(output: str, run_id: str, results: Sequence[runner.SubjectResult],
+                      failures: Sequence[runner.Failure]) -> None:
+    """Table (one row per subject), contact sheets (markdown, S3 links presigned), failures."""
+    create_table_artifact(table=runner.table_rows(results), key="nightly-batch-subjects",
+                          description=f"Run {run_id}: one row per subject")
+    store = open_store(output)
+    create_markdown_artifact(markdown=runner.contact_sheets_markdown(store, run_id, results),
+                             key="nightly-batch-contact-sheets", description=f"Run {run_id}: contact sheets")
+    if failures:
+        create_markdown_artifact(markdown=runner.failures_markdown(run_id, failures), key="nightly-batch-failures",
+                                 description=f"Run {run_id}: failed subjects")
+
+
+class Progress:
+    """A progress artifact (percent of shards finished), created once and updated in place."""
+
+    def __init__(self, total: int, description: str):
+        self.total = max(total, 1)
+        self.done = 0
+        self._id: UUID | None = create_progress_artifact(progress=0.0 if total else 100.0, key="nightly-batch-progress",
+                                                         description=description)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._id is not None:
+            update_progress_artifact(self._id, progress=100.0 * min(self.done, self.total) / self.total)
