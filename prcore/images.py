@@ -1,0 +1,147 @@
+"""Input hygiene for instance images: decode, orient, convert, check size, resize and center-crop.
+
+Every error a user can cause here is an ``ImageInputError`` (a ``ValueError``) with one message
+that names the image and says what to do.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = Image.Image | bytes | str | Path
+
+
+class ImageInputError(ValueError):
+    """An instance image that cannot be used (unreadable, truncated, too small, none given)."""
+
+
+class NoImagesError(ImageInputError):
+    pass
+
+
+class UnreadableImageError(ImageInputError):
+    pass
+
+
+class ImageTooSmallError(ImageInputError):
+    pass
+
+
+def min_image_side(resolution: int) -> int:
+    """Smallest accepted shorter side: half the training resolution (more upscaling only adds blur)."""
+    return max(1, resolution // 2)
+
+
+def describe(source: ImageSource, index: int) -> str:
+    if isinstance(source, (str, Path)):
+        return f"'{source}'"
+    name = getattr(source, "filename", "") if isinstance(source, Image.Image) else ""
+    return f"'{name}'" if name else f"#{index}"
+
+
+def decode_image(source: ImageSource, index: int = 0) -> Image.Image:
+    """Open and fully decode one image (a PIL image, encoded bytes, or a file path).
+
+    Decoding is forced (``load()``) so a truncated file fails here, naming the file, not halfway
+    through training. EXIF orientation is applied and the result is RGB (alpha composited on white).
+    """
+    label = describe(source, index)
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+            img.load()
+        else:
+            data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except FileNotFoundError as exc:
+        raise UnreadableImageError(f"instance image {label} does not exist") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImageError(
+            f"instance image {label} cannot be read ({exc.__class__.__name__}: {exc}); "
+            "it is not an image or it is truncated/corrupt: replace the file"
+        ) from exc
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def fingerprint_bytes(source: ImageSource, index: int = 0) -> bytes:
+    """Bytes that identify an image for fingerprints.
+
+    Encoded bytes and files are hashed as they are (so a caller holding the file bytes computes the
+    same LoRA fingerprint); a PIL image is identified by its decoded, oriented RGB pixels and size.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, Path)):
+        try:
+            return Path(source).read_bytes()
+        except OSError as exc:
+            raise UnreadableImageError(f"instance image '{source}' cannot be read: {exc.strerror or exc}") from exc
+    img = decode_image(source, index)
+    return f"RGB {img.width}x{img.height}\n".encode() + img.tobytes()
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the VAE, with what SDXL's micro-conditioning needs to know about it."""
+
+    image: Image.Image  # RGB, resolution x resolution
+    original_size: tuple[int, int]  # (height, width) after orientation, before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+
+
+def resize_center_crop(img: Image.Image, resolution: int) -> PreparedImage:
+    """Resize the shorter side to ``resolution`` (Lanczos), then center-crop a square."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    resized = img.resize((new_w, new_h), Image.Resampling.LANCZOS) if (new_w, new_h) != (w, h) else img
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    cropped = resized.crop((left, top, left + resolution, top + resolution))
+    return PreparedImage(cropped, (h, w), (top, left))
+
+
+def prepare_images(sources: Sequence[ImageSource], resolution: int) -> list[PreparedImage]:
+    """Decode, check and square-crop every instance image; errors name the offending image."""
+    if not sources:
+        raise NoImagesError("no instance images: give at least one image of the subject")
+    minimum = min_image_side(resolution)
+    prepared = []
+    for i, source in enumerate(sources):
+        img = decode_image(source, i)
+        if min(img.size) < minimum:
+            raise ImageTooSmallError(
+                f"instance image {describe(source, i)} is {img.width}x{img.height} pixels; the shorter side must be "
+                f"at least {minimum} pixels (half the training resolution {resolution}): use a larger image"
+            )
+        prepared.append(resize_center_crop(img, resolution))
+    return prepared
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand folders (their image files, sorted by name, not recursive) and keep files as given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UnreadableImageError(f"instance image path '{p}' does not exist")
+    if not out:
+        raise NoImagesError(f"no instance images found in {', '.join(map(str, paths)) or '(nothing given)'}: "
+                            f"give image files or a folder holding {'/'.join(IMAGE_SUFFIXES)} files")
+    return out

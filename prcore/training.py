@@ -1,0 +1,873 @@
+"""Per-subject LoRA fine-tuning with Direct Consistency Optimization (DCO), and LoRA save/load.
+
+DCO (arXiv 2402.12004) trains the LoRA so the fine-tuned model beats the frozen pretrained model
+on the subject's images, by a margin the sigmoid keeps bounded:
+
+    loss = -log sigmoid(-beta * (||eps_theta(x_t, c_personal) - eps||^2 - ||eps_ref(x_t, c_base) - eps||^2))
+
+``eps_ref`` is the same UNet with the LoRA switched off, conditioned on the *base* caption (class
+noun instead of identifier + class noun) and evaluated without gradients. ``beta <= 0`` gives the
+plain DreamBooth loss ``||eps_theta - eps||^2`` for comparison.
+
+The result is a folder in the diffusers LoRA format (``pytorch_lora_weights.safetensors``, with
+the peft LoRA config in its metadata so alpha != rank reloads exactly), optional learned token
+embeddings in the diffusers textual-inversion layout, and ``training.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prcore.fingerprint import fingerprint, sha256_bytes
+from prcore.images import ImageSource, PreparedImage, fingerprint_bytes, prepare_images
+
+TRAINING_ALGORITHM_VERSION = 1
+TRAIN_ADAPTER_NAME = "prcore_train"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EMBEDDINGS_WEIGHT_NAME = "learned_embeds.safetensors"
+TRAINING_JSON = "training.json"
+DEFAULT_CAPTION = "a photo of a {subject}"
+SUBJECT_PLACEHOLDER = "{subject}"
+CLASS_IMAGE_STEPS = 25  # denoising steps for prior-preservation class images
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class TrainingInputError(ValueError):
+    """A training input the user can fix (config, identifier, captions, output folder)."""
+
+
+class LoraOverwriteError(TrainingInputError):
+    """The output folder holds a different subject's LoRA."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training parameters. Field names are fixed: manifest columns ``train_<field>`` map onto them."""
+
+    steps: int = 400
+    learning_rate: float = 1e-4
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    resolution: int | None = None  # None: the model's default (unet sample_size * vae scale factor)
+    batch_size: int = 1
+    dco_beta: float = 1000.0  # <= 0: plain DreamBooth loss
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (CUDA only; CPU always trains in fp32)
+    gradient_checkpointing: bool = False
+    train_text_embeddings: bool = False  # also learn an embedding for the identifier token
+    prior_preservation: bool = False
+    num_class_images: int = 50
+    prior_loss_weight: float = 1.0
+    offset_noise: float = 0.0
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); None: off
+    random_flip: bool = True
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        if isinstance(tm, str):
+            tm = tuple(m.strip() for m in tm.split(",") if m.strip())
+        object.__setattr__(self, "target_modules", tuple(tm))
+        problems = []
+        if not isinstance(self.steps, (int, np.integer)) or self.steps <= 0:
+            problems.append(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+            problems.append(f"rank must be a positive integer, got {self.rank!r}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be > 0, got {self.alpha!r}")
+        if not self.target_modules:
+            problems.append("target_modules must name at least one module (e.g. to_q,to_k,to_v,to_out.0)")
+        if self.resolution is not None and (not isinstance(self.resolution, (int, np.integer)) or self.resolution < 8):
+            problems.append(f"resolution must be None or an integer >= 8, got {self.resolution!r}")
+        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+            problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.prior_preservation and self.num_class_images < 1:
+            problems.append(f"num_class_images must be >= 1 with prior_preservation, got {self.num_class_images!r}")
+        if self.offset_noise < 0:
+            problems.append(f"offset_noise must be >= 0, got {self.offset_noise!r}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            problems.append(f"snr_gamma must be None or > 0, got {self.snr_gamma!r}")
+        if problems:
+            raise TrainingInputError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    fingerprint: str
+    losses: list[float]
+    seconds_total: float
+    seconds_per_step: float
+    reused: bool = False  # True: an existing LoRA with the same fingerprint was returned untrained
+    record: dict[str, Any] = field(default_factory=dict, repr=False)  # the training.json content
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over all non-batch dims of (pred - target)^2, in float32."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def dco_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    beta: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DCO loss, averaged over the batch.
+
+        l_i = -log sigmoid(-beta * (w_i * mse_i(model_pred, target) - w_i * mse_i(ref_pred, target)))
+
+    ``mse_i`` is the per-sample mean squared error and ``w_i`` an optional per-sample weight
+    (min-SNR). Equal predictions give exactly log 2. ``ref_pred`` gets no gradient.
+    """
+    model_mse = per_sample_mse(model_pred, target)
+    ref_mse = per_sample_mse(ref_pred.detach(), target)
+    if weights is not None:
+        model_mse, ref_mse = model_mse * weights, ref_mse * weights
+    return -F.logsigmoid(-beta * (model_mse - ref_mse)).mean()
+
+
+def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain denoising loss: mean_i w_i * mse_i(model_pred, target)."""
+    mse = per_sample_mse(model_pred, target)
+    return (mse * weights).mean() if weights is not None else mse.mean()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights (arXiv 2303.09556): min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR+1) for v."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+# ----------------------------------------------------------------------------------------------
+# Subjects, captions, fingerprints
+
+
+def check_subject(class_noun: str, identifier: str) -> None:
+    """The identifier must be a non-empty word distinct from the class noun (and its words)."""
+    if not class_noun or not class_noun.strip():
+        raise TrainingInputError("class_noun is empty: give the subject's class, e.g. 'dog'")
+    if not identifier or not identifier.strip() or any(c.isspace() for c in identifier.strip()):
+        raise TrainingInputError(f"identifier {identifier!r} must be one non-empty word, e.g. 'sks'")
+    ident = identifier.strip().lower()
+    if ident == class_noun.strip().lower() or ident in class_noun.lower().split():
+        raise TrainingInputError(
+            f"identifier {identifier!r} collides with the class noun {class_noun!r}: the identifier must be a "
+            "separate rare word (e.g. 'sks') so personal and base captions differ"
+        )
+    if "{" in identifier or "}" in identifier or "{" in class_noun or "}" in class_noun:
+        raise TrainingInputError("identifier and class_noun must not contain '{' or '}'")
+
+
+def render_caption(template: str, subject: str) -> str:
+    return template.replace(SUBJECT_PLACEHOLDER, subject)
+
+
+def resolve_captions(captions: str | Sequence[str] | None, num_images: int) -> list[str]:
+    """One caption template per image; None gives DEFAULT_CAPTION, a single string applies to all."""
+    if captions is None:
+        return [DEFAULT_CAPTION] * num_images
+    if isinstance(captions, str):
+        captions = [captions] * num_images
+    captions = list(captions)
+    if len(captions) != num_images:
+        raise TrainingInputError(f"got {len(captions)} captions for {num_images} images: give one caption per image")
+    for i, c in enumerate(captions):
+        if SUBJECT_PLACEHOLDER not in c:
+            raise TrainingInputError(f"caption #{i} {c!r} has no {SUBJECT_PLACEHOLDER} placeholder")
+    return captions
+
+
+def lora_fingerprint(
+    *,
+    base_model_id: str,
+    images: Sequence[bytes],
+    class_noun: str,
+    identifier: str,
+    captions: str | Sequence[str] | None,
+    config: TrainConfig,
+) -> str:
+    """Content hash of everything that determines a subject's LoRA (16 hex chars).
+
+    Covers the base model id, each image's bytes (in order), class noun, identifier, the caption
+    templates (None and the explicit default are the same), every TrainConfig field, and
+    TRAINING_ALGORITHM_VERSION.
+    """
+    payload = {
+        "base_model_id": str(base_model_id),
+        "images": [sha256_bytes(bytes(b)) for b in images],
+        "class_noun": class_noun,
+        "identifier": identifier,
+        "captions": resolve_captions(captions, len(images)),
+        "config": config.to_dict(),
+    }
+    return fingerprint("lora", TRAINING_ALGORITHM_VERSION, payload)
+
+
+def pipeline_kind(pipe) -> str:
+    kind = getattr(pipe, "_prcore_kind", None)
+    if kind:
+        return kind
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def base_model_id_of(pipe) -> str:
+    return str(getattr(pipe, "_prcore_model_id", None) or getattr(pipe.config, "_name_or_path", "") or "unknown")
+
+
+def default_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def _resolution_multiple(pipe) -> int:
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder: reuse, refuse, atomic publish
+
+
+def read_training_record(lora_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(lora_dir) / TRAINING_JSON
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _existing_result(out_dir: Path, fp: str) -> TrainResult | None:
+    """The finished LoRA already in ``out_dir`` if it has fingerprint ``fp``; refuse any other content."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise LoraOverwriteError(f"output path {out_dir} exists and is not a folder: choose another --out")
+    record = read_training_record(out_dir)
+    if record is None:
+        if any(out_dir.iterdir()):
+            raise LoraOverwriteError(
+                f"output folder {out_dir} is not empty and holds no {TRAINING_JSON}: refusing to overwrite it; "
+                "choose an empty or new folder"
+            )
+        return None
+    if record.get("fingerprint") != fp:
+        raise LoraOverwriteError(
+            f"output folder {out_dir} holds a different subject's LoRA (fingerprint {record.get('fingerprint')}, "
+            f"subject {record.get('identifier')!r} {record.get('class_noun')!r}; this one is {fp}): refusing to "
+            "overwrite it; choose another folder or delete that one"
+        )
+    return TrainResult(
+        out_dir=out_dir,
+        fingerprint=fp,
+        losses=list(record.get("losses", [])),
+        seconds_total=float(record.get("seconds_total", 0.0)),
+        seconds_per_step=float(record.get("seconds_per_step", 0.0)),
+        reused=True,
+        record=record,
+    )
+
+
+def _publish(tmp_dir: Path, out_dir: Path) -> None:
+    """Rename the finished temp folder into place (atomic on one filesystem)."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if out_dir.exists():
+        raise LoraOverwriteError(f"output folder {out_dir} appeared while training (another process?): not overwriting it")
+    os.replace(tmp_dir, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline state: what training changes and must put back
+
+
+def _text_pairs(pipe) -> list[tuple[Any, Any]]:
+    """(tokenizer, text_encoder) pairs of a pipeline: one for SD, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+@contextlib.contextmanager
+def _preserved_pipeline_state(pipe) -> Iterator[None]:
+    """Restore requires_grad flags, train/eval modes, gradient checkpointing and active adapters."""
+    modules = [m for m in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    modes = [(m, m.training) for m in modules]
+    checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
+    active = list(pipe.unet.active_adapters()) if getattr(pipe.unet, "_hf_peft_config_loaded", False) else []
+    try:
+        yield
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.train(training)
+        if checkpointing != bool(getattr(pipe.unet, "is_gradient_checkpointing", False)):
+            (pipe.unet.enable_gradient_checkpointing if checkpointing else pipe.unet.disable_gradient_checkpointing)()
+        if active:
+            pipe.unet.set_adapter(active)
+
+
+def add_training_adapter(unet, config: TrainConfig, adapter_name: str = TRAIN_ADAPTER_NAME) -> list[torch.nn.Parameter]:
+    """Add a fresh LoRA (B = 0, A gaussian, seeded by config.seed) to ``unet``; return its parameters in fp32."""
+    from peft import LoraConfig
+
+    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
+        unet.delete_adapters(adapter_name)  # left over from an interrupted run in this process
+    lora_config = LoraConfig(
+        r=int(config.rank),
+        lora_alpha=float(config.alpha),
+        init_lora_weights="gaussian",
+        target_modules=list(config.target_modules),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            unet.add_adapter(lora_config, adapter_name=adapter_name)
+        except ValueError as exc:
+            raise TrainingInputError(f"target_modules {list(config.target_modules)} do not match the UNet: {exc}") from exc
+    params = []
+    for name, p in unet.named_parameters():
+        if f".{adapter_name}." in name and "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+    if not params:
+        raise TrainingInputError(f"target_modules {list(config.target_modules)} matched no UNet layer")
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning
+
+
+@dataclass
+class TextCond:
+    embeds: torch.Tensor  # (n, seq, dim)
+    pooled: torch.Tensor | None = None  # SDXL: (n, dim2)
+
+
+def encode_text(pipe, prompts: list[str], device) -> TextCond:
+    """Text-encoder hidden states exactly as the pipeline computes them for sampling (no CFG)."""
+    if pipeline_kind(pipe) == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return TextCond(embeds, pooled)
+    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return TextCond(embeds)
+
+
+def _time_ids(prepared: Sequence[PreparedImage], resolution: int) -> torch.Tensor:
+    """SDXL micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
+    return torch.tensor(
+        [[*p.original_size, *p.crop_top_left, resolution, resolution] for p in prepared], dtype=torch.float32
+    )
+
+
+def _unet_pred(pipe, noisy, timesteps, cond: TextCond, time_ids: torch.Tensor | None) -> torch.Tensor:
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(cond.pooled.dtype)}
+    return pipe.unet(noisy, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents
+
+
+@dataclass
+class LatentCache:
+    """VAE posterior of each image (and its mirror image), computed once per run."""
+
+    mean: torch.Tensor  # (n_variants, n, c, h, w); variant 1 is the horizontal flip when present
+    std: torch.Tensor
+    scaling_factor: float
+    shift_factor: float
+
+    def sample(self, variant: torch.Tensor, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[variant, index], self.std[variant, index]
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+        return (mean + std * eps - self.shift_factor) * self.scaling_factor
+
+
+def _to_pixels(images: Sequence[Any]) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: Sequence[Any], *, flips: bool, chunk: int = 4) -> LatentCache:
+    """Encode RGB images with the pipeline's VAE (fp32 when its config asks to upcast)."""
+    vae = pipe.vae
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    pixels = _to_pixels(images)
+    variants = [pixels, pixels.flip(-1)] if flips else [pixels]
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        means, stds = [], []
+        for px in variants:
+            m_parts, s_parts = [], []
+            for start in range(0, len(px), chunk):
+                dist = vae.encode(px[start : start + chunk].to(vae.device, vae.dtype)).latent_dist
+                m_parts.append(dist.mean.float())
+                s_parts.append(dist.std.float())
+            means.append(torch.cat(m_parts))
+            stds.append(torch.cat(s_parts))
+    finally:
+        if upcast:
+            vae.to(dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return LatentCache(torch.stack(means), torch.stack(stds), float(vae.config.scaling_factor), float(shift))
+
+
+def generate_class_images(pipe, class_noun: str, *, num_images: int, resolution: int, seed: int, chunk: int = 4) -> list[Any]:
+    """Prior-preservation images of the class from the base model itself (before any LoRA is added)."""
+    prompt = render_caption(DEFAULT_CAPTION, class_noun)
+    out = []
+    for start in range(0, num_images, chunk):
+        n = min(chunk, num_images - start)
+        generators = [torch.Generator("cpu").manual_seed(seed * 100_003 + start + i) for i in range(n)]
+        res = pipe(
+            prompt=[prompt] * n, height=resolution, width=resolution, num_inference_steps=CLASS_IMAGE_STEPS,
+            generator=generators, output_type="pil",
+        )
+        out.extend(res.images)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("prcore", "torch", "diffusers", "transformers", "peft", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+class _NullScaler:
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        return None
+
+    def step(self, optimizer):
+        optimizer.step()
+
+    def update(self):
+        return None
+
+
+def _check_new_token(tokenizer, identifier: str) -> None:
+    ids = tokenizer(identifier, add_special_tokens=False).input_ids
+    if identifier in tokenizer.get_vocab() or len(ids) == 1:
+        raise TrainingInputError(
+            f"train_text_embeddings needs an identifier that is a new token, but {identifier!r} is already in the "
+            f"tokenizer vocabulary: use a fresh token such as '<{identifier}>'"
+        )
+
+
+def _add_identifier_token(tokenizer, text_encoder, identifier: str, class_noun: str) -> int:
+    """Add ``identifier`` as a new token, its embedding initialised to the class noun's mean embedding."""
+    _check_new_token(tokenizer, identifier)
+    class_ids = tokenizer(class_noun, add_special_tokens=False).input_ids
+    tokenizer.add_tokens([identifier])
+    token_id = tokenizer.convert_tokens_to_ids(identifier)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    emb = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[token_id] = emb[class_ids].mean(dim=0)
+    return token_id
+
+
+def train_subject_lora(
+    pipe,
+    *,
+    images: Sequence[ImageSource],
+    class_noun: str,
+    identifier: str,
+    out_dir: str | Path,
+    captions: str | Sequence[str] | None = None,
+    config: TrainConfig = TrainConfig(),
+    base_model_id: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune a LoRA on one subject with DCO (or DreamBooth when ``config.dco_beta <= 0``).
+
+    ``images`` are PIL images (or encoded bytes / file paths); ``captions`` per-image templates with
+    ``{subject}``. If ``out_dir`` already holds this subject's LoRA (same fingerprint) it is returned
+    without training; a different subject's LoRA there is never overwritten. The pipeline is left
+    as it was (the training adapter and any added tokens are removed afterwards).
+    """
+    t_start = time.perf_counter()
+    if not isinstance(config, TrainConfig):
+        raise TrainingInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    check_subject(class_noun, identifier)
+    if not images:
+        from prcore.images import NoImagesError
+
+        raise NoImagesError("no instance images: give at least one image of the subject")
+    templates = resolve_captions(captions, len(images))
+    base_model_id = base_model_id or base_model_id_of(pipe)
+    fp = lora_fingerprint(
+        base_model_id=base_model_id,
+        images=[fingerprint_bytes(s, i) for i, s in enumerate(images)],
+        class_noun=class_noun,
+        identifier=identifier,
+        captions=templates,
+        config=config,
+    )
+    out_dir = Path(out_dir)
+    existing = _existing_result(out_dir, fp)
+    if existing is not None:
+        return existing
+
+    kind = pipeline_kind(pipe)
+    resolution = int(config.resolution or default_resolution(pipe))
+    multiple = _resolution_multiple(pipe)
+    if resolution % multiple:
+        raise TrainingInputError(f"resolution {resolution} must be a multiple of {multiple} for this model")
+    prepared = prepare_images(images, resolution)
+    if config.train_text_embeddings:
+        for tok, _ in _text_pairs(pipe):
+            _check_new_token(tok, identifier)
+
+    device = pipe.unet.device
+    mixed = config.mixed_precision if device.type == "cuda" else "no"
+    personal = [render_caption(t, f"{identifier} {class_noun}") for t in templates]
+    base = [render_caption(t, class_noun) for t in templates]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    added_tokens: list[tuple[Any, Any]] = []
+    try:
+        with _preserved_pipeline_state(pipe):
+            for m in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+                if m is not None:
+                    m.requires_grad_(False)
+            class_images = []
+            if config.prior_preservation:
+                class_images = generate_class_images(
+                    pipe, class_noun, num_images=config.num_class_images, resolution=resolution, seed=config.seed
+                )
+            cache = encode_latents(pipe, [p.image for p in prepared], flips=config.random_flip)
+            class_cache = encode_latents(pipe, class_images, flips=False) if class_images else None
+            with torch.no_grad():
+                base_cond = encode_text(pipe, base, device)
+                personal_cond = None if config.train_text_embeddings else encode_text(pipe, personal, device)
+                class_cond = encode_text(pipe, [render_caption(DEFAULT_CAPTION, class_noun)], device) if class_images else None
+            time_ids = _time_ids(prepared, resolution).to(device)
+
+            lora_params = add_training_adapter(pipe.unet, config)
+            param_groups: list[dict[str, Any]] = [{"params": lora_params, "weight_decay": 1e-2}]
+            token_rows: list[tuple[torch.nn.Parameter, int]] = []
+            if config.train_text_embeddings:
+                for tok, te in _text_pairs(pipe):
+                    token_id = _add_identifier_token(tok, te, identifier, class_noun)
+                    added_tokens.append((tok, te))
+                    weight = te.get_input_embeddings().weight
+                    weight.requires_grad_(True)
+                    mask = torch.zeros(weight.shape[0], 1, device=weight.device, dtype=weight.dtype)
+                    mask[token_id] = 1
+                    weight.register_hook(lambda g, mask=mask: g * mask)  # only the new row learns
+                    token_rows.append((weight, token_id))
+                # weight decay 0: rows with zero gradient then stay bit-identical under AdamW
+                param_groups.append({"params": [w for w, _ in token_rows], "weight_decay": 0.0})
+            if config.gradient_checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+            pipe.unet.train()
+            optimizer = torch.optim.AdamW(param_groups, lr=config.learning_rate)
+            losses, loop_seconds = _train_loop(
+                pipe, config, optimizer, lora_params + [w for w, _ in token_rows], cache, class_cache,
+                base_cond, personal_cond, personal, class_cond, time_ids, resolution, mixed, progress,
+                desc=f"train {identifier} {class_noun}",
+            )
+            tmp_dir.mkdir(parents=True)
+            save_lora(pipe, tmp_dir)
+            learned = _save_embeddings(pipe, tmp_dir, token_rows, identifier) if token_rows else None
+        peak, peak_kind = _peak_memory(device)
+        seconds_per_step = loop_seconds / config.steps
+        seconds_total = time.perf_counter() - t_start
+        record = {
+            "fingerprint": fp,
+            "training_algorithm_version": TRAINING_ALGORITHM_VERSION,
+            "base_model_id": base_model_id,
+            "model_kind": kind,
+            "class_noun": class_noun,
+            "identifier": identifier,
+            "captions": templates,
+            "personal_captions": personal,
+            "base_captions": base,
+            "num_images": len(prepared),
+            "image_sha256": [sha256_bytes(fingerprint_bytes(s, i)) for i, s in enumerate(images)],
+            "config": config.to_dict(),
+            "resolution": resolution,
+            "mixed_precision_used": mixed,
+            "loss": "dco" if config.dco_beta > 0 else "dreambooth",
+            "adapter": {"weight_name": LORA_WEIGHT_NAME, "rank": int(config.rank), "alpha": float(config.alpha)},
+            "learned_embeddings": learned,
+            "losses": losses,
+            "seconds_total": seconds_total,
+            "seconds_per_step": seconds_per_step,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "device": str(device),
+            "unet_dtype": str(pipe.unet.dtype),
+            "library_versions": _library_versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp_dir / TRAINING_JSON).write_text(json.dumps(record, indent=2, sort_keys=True))
+        _publish(tmp_dir, out_dir)
+    finally:
+        _remove_training_adapter(pipe)
+        for tok, te in added_tokens:
+            pipe.unload_textual_inversion(tokens=[identifier], tokenizer=tok, text_encoder=te)
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return TrainResult(out_dir, fp, losses, seconds_total, seconds_per_step, reused=False, record=record)
+
+
+def _remove_training_adapter(pipe) -> None:
+    unet = pipe.unet
+    if getattr(unet, "_hf_peft_config_loaded", False) and TRAIN_ADAPTER_NAME in unet.peft_config:
+        unet.delete_adapters(TRAIN_ADAPTER_NAME)
+
+
+def _noise_scheduler(pipe):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _train_loop(
+    pipe, config, optimizer, trainable, cache: LatentCache, class_cache: LatentCache | None,
+    base_cond: TextCond, personal_cond: TextCond | None, personal_prompts: list[str], class_cond: TextCond | None,
+    time_ids: torch.Tensor, resolution: int, mixed: str, progress: bool, desc: str,
+) -> tuple[list[float], float]:
+    from tqdm.auto import tqdm
+
+    device = pipe.unet.device
+    unet_dtype = pipe.unet.dtype
+    scheduler = _noise_scheduler(pipe)
+    num_t = int(scheduler.config.num_train_timesteps)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise TrainingInputError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    gen = torch.Generator("cpu").manual_seed(int(config.seed))
+    n = cache.mean.shape[1]
+    b = int(config.batch_size)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda") if mixed == "fp16" else _NullScaler()
+    class_time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32, device=device)
+    order: list[int] = []
+    losses: list[float] = []
+    running = None
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for _ in bar:
+        while len(order) < b:  # epochs of random permutations
+            order.extend(torch.randperm(n, generator=gen).tolist())
+        idx = torch.tensor(order[:b])
+        del order[:b]
+        variant = (torch.rand(b, generator=gen) < 0.5).long() if config.random_flip else torch.zeros(b, dtype=torch.long)
+        latents = cache.sample(variant, idx, gen)
+        cond_p = personal_cond if personal_cond is not None else encode_text(pipe, personal_prompts, device)
+        cond_model = TextCond(cond_p.embeds[idx.to(cond_p.embeds.device)],
+                              None if cond_p.pooled is None else cond_p.pooled[idx.to(device)])
+        cond_ref = TextCond(base_cond.embeds[idx.to(device)], None if base_cond.pooled is None else base_cond.pooled[idx.to(device)])
+        tids = time_ids[idx.to(device)]
+        if class_cache is not None:
+            cidx = torch.randint(0, class_cache.mean.shape[1], (b,), generator=gen)
+            class_latents = class_cache.sample(torch.zeros(b, dtype=torch.long), cidx, gen)
+            latents = torch.cat([latents, class_latents])
+            cond_model = TextCond(
+                torch.cat([cond_model.embeds, class_cond.embeds.expand(b, -1, -1)]),
+                None if cond_model.pooled is None else torch.cat([cond_model.pooled, class_cond.pooled.expand(b, -1)]),
+            )
+            tids = torch.cat([tids, class_time_ids.expand(b, -1)])
+        bb = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        if config.offset_noise > 0:
+            noise = noise + config.offset_noise * torch.randn((bb, latents.shape[1], 1, 1), generator=gen)
+        timesteps = torch.randint(0, num_t, (bb,), generator=gen)
+        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
+        with autocast():
+            pred = _unet_pred(pipe, noisy.to(unet_dtype), timesteps, cond_model, tids)
+        w_inst = None if weights is None else weights[:b]
+        if config.dco_beta > 0:
+            with torch.no_grad(), autocast():
+                pipe.unet.disable_adapters()
+                try:
+                    ref = _unet_pred(pipe, noisy[:b].to(unet_dtype), timesteps[:b], cond_ref, tids[:b])
+                finally:
+                    pipe.unet.enable_adapters()
+            loss = dco_loss(pred[:b], ref, target[:b], config.dco_beta, w_inst)
+        else:
+            loss = dreambooth_loss(pred[:b], target[:b], w_inst)
+        if class_cache is not None:
+            loss = loss + config.prior_loss_weight * dreambooth_loss(pred[b:], target[b:], None if weights is None else weights[b:])
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {len(losses)}: lower learning_rate")
+        losses.append(value)
+        running = value if running is None else 0.9 * running + 0.1 * value
+        bar.set_postfix(loss=f"{running:.4f}")
+    bar.close()
+    return losses, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load / unload
+
+
+def lora_state_dict(unet, adapter_name: str = TRAIN_ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' key layout (fp32, CPU, contiguous)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def save_lora(pipe, folder: str | Path, adapter_name: str = TRAIN_ADAPTER_NAME) -> None:
+    """Write the UNet adapter as ``pytorch_lora_weights.safetensors`` with its LoRA config as metadata."""
+    metadata = pipe.unet.peft_config[adapter_name].to_dict()
+    metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
+    type(pipe).save_lora_weights(
+        folder,
+        unet_lora_layers=lora_state_dict(pipe.unet, adapter_name),
+        unet_lora_adapter_metadata=metadata,
+        weight_name=LORA_WEIGHT_NAME,
+        safe_serialization=True,
+    )
+
+
+def _save_embeddings(pipe, folder: Path, token_rows, identifier: str) -> dict[str, Any]:
+    """Learned identifier embeddings in diffusers' textual-inversion layout.
+
+    SD: ``{identifier: (1, dim)}`` (loadable by ``pipe.load_textual_inversion(file)``).
+    SDXL: ``{"clip_l": (1, d1), "clip_g": (1, d2)}`` (load each into its encoder, as diffusers documents).
+    """
+    from safetensors.torch import save_file
+
+    rows = [w[tid].detach().to("cpu", torch.float32).reshape(1, -1).contiguous() for w, tid in token_rows]
+    tensors = {identifier: rows[0]} if len(rows) == 1 else {"clip_l": rows[0], "clip_g": rows[1]}
+    save_file(tensors, str(folder / EMBEDDINGS_WEIGHT_NAME), metadata={"token": identifier})
+    return {"file": EMBEDDINGS_WEIGHT_NAME, "tokens": [identifier], "layout": "sd" if len(rows) == 1 else "sdxl"}
+
+
+def _loaded_tokens(pipe) -> dict[str, list[str]]:
+    registry = getattr(pipe, "_prcore_lora_tokens", None)
+    if registry is None:
+        registry = {}
+        pipe._prcore_lora_tokens = registry
+    return registry
+
+
+def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
+    """Load a trained subject LoRA (and its learned token embeddings, if any) as ``adapter_name``.
+
+    Does nothing if an adapter of that name is already loaded. Weights load from safetensors only.
+    """
+    lora_dir = Path(lora_dir)
+    unet = pipe.unet
+    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
+        return
+    weights = lora_dir / LORA_WEIGHT_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no LoRA at {lora_dir}: {LORA_WEIGHT_NAME} is missing (train the subject first)")
+    record = read_training_record(lora_dir) or {}
+    learned = record.get("learned_embeddings")
+    pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name, use_safetensors=True)
+    if learned:
+        from safetensors.torch import load_file
+
+        tokens = list(learned["tokens"])
+        state = load_file(str(lora_dir / learned["file"]))
+        try:
+            if learned.get("layout") == "sdxl":
+                pipe.load_textual_inversion(state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+                pipe.load_textual_inversion(state["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+            else:
+                pipe.load_textual_inversion(state[tokens[0]], token=tokens[0])
+        except ValueError:
+            pipe.delete_adapters(adapter_name)
+            raise
+        _loaded_tokens(pipe)[adapter_name] = tokens
+
+
+def unload_subject_lora(pipe, adapter_name: str) -> None:
+    """Remove a subject's adapter and its added tokens, leaving the base pipeline as before loading."""
+    unet = pipe.unet
+    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
+        pipe.delete_adapters(adapter_name)
+    tokens = _loaded_tokens(pipe).pop(adapter_name, [])
+    if tokens:
+        for tok, te in _text_pairs(pipe):
+            pipe.unload_textual_inversion(tokens=tokens, tokenizer=tok, text_encoder=te)
