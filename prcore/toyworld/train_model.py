@@ -1,0 +1,329 @@
+"""Train the toy world's text-to-image model from scratch: a tiny Stable-Diffusion-architecture pipeline.
+
+    python -m prcore.toyworld.train_model --out DIR --seed 0
+
+Stages (all deterministic in ``--seed`` on one machine type):
+  1. render ``--images`` world pictures and captions (``world.dataset``);
+  2. train an AutoencoderKL (32x32x3 <-> 4x8x8) with L1+L2 reconstruction and a small KL term,
+     then set ``scaling_factor = 1 / std(latents)`` so the diffusion model sees unit-variance latents;
+  3. train a UNet2DConditionModel jointly with a small CLIPTextModel on the cached latent
+     distributions: DDPM, epsilon prediction, loss ``|| eps - eps_theta(sqrt(abar_t) z0 + sqrt(1-abar_t) eps, t, c) ||^2``,
+     captions dropped to "" with probability ``--caption-dropout`` (for classifier-free guidance),
+     AdamW with warm-up, an EMA of the weights (the EMA is what is saved).
+The output folder is a StableDiffusionPipeline written by ``save_pretrained`` (safetensors), with a
+DDIMScheduler (SD 1.x betas, ``steps_offset=1``). Checkpoints go to ``DIR/checkpoints/step-N`` and
+sample grids to ``DIR/grids`` during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prcore.toyworld import world
+
+TOKEN_LENGTH = 77
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=world.SIZE,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=world.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKEN_LENGTH,
+        projection_dim=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def make_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    from prcore.models import write_clip_tokenizer
+
+    write_clip_tokenizer(folder, words=list(world.WORDS))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=TOKEN_LENGTH, truncation=True, return_tensors="pt").input_ids
+
+
+def _to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(imgs: torch.Tensor, *, steps: int, batch: int, lr: float, kl_weight: float, gen: torch.Generator, log):
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    n = imgs.shape[0]
+    t0 = time.time()
+    crop = world.SIZE // 2
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        # fully convolutional: train on random crops (4x cheaper), use on whole pictures
+        oy, ox = (int(v) for v in torch.randint(0, world.SIZE - crop + 1, (2,), generator=gen))
+        x = imgs[idx][:, :, oy : oy + crop, ox : ox + crop]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+        if step % 25 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f} {time.time() - t0:.0f}s")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, imgs: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, imgs.shape[0], batch):
+        post = vae.encode(imgs[i : i + batch]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def save_pipeline(out: Path, *, vae, unet, text_encoder, tokenizer, tok_dir: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tok_dir / name, tmp / "tokenizer" / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+GRID_PROMPTS = [
+    "a red circle on a blue background",
+    "a green square on a yellow background",
+    "a yellow triangle at night",
+    "a blue star in a field",
+    "a white diamond in the desert",
+    "a black cross in the snow",
+    "a red striped square on a white background",
+    "a purple circle on a green background in sketch style",
+    "a orange triangle on a blue background in pixel style",
+    "a green circle on a red background in inverted style",
+    "a blue square in a field in sepia style",
+    "a yellow star on a black background",
+]
+
+
+@torch.no_grad()
+def sample_grid(path: Path, *, vae, unet, text_encoder, tokenizer, scale_factor: float, cfg: float = 5.0,
+                steps: int = 25, seeds: int = 4) -> None:
+    """Quick DDIM samples (rows: GRID_PROMPTS, columns: seeds) for eyeballing progress."""
+    from PIL import Image
+
+    sched = build_scheduler()
+    sched.set_timesteps(steps)
+    prompts = [p for p in GRID_PROMPTS for _ in range(seeds)]
+    cond = text_encoder(tokenize(tokenizer, prompts))[0]
+    unc = text_encoder(tokenize(tokenizer, [""] * len(prompts)))[0]
+    g = torch.Generator().manual_seed(1234)
+    lat = torch.randn(len(prompts), 4, world.SIZE // 4, world.SIZE // 4, generator=g)
+    for t in sched.timesteps:
+        eps = unet(torch.cat([lat, lat]), t, torch.cat([unc, cond])).sample
+        eu, ec = eps.chunk(2)
+        lat = sched.step(eu + cfg * (ec - eu), t, lat).prev_sample
+    img = vae.decode(lat / scale_factor).sample.clamp(-1, 1).add(1).mul(127.5).round().byte()
+    img = img.permute(0, 2, 3, 1).numpy()
+    s = world.SIZE
+    grid = img.reshape(len(GRID_PROMPTS), seeds, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(len(GRID_PROMPTS) * s, seeds * s, 3)
+    Image.fromarray(grid).resize((seeds * s * 3, len(GRID_PROMPTS) * s * 3), Image.NEAREST).save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=12000)
+    ap.add_argument("--vae-steps", type=int, default=300)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vae-from", type=Path, default=None, help="reuse a trained VAE folder (e.g. an earlier run's OUT/vae)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grids").mkdir(exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    logf = open(out / "train.log", "a")
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    log(f"args {vars(args)}")
+    t_start = time.time()
+    imgs_np, caps, _ = world.dataset(args.images, seed=args.seed)
+    imgs = _to_tensor(imgs_np)
+    log(f"rendered {len(caps)} images in {time.time() - t_start:.0f}s")
+    tok_dir = out / "_tokenizer"
+    tokenizer = make_tokenizer(tok_dir)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, use_safetensors=True).eval()
+        vae.register_to_config(scaling_factor=1.0)
+    else:
+        torch.manual_seed(args.seed)
+        vae = train_vae(imgs, steps=args.vae_steps, batch=args.vae_batch, lr=2e-3, kl_weight=1e-3, gen=gen, log=log)
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    mean, std = encode_all(vae, imgs)
+    scale = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scale)
+    with torch.no_grad():
+        rec = vae.decode(mean[:256]).sample
+    log(f"vae recon mse {F.mse_loss(rec, imgs[:256]).item():.4f} latent std {mean.std().item():.3f} scaling_factor {scale:.4f}")
+
+    ids = tokenize(tokenizer, caps)
+    empty = tokenize(tokenizer, [""])[0]
+    torch.manual_seed(args.seed + 1)
+    unet = build_unet()
+    text_encoder = build_text_encoder(tokenizer)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    sched = build_scheduler()
+    abar = sched.alphas_cumprod
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder "
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
+    n = imgs.shape[0]
+    t0 = time.time()
+    for step in range(args.steps):
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        flip = torch.rand(args.batch, generator=gen) < 0.5
+        z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)  # no caption says left/right
+        tok = ids[idx].clone()
+        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
+        tok[drop] = empty
+        t = torch.randint(0, len(abar), (args.batch,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        pred = unet(zt, t, text_encoder(tok)[0]).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
+        for g_ in opt.param_groups:
+            g_["lr"] = lr
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e_m, m in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, p in zip(e_m.parameters(), m.parameters(), strict=False):
+                    pe.lerp_(p, 1 - decay)
+        if step % 25 == 0:
+            log(f"step {step} loss {loss.item():.4f} lr {lr:.2e} {(time.time() - t0) / (step + 1):.2f}s/step")
+        last = step == args.steps - 1
+        if (step + 1) % args.checkpoint_every == 0 or last:
+            ck = out / "checkpoints" / f"step-{step + 1}"
+            save_pipeline(ck, vae=vae, unet=ema_unet, text_encoder=ema_text, tokenizer=tokenizer, tok_dir=tok_dir)
+            sample_grid(out / "grids" / f"step-{step + 1}.png", vae=vae, unet=ema_unet, text_encoder=ema_text,
+                        tokenizer=tokenizer, scale_factor=scale)
+            log(f"checkpoint {ck}")
+    final = out / "pipeline"
+    save_pipeline(final, vae=vae, unet=ema_unet, text_encoder=ema_text, tokenizer=tokenizer, tok_dir=tok_dir)
+    (out / "train_summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                         "seconds": time.time() - t_start, "final_loss": loss.item()}))
+    log(f"done in {time.time() - t_start:.0f}s -> {final}")
+
+
+if __name__ == "__main__":
+    main()
