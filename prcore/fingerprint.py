@@ -48,3 +48,83 @@ def hash_many(chunks: Iterable[bytes]) -> str:
         h.update(len(chunk).to_bytes(8, "big"))
         h.update(chunk)
     return h.hexdigest()
+
+
+# --- 64-bit mixing for seeds and request fingerprints at manifest scale ---------------------------
+#
+# Planning a 1,000,000-row manifest cannot afford one sha256 per row in Python. Every input is hashed
+# once per *distinct* value with sha256 (subjects, prompt ids, request specs), and the per-row values
+# are combined with the splitmix64 finaliser, a bijection on 64-bit integers, vectorised in numpy:
+#
+#     splitmix64(z):  z += 0x9E3779B97F4A7C15
+#                     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+#                     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+#                     return z ^ (z >> 31)                              (all mod 2**64)
+#     mix64(a, b)  =  splitmix64(a ^ splitmix64(b))
+#
+# For a fixed ``b``, ``mix64(., b)`` is a bijection (and vice versa), so two different subjects never
+# collide on the same request spec and one subject's different specs never collide with each other.
+
+SEED_MASK = (1 << 63) - 1  # seeds are non-negative int64, accepted by torch.Generator.manual_seed
+_M64 = (1 << 64) - 1
+
+
+def sha256_u64(text: str) -> int:
+    """First 64 bits of sha256(text) as an unsigned integer."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _splitmix64_int(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def splitmix64(z: Any) -> Any:
+    """splitmix64 finaliser (see module notes); works on Python ints and numpy uint64 arrays."""
+    if isinstance(z, int):
+        return _splitmix64_int(z & _M64)
+    import numpy as np
+
+    z = np.asarray(z).astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def mix64(a: Any, b: Any) -> Any:
+    """``splitmix64(a ^ splitmix64(b))``: combines two 64-bit values (ints or uint64 arrays)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return _splitmix64_int((a & _M64) ^ _splitmix64_int(b & _M64))
+    import numpy as np
+
+    a = np.asarray(a).astype(np.uint64)
+    b = np.asarray(b).astype(np.uint64)
+    return splitmix64(a ^ splitmix64(b))
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image ``index`` of a request whose row gives ``seed``: ``mix64(seed, index) & SEED_MASK``."""
+    return mix64(int(seed), int(index)) & SEED_MASK
+
+
+def derived_base_seed(subject_id: str, prompt_id: str) -> int:
+    """Base seed of a request whose row gives no seed: ``mix64(sha256_u64(subject_id), sha256_u64(prompt_id))``.
+
+    Image ``i`` then uses ``image_seed(base, i)``; the seed does not depend on sampling parameters, so
+    changing a guidance scale re-renders the same noise.
+    """
+    return int(mix64(sha256_u64("subject:" + subject_id), sha256_u64("prompt:" + prompt_id))) & SEED_MASK
+
+
+def fp_to_u64(fp: str) -> int:
+    """A hex fingerprint's first 64 bits as an unsigned integer."""
+    return int(fp[:16], 16)
+
+
+def u64_to_fp(value: int) -> str:
+    """The inverse of :func:`fp_to_u64` for 16-hex-char fingerprints."""
+    return f"{int(value) & _M64:016x}"

@@ -1,0 +1,446 @@
+"""One small Store interface over a local folder or an S3 prefix.
+
+    store = open_store("out/")                      # LocalStore
+    store = open_store("s3://bucket/prefix")        # S3Store (boto3, standard credential chain)
+    store.put("images/a/b.png", data); store.get(key); store.exists(key); store.list("images/a/")
+    store.delete(key); store.url(key)
+
+Keys are relative to the store's root, use ``/`` and never contain ``..``, empty segments,
+backslashes or a leading ``/`` (:func:`check_key`), so nothing written through a Store can escape
+its root. Local writes go to a temporary file in the target folder and are renamed into place
+(``os.replace``), so a reader never sees half a file. S3 puts are single objects; payloads above
+``multipart_threshold`` go through boto3's transfer manager.
+
+Errors: :class:`StoreError` is permanent and user-fixable (no such bucket, access denied, bad or
+missing credentials, a bad key); :class:`TransientStoreError` is worth retrying (throttling, 5xx,
+connection trouble after boto3's own retries). ``is_transient(exc)`` tells them apart. Messages name
+the bucket/key and what to check; they never contain credentials.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+__all__ = [
+    "Store",
+    "LocalStore",
+    "S3Store",
+    "StoreError",
+    "TransientStoreError",
+    "KeyNotFoundError",
+    "open_store",
+    "check_key",
+    "is_transient",
+    "parse_s3_uri",
+]
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9._=+@-]+$")
+
+
+class StoreError(Exception):
+    """A permanent, user-fixable storage error (bad bucket, permissions, credentials, key)."""
+
+
+class TransientStoreError(StoreError):
+    """A storage error worth retrying (throttling, 5xx, connection reset, timeout)."""
+
+
+class KeyNotFoundError(StoreError, FileNotFoundError):
+    """``get`` of a key that does not exist."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying ``exc`` may succeed (throttling, 5xx, timeouts, dropped connections)."""
+    if isinstance(exc, TransientStoreError):
+        return True
+    if isinstance(exc, StoreError):
+        return False
+    try:
+        from botocore.exceptions import ClientError, ReadTimeoutError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:  # pragma: no cover
+        return isinstance(exc, (ConnectionError, TimeoutError))
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, ClientError):
+        return _client_error_is_transient(exc)
+    return False
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key, else raise :class:`StoreError`.
+
+    Safe: non-empty ``/``-separated segments of letters, digits and ``. _ = + @ -``; no ``.`` or
+    ``..`` segment, no leading ``/``, no backslash.
+    """
+    if not isinstance(key, str) or not key:
+        raise StoreError(f"invalid store key {key!r}: keys are non-empty relative paths like 'images/a/b.png'")
+    parts = key.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or not _SEGMENT.match(part):
+            raise StoreError(
+                f"invalid store key {key!r}: segment {part!r} is not allowed (no '..', '.', empty segments, "
+                "absolute paths or characters outside letters, digits and . _ = + @ -)"
+            )
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    """A list prefix: '' or a key prefix, optionally ending in '/'."""
+    if prefix == "":
+        return prefix
+    check_key(prefix.rstrip("/") if prefix.endswith("/") else prefix)
+    return prefix
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the product needs from storage. ``uri`` is the root (a folder path or ``s3://bucket/prefix``)."""
+
+    uri: str
+
+    def put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def url(self, key: str) -> str: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Local folder
+
+
+class LocalStore:
+    """A folder on local disk. Writes are atomic: temporary file in the same folder, then ``os.replace``.
+
+    ``metadata`` and ``content_type`` are not stored locally (the JSON sidecars carry everything).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.uri!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot write {key!r} under {self.uri}: {exc.strerror}; check the folder's permissions and free space") from None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
+        except IsADirectoryError:
+            raise KeyNotFoundError(f"{key!r} under {self.uri} is a folder, not an object") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys (relative, ``/``-separated, sorted) starting with ``prefix``; temporary files are skipped."""
+        _check_prefix(prefix)
+        # Walk only the deepest folder the prefix names, then filter by the remaining partial name.
+        folder_part, _, _ = prefix.rpartition("/")
+        start = self.root.joinpath(*folder_part.split("/")) if folder_part else self.root
+        if not start.is_dir():
+            return iter(())
+        root_len = len(str(self.root)) + 1
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            rel_dir = dirpath[root_len:].replace(os.sep, "/") if len(dirpath) >= root_len else ""
+            for name in filenames:
+                if name.startswith(".tmp-"):
+                    continue
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                if key.startswith(prefix):
+                    keys.append(key)
+        keys.sort()
+        return iter(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+
+# --------------------------------------------------------------------------------------------------
+# S3
+
+_PERMANENT_HINTS = {
+    "NoSuchBucket": "the bucket does not exist: check the bucket name in the URI and the endpoint/region (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION)",
+    "AccessDenied": "access denied: check that your credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID or the instance role) allow s3:GetObject, s3:PutObject, s3:ListBucket and s3:DeleteObject on this bucket",
+    "AllAccessDisabled": "access to the bucket is disabled: check the bucket's policy",
+    "InvalidAccessKeyId": "the access key id is not known to the server: check AWS_ACCESS_KEY_ID / AWS_PROFILE and that AWS_ENDPOINT_URL points at the right service",
+    "SignatureDoesNotMatch": "the request signature does not match: check AWS_SECRET_ACCESS_KEY (or the profile's secret) and the region",
+    "InvalidToken": "the session token is invalid: refresh your credentials (AWS_SESSION_TOKEN / SSO login)",
+    "ExpiredToken": "the session token has expired: refresh your credentials (AWS_SESSION_TOKEN / SSO login)",
+    "PermanentRedirect": "the bucket lives in another region: set AWS_DEFAULT_REGION or the region option",
+    "AuthorizationHeaderMalformed": "the region in the request is wrong for this bucket: set AWS_DEFAULT_REGION or the region option",
+    "InvalidBucketName": "the bucket name is not valid",
+}
+_TRANSIENT_CODES = {
+    "Throttling",
+    "ThrottlingException",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+}
+
+
+def _client_error_is_transient(exc: Any) -> bool:
+    err = exc.response.get("Error", {}) if hasattr(exc, "response") else {}
+    code = str(err.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if hasattr(exc, "response") else 0
+    return code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix") (prefix without surrounding slashes)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StoreError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
+    return parsed.netloc, unquote(parsed.path).strip("/")
+
+
+@dataclass
+class S3Options:
+    """How to reach S3. ``None`` means boto3's default (environment, config files, instance role)."""
+
+    endpoint_url: str | None = None  # default: AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (read by boto3)
+    region: str | None = None
+    profile: str | None = None
+    retry_mode: str = "adaptive"  # "adaptive" or "standard": botocore retries throttling and 5xx
+    max_attempts: int = 8
+    multipart_threshold: int = 64 * 1024 * 1024
+    presign_expires: int = 7 * 24 * 3600
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class S3Store:
+    """``s3://bucket/prefix`` through boto3 (standard credential chain; S3-compatible endpoints allowed)."""
+
+    def __init__(self, uri: str, **options: Any):
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        known = set(S3Options.__dataclass_fields__) - {"extra"}
+        self.options = S3Options(**{k: v for k, v in options.items() if k in known})
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise StoreError(f"unknown S3 store option(s) {unknown}; known: {sorted(known)}")
+        if self.options.retry_mode not in ("adaptive", "standard", "legacy"):
+            raise StoreError(f"retry_mode must be 'adaptive' or 'standard', not {self.options.retry_mode!r}")
+        self._client = None
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r})"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = make_s3_client(self.options)
+        return self._client
+
+    def _full(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, exc: BaseException, action: str, key: str | None) -> StoreError:
+        return translate_s3_error(exc, bucket=self.bucket, action=action, key=self._full(key) if key else None)
+
+    def put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        full = self._full(key)
+        extra: dict[str, Any] = {}
+        if content_type:
+            extra["ContentType"] = content_type
+        if metadata:
+            extra["Metadata"] = {str(k): str(v) for k, v in metadata.items()}
+        try:
+            if len(data) >= self.options.multipart_threshold:
+                from boto3.s3.transfer import TransferConfig
+
+                config = TransferConfig(multipart_threshold=self.options.multipart_threshold)
+                self.client.upload_fileobj(io.BytesIO(data), self.bucket, full, ExtraArgs=extra or None, Config=config)
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
+        except Exception as exc:
+            raise self._error(exc, "write", key) from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+        except Exception as exc:
+            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
+            raise self._error(exc, "read", key) from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            return True
+        except Exception as exc:
+            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise self._error(exc, "check", key) from None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        _check_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+                for obj in page.get("Contents", ()):
+                    yield obj["Key"][len(root) :]
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, "list", None) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:
+            raise self._error(exc, "delete", key) from None
+
+    def url(self, key: str) -> str:
+        """A presigned GET URL (https on AWS; the endpoint's scheme on S3-compatible stores)."""
+        try:
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=self.options.presign_expires
+            )
+        except Exception as exc:
+            raise self._error(exc, "presign", key) from None
+
+    def check(self) -> None:
+        """Fail fast: one ``HeadBucket``; raises :class:`StoreError` naming the bucket and what to check."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise self._error(exc, "open", None) from None
+
+
+def make_s3_client(options: S3Options | None = None) -> Any:
+    """A boto3 S3 client with retries in adaptive/standard mode and the standard credential chain."""
+    import boto3
+    from botocore.config import Config
+
+    options = options or S3Options()
+    session = boto3.session.Session(profile_name=options.profile) if options.profile else boto3.session.Session()
+    config = Config(retries={"mode": options.retry_mode, "max_attempts": options.max_attempts}, **options.extra)
+    kwargs: dict[str, Any] = {"config": config}
+    if options.endpoint_url:
+        kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        kwargs["region_name"] = options.region
+    return session.client("s3", **kwargs)
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status:
+            return str(status)
+    return ""
+
+
+def translate_s3_error(exc: BaseException, *, bucket: str, action: str, key: str | None = None) -> StoreError:
+    """One clear :class:`StoreError` for a boto3/botocore exception; never includes credentials."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
+
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return StoreError(
+            f"cannot {action} {where}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or run on a machine with an instance role"
+        )
+    if isinstance(exc, ProfileNotFound):
+        return StoreError(f"cannot {action} {where}: the AWS profile named in AWS_PROFILE / the profile option does not exist")
+    if isinstance(exc, EndpointConnectionError):
+        return TransientStoreError(
+            f"cannot {action} {where}: cannot connect to the S3 endpoint; check AWS_ENDPOINT_URL / the endpoint_url option and the network"
+        )
+    if isinstance(exc, ClientError):
+        code = _error_code(exc)
+        if code in _PERMANENT_HINTS:
+            return StoreError(f"cannot {action} {where} (bucket {bucket!r}): {_PERMANENT_HINTS[code]}")
+        if code in ("403", "Forbidden"):
+            return StoreError(f"cannot {action} {where} (bucket {bucket!r}): {_PERMANENT_HINTS['AccessDenied']}")
+        if code in ("404", "NotFound") and key is None:
+            return StoreError(f"cannot {action} {where} (bucket {bucket!r}): {_PERMANENT_HINTS['NoSuchBucket']}")
+        if _client_error_is_transient(exc):
+            return TransientStoreError(f"cannot {action} {where}: the server answered {code} after retries; try again later")
+        return StoreError(f"cannot {action} {where} (bucket {bucket!r}): the server answered {code}")
+    if is_transient(exc):
+        return TransientStoreError(f"cannot {action} {where}: {type(exc).__name__} after retries; try again later")
+    return StoreError(f"cannot {action} {where}: {type(exc).__name__}")
+
+
+def open_store(uri: str | os.PathLike[str], **options: Any) -> Store:
+    """``s3://bucket/prefix`` -> :class:`S3Store` (``options``: see :class:`S3Options`); a folder path
+    or ``file://`` URI -> :class:`LocalStore` (created on first write)."""
+    text = os.fspath(uri)
+    if text.startswith("s3://"):
+        return S3Store(text, **options)
+    if options:
+        raise StoreError(f"options {sorted(options)} only apply to s3:// stores")
+    parsed = urlparse(text)
+    if parsed.scheme == "file":
+        return LocalStore(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # "C:" style drive letters are paths
+        raise StoreError(f"unsupported output URI scheme {parsed.scheme!r} in {text!r}: use a folder path, file:// or s3://bucket/prefix")
+    return LocalStore(text)
+

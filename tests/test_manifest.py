@@ -1,0 +1,364 @@
+"""Manifest schema, validation (one test per rule), loading and planning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from prcore.fingerprint import image_seed
+from prcore.manifest import (
+    GUIDANCE_MODES,
+    GenerationDefaults,
+    ManifestInvalid,
+    default_prompt_id,
+    load_manifest,
+    plan,
+    validate,
+)
+from prcore.outputs import image_key
+from prcore.storage import LocalStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def images(tmp_path) -> list[str]:
+    """Three real (tiny) reference images, paths relative to tmp_path."""
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    out = []
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 80, 10, 10)).save(folder / f"{i}.png")
+        out.append(f"refs/{i}.png")
+    return out
+
+
+def rows(images: list[str], **overrides) -> list[dict]:
+    base = [
+        {"subject_id": "dog1", "instance_images": images, "class_noun": "dog", "prompt": "a {subject} on the beach"},
+        {"subject_id": "dog1", "instance_images": images, "class_noun": "dog", "prompt": "a {subject} in the snow"},
+        {"subject_id": "cat2", "instance_images": images, "class_noun": "cat", "prompt": "a {subject} on the beach"},
+    ]
+    return base
+
+
+def write(tmp_path: Path, data, name: str = "m.parquet") -> Path:
+    df = data if isinstance(data, pl.DataFrame) else pl.DataFrame(data)
+    path = tmp_path / name
+    df.write_parquet(path)
+    return path
+
+
+def errors_for(tmp_path, data, check_images=True):
+    return validate(load_manifest(write(tmp_path, data)), check_images=check_images)
+
+
+def assert_one(errors, row, column, *words):
+    hits = [e for e in errors if e.column == column and e.row == row]
+    assert hits, f"no error for row {row} column {column}: {[str(e) for e in errors]}"
+    text = str(hits[0])
+    assert (f"row {row}" in text) if row is not None else ("row" not in text.split(":")[0])
+    assert f"column {column}" in text
+    for w in words:
+        assert w in text, text
+    return hits[0]
+
+
+def test_valid_manifest_has_no_errors(tmp_path, images):
+    assert errors_for(tmp_path, rows(images)) == []
+
+
+def test_guidance_modes_match_guidance_module():
+    # read the constant from the source: importing prcore.guidance would import torch (slow)
+    import ast
+
+    tree = ast.parse((REPO / "prcore" / "guidance.py").read_text())
+    values = [
+        ast.literal_eval(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign | ast.Assign)
+        and "GUIDANCE_MODES" in [getattr(t, "id", None) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    ]
+    assert values == [GUIDANCE_MODES]
+
+
+# ---- one test per validation rule ----------------------------------------------------------------
+
+
+def test_missing_required_column(tmp_path, images):
+    data = [{k: v for k, v in r.items() if k != "class_noun"} for r in rows(images)]
+    err = assert_one(errors_for(tmp_path, data), None, "class_noun", "missing")
+    assert err.row is None
+
+
+def test_wrong_dtype(tmp_path, images):
+    data = [dict(r, num_images="four") for r in rows(images)]
+    assert_one(errors_for(tmp_path, data), None, "num_images", "dtype", "integers")
+
+
+def test_integral_floats_accepted_as_ints(tmp_path, images):
+    data = pl.DataFrame(rows(images)).with_columns(pl.Series("seed", [1.0, None, 3.0]))
+    assert errors_for(tmp_path, data) == []
+
+
+def test_null_in_required_column(tmp_path, images):
+    data = rows(images)
+    data[1]["prompt"] = None
+    assert_one(errors_for(tmp_path, data), 1, "prompt", "null")
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(tmp_path, images, prompt):
+    data = rows(images)
+    data[2]["prompt"] = prompt
+    assert_one(errors_for(tmp_path, data), 2, "prompt", "empty", "(subject cat2)")
+
+
+def test_prompt_without_subject(tmp_path, images):
+    data = rows(images)
+    data[0]["prompt"] = "a dog on the beach"
+    assert_one(errors_for(tmp_path, data), 0, "prompt", "{subject}")
+
+
+def test_unknown_placeholder(tmp_path, images):
+    data = rows(images)
+    data[1]["prompt"] = "a {subject} in {place}"
+    assert_one(errors_for(tmp_path, data), 1, "prompt", "{place}")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "a\\b", "..", "", "x" * 129, ".hidden", "a..b", "has space"])
+def test_unsafe_subject_id(tmp_path, images, bad):
+    data = rows(images)
+    data[2]["subject_id"] = bad
+    assert_one(errors_for(tmp_path, data), 2, "subject_id", "not a safe id")
+
+
+def test_unsafe_prompt_id(tmp_path, images):
+    data = rows(images)
+    for r in data:
+        r["prompt_id"] = None
+    data[0]["prompt_id"] = "../../etc"
+    assert_one(errors_for(tmp_path, data), 0, "prompt_id", "not a safe id")
+
+
+def test_duplicate_subject_and_prompt(tmp_path, images):
+    data = rows(images)
+    data.append(dict(data[0]))  # same subject, same template -> same default prompt_id
+    err = assert_one(errors_for(tmp_path, data), 3, "prompt_id", "duplicate of row 0")
+    assert err.subject_id == "dog1"
+
+
+def test_conflicting_subject_columns(tmp_path, images):
+    data = rows(images)
+    data[1]["class_noun"] = "puppy"
+    assert_one(errors_for(tmp_path, data), 1, "class_noun", "differs from row 0")
+
+
+def test_conflicting_instance_images(tmp_path, images):
+    data = rows(images)
+    data[1]["instance_images"] = images[:2]
+    assert_one(errors_for(tmp_path, data), 1, "instance_images", "differs from row 0")
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "words"),
+    [
+        ("guidance_scale", -1.0, ">= 0"),
+        ("consistency_scale", -0.5, ">= 0"),
+        ("parallel_scale", float("nan"), "finite"),
+        ("num_inference_steps", 0, "1..1000"),
+        ("num_images", 0, "1..64"),
+        ("height", 500, "multiple of 8"),
+        ("width", 8192, "4096"),
+        ("seed", -3, "negative"),
+    ],
+)
+def test_out_of_range_numbers(tmp_path, images, column, value, words):
+    data = rows(images)
+    for r in data:
+        r[column] = None
+    data[1][column] = value
+    data[0][column] = 512 if column in ("height", "width") else (1 if column in ("num_inference_steps", "num_images", "seed") else 1.0)
+    assert_one(errors_for(tmp_path, data), 1, column, words)
+    assert not [e for e in errors_for(tmp_path, data) if e.row == 0]
+
+
+def test_unknown_guidance_mode(tmp_path, images):
+    data = rows(images)
+    for r in data:
+        r["guidance"] = "parallel_rescaled"
+    data[2]["guidance"] = "cfg++"
+    assert_one(errors_for(tmp_path, data), 2, "guidance", "cfg++", "parallel_rescaled")
+
+
+@pytest.mark.parametrize("value", [[], None])
+def test_no_instance_images(tmp_path, images, value):
+    data = rows(images)
+    data[2]["instance_images"] = value
+    assert_one(errors_for(tmp_path, pl.DataFrame(data, schema_overrides={"instance_images": pl.List(pl.String)})), 2, "instance_images", "no instance images")
+
+
+def test_missing_instance_image_and_skippable_check(tmp_path, images):
+    data = rows(images)
+    for r in data[2:]:
+        r["instance_images"] = [*images, "refs/missing.png"]
+    err = assert_one(errors_for(tmp_path, data), 2, "instance_images", "missing.png", "does not exist")
+    assert err.subject_id == "cat2"
+    assert errors_for(tmp_path, data, check_images=False) == []
+
+
+def test_instance_image_not_an_image(tmp_path, images):
+    (tmp_path / "refs" / "notes.png").write_text("not a picture")
+    data = rows(images)
+    for r in data[:2]:
+        r["instance_images"] = ["refs/notes.png"]
+    errors = errors_for(tmp_path, data)
+    assert_one(errors, 0, "instance_images", "not a readable image", "all 2 rows")
+    assert len([e for e in errors if e.column == "instance_images"]) == 1  # once per subject
+
+
+def test_unsupported_uri_scheme(tmp_path, images):
+    data = rows(images)
+    for r in data[2:]:
+        r["instance_images"] = ["https://example.com/a.png"]
+    assert_one(errors_for(tmp_path, data, check_images=False), 2, "instance_images", "unsupported URI scheme")
+
+
+def test_unknown_training_override_and_range(tmp_path, images):
+    data = rows(images)
+    for r in data:
+        r["train_stepz"] = 10
+        r["train_rank"] = 0
+    errors = errors_for(tmp_path, data)
+    assert_one(errors, None, "train_stepz", "train_steps")
+    assert_one(errors, 0, "train_rank", ">= 1")
+
+
+def test_unknown_column_suggests_name(tmp_path, images):
+    data = [dict(r, guidence_scale=3.0, meta_owner="me") for r in rows(images)]
+    errors = errors_for(tmp_path, data)
+    assert_one(errors, None, "guidence_scale", "guidance_scale", "meta_")
+    assert [e.column for e in errors] == ["guidence_scale"]
+
+
+def test_all_errors_collected(tmp_path, images):
+    data = rows(images)
+    data[0]["prompt"] = "no placeholder"
+    data[1]["subject_id"] = "../x"
+    data[2]["class_noun"] = None
+    errors = errors_for(tmp_path, data)
+    assert {(e.row, e.column) for e in errors} >= {(0, "prompt"), (1, "subject_id"), (2, "class_noun")}
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+
+def test_relative_images_resolve_against_manifest(tmp_path, images):
+    m = load_manifest(write(tmp_path, rows(images)))
+    assert m.instance_images(0)[0] == str(tmp_path / "refs" / "0.png")
+    assert plan(m)[0].instance_images == [str(tmp_path / "refs" / f"{i}.png") for i in range(3)]
+
+
+def test_load_folder_and_glob(tmp_path, images):
+    data = rows(images)
+    (tmp_path / "parts").mkdir()
+    pl.DataFrame(data[:2]).with_columns(pl.col("instance_images").list.eval("../" + pl.element())).write_parquet(tmp_path / "parts" / "a.parquet")
+    pl.DataFrame(data[2:]).with_columns(pl.col("instance_images").list.eval("../" + pl.element())).write_parquet(tmp_path / "parts" / "b.parquet")
+    for uri in (tmp_path / "parts", str(tmp_path / "parts" / "*.parquet")):
+        m = load_manifest(uri)
+        assert m.df.height == 3 and len(m.files) == 2
+        assert validate(m) == []
+
+
+def test_load_missing_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_manifest(tmp_path / "nope.parquet")
+
+
+def test_demo_manifest_is_valid():
+    m = load_manifest(REPO / "manifests" / "demo.parquet")
+    assert validate(m) == []
+    assert m.df["subject_id"].n_unique() >= 2
+
+
+# ---- planning -----------------------------------------------------------------------------------------
+
+
+def test_plan_applies_defaults_and_seeds(tmp_path, images):
+    data = rows(images)
+    for r in data:
+        r["seed"] = None
+    data[2]["seed"] = 1234
+    jobs = plan(load_manifest(write(tmp_path, data)), defaults=GenerationDefaults(num_images=3), base_model="tiny")
+    assert [j.subject_id for j in jobs] == ["dog1", "cat2"]
+    dog, cat = jobs
+    assert dog.identifier == "sks" and dog.base_model == "tiny" and dog.n_images == 6
+    r0 = dog.requests[0]
+    assert r0.params["guidance"] == "parallel_rescaled" and r0.params["guidance_scale"] == 7.5
+    assert r0.prompt_id == default_prompt_id("a {subject} on the beach")
+    assert len(set(r0.seeds)) == 3 and r0.seeds != dog.requests[1].seeds
+    assert cat.requests[0].seeds == [image_seed(1234, i) for i in range(3)]
+    assert r0.keys[2] == image_key("dog1", r0.prompt_id, r0.req_fp, 2)
+    # determinism: planning again gives the same fingerprints and seeds
+    again = plan(load_manifest(write(tmp_path, data)), defaults=GenerationDefaults(num_images=3), base_model="tiny")
+    assert again[0].requests[0].seeds == r0.seeds and again[0].requests[0].req_fp == r0.req_fp
+
+
+def test_req_fp_tracks_what_changes_the_image(tmp_path, images):
+    def fp(**change):
+        data = rows(images)
+        for r in data:
+            r.update(change)
+        return plan(load_manifest(write(tmp_path, data)), base_model="tiny")[0].requests[0].req_fp
+
+    base = fp()
+    assert fp(num_images=8) == base  # more images: the first ones stay done
+    assert fp(guidance_scale=5.0) != base
+    assert fp(seed=7) != base
+    assert fp(identifier="zwx") != base
+    assert fp(train_steps=100) != base
+    assert fp(instance_images=images[:2]) != base
+    data = rows(images)
+    assert plan(load_manifest(write(tmp_path, data)), base_model="other")[0].requests[0].req_fp != base
+
+
+def test_plan_skips_done_and_keeps_half_written(tmp_path, images):
+    data = rows(images)
+    store = LocalStore(tmp_path / "out")
+    manifest = load_manifest(write(tmp_path, data))
+    first = plan(manifest, store=store, defaults=GenerationDefaults(num_images=2))
+    req = first[0].requests[0]
+    store.put(req.keys[0], b"png")
+    store.put(req.keys[0][:-4] + ".json", b"{}")  # image 0: finished
+    store.put(req.keys[1], b"png")  # image 1: PNG without sidecar = half-written, not done
+    jobs = plan(manifest, store=store, defaults=GenerationDefaults(num_images=2))
+    r = jobs[0].requests[0]
+    assert r.done == [True, False] and r.todo == [1]
+    assert jobs[0].n_done == 1 and jobs[0].n_todo == 3
+    assert all(not any(x.done) for x in jobs[0].requests[1:]) and jobs[1].n_done == 0
+
+
+def test_plan_rejects_unsafe_ids_before_any_key(tmp_path, images):
+    data = rows(images)
+    data[0]["subject_id"] = "../x"
+    data[1]["subject_id"] = "../x"
+    manifest = load_manifest(write(tmp_path, data))
+    store = LocalStore(tmp_path / "out")
+    for check in (True, False):
+        with pytest.raises(ManifestInvalid, match="subject_id"):
+            plan(manifest, store=store, check=check)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="not a safe id"):
+        image_key("../x", "p", "0123456789abcdef", 0)
+
+
+def test_plan_invalid_manifest_raises_with_all_errors(tmp_path, images):
+    data = rows(images)
+    data[0]["prompt"] = "no placeholder"
+    data[2]["prompt"] = "a {subject} at {time}"
+    with pytest.raises(ManifestInvalid) as info:
+        plan(load_manifest(write(tmp_path, data)))
+    assert len(info.value.errors) == 2 and "row 0" in str(info.value) and "row 2" in str(info.value)

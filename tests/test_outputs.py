@@ -1,0 +1,172 @@
+"""Output keys, PNG + sidecar writing (sidecar last), plan/done interplay and the catalogue."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import duckdb
+import polars as pl
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from prcore.catalog import CATALOG_SCHEMA, read_catalog, write_catalog
+from prcore.fingerprint import sha256_bytes
+from prcore.manifest import GenerationDefaults, load_manifest, plan
+from prcore.outputs import (
+    catalog_key,
+    image_key,
+    lora_prefix,
+    read_png_parameters,
+    read_sidecar,
+    run_key,
+    sidecar_key,
+    write_image,
+)
+from prcore.storage import LocalStore, open_store
+
+FP = "0123456789abcdef"
+
+
+def test_keys_follow_the_layout():
+    assert image_key("dog1", "beach", FP, 3) == f"images/dog1/beach/{FP}/3.png"
+    assert sidecar_key("dog1", "beach", FP, 3) == f"images/dog1/beach/{FP}/3.json"
+    assert lora_prefix("dog1", FP) == f"loras/dog1/{FP}/"
+    assert run_key("20260101T000000Z", "summary.json") == "runs/20260101T000000Z/summary.json"
+    assert catalog_key("2026-01-02", "dog1", "r1") == "catalog/run_date=2026-01-02/r1--dog1.parquet"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: image_key("../x", "p", FP, 0),
+        lambda: image_key("a/b", "p", FP, 0),
+        lambda: image_key("s", "..", FP, 0),
+        lambda: image_key("s", "p", "../../etc", 0),
+        lambda: image_key("s", "p", FP, -1),
+        lambda: lora_prefix("s", "not-hex"),
+        lambda: run_key("r", "../x"),
+        lambda: catalog_key("2026/01/02", "s", "r"),
+    ],
+)
+def test_unsafe_parts_never_become_keys(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+class RecordingStore(LocalStore):
+    """A real LocalStore that also records the order of its puts."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.puts: list[str] = []
+
+    def put(self, key, data, content_type=None, metadata=None):
+        super().put(key, data, content_type, metadata)
+        self.puts.append(key)
+
+
+@pytest.fixture
+def planned(tmp_path):
+    img = tmp_path / "ref.png"
+    Image.new("RGB", (8, 8), (0, 90, 0)).save(img)
+    rows = [
+        {"subject_id": "s1", "instance_images": ["ref.png"], "class_noun": "dog", "prompt": "a {subject} on the beach", "prompt_id": "beach"},
+        {"subject_id": "s1", "instance_images": ["ref.png"], "class_noun": "dog", "prompt": "a {subject} in the snow", "prompt_id": "snow"},
+        {"subject_id": "s2", "instance_images": ["ref.png"], "class_noun": "cat", "prompt": "a {subject} in the snow", "prompt_id": "snow"},
+    ]
+    path = tmp_path / "m.parquet"
+    pl.DataFrame(rows).write_parquet(path)
+    return load_manifest(path)
+
+
+def test_write_image_png_chunk_and_sidecar_last(tmp_path, planned):
+    store = RecordingStore(tmp_path / "out")
+    req = plan(planned, store=store, defaults=GenerationDefaults(num_images=2))[0].requests[0]
+    image = Image.new("RGB", (16, 16), (10, 20, 30))
+    side = write_image(store, req, 1, image, {"personal_prompt": "a sks dog on the beach", "lora_fp": FP, "seconds": 0.5})
+    assert store.puts == [req.keys[1], req.keys[1][:-4] + ".json"]  # sidecar is the last write
+    png = store.get(req.keys[1])
+    assert side["sha256"] == sha256_bytes(png) and side["bytes"] == len(png)
+    assert side["seed"] == req.seeds[1] and side["req_fp"] == req.req_fp and side["index"] == 1
+    assert (side["width"], side["height"]) == (16, 16)
+    embedded = read_png_parameters(png)
+    assert embedded["seed"] == req.seeds[1] and embedded["guidance_scale"] == 7.5
+    assert embedded["personal_prompt"] == "a sks dog on the beach"
+    assert read_sidecar(store, req.keys[1]) == json.loads(json.dumps(side))
+    with Image.open(tmp_path / "out" / req.keys[1]) as im:
+        assert im.size == (16, 16)
+
+
+def test_write_image_refuses_credentials(tmp_path, planned):
+    store = LocalStore(tmp_path / "out")
+    req = plan(planned, store=store)[0].requests[0]
+    with pytest.raises(ValueError, match="credential"):
+        write_image(store, req, 0, Image.new("RGB", (8, 8)), {"aws_secret_access_key": "x"})
+    assert list(store.list("")) == []
+
+
+def test_rerun_skips_done_and_half_written_is_redone(tmp_path, planned):
+    store = LocalStore(tmp_path / "out")
+    defaults = GenerationDefaults(num_images=2)
+    jobs = plan(planned, store=store, defaults=defaults)
+    assert sum(j.n_done for j in jobs) == 0
+    req = jobs[0].requests[0]
+    write_image(store, req, 0, Image.new("RGB", (8, 8)))
+    store.put(req.keys[1], b"crashed before the sidecar")  # half-written: PNG only
+    again = plan(planned, store=store, defaults=defaults)
+    assert again[0].requests[0].done == [True, False]
+    assert [sum(r.done) for r in again[0].requests[1:]] == [0] and again[1].n_done == 0
+    assert sum(j.n_done for j in again) == 1 and sum(j.n_todo for j in again) == 5
+    # raising num_images keeps the finished image: num_images is not part of req_fp
+    more = plan(planned, store=store, defaults=GenerationDefaults(num_images=3))
+    assert more[0].requests[0].req_fp == req.req_fp and more[0].requests[0].done == [True, False, False]
+
+
+def test_write_image_on_s3(s3_bucket, planned):
+    store = open_store(f"s3://{s3_bucket}/run")
+    req = plan(planned, store=store)[1].requests[0]
+    side = write_image(store, req, 0, Image.new("RGB", (8, 8), (255, 0, 0)))
+    assert store.exists(req.keys[0][:-4] + ".json")
+    assert sha256_bytes(store.get(req.keys[0])) == side["sha256"]
+    assert plan(planned, store=store)[1].requests[0].done[0] is True
+
+
+def _rows(subject, n, run_date):
+    return [
+        {"subject_id": subject, "prompt_id": "beach", "req_fp": FP, "index": i, "key": image_key(subject, "beach", FP, i),
+         "sha256": "ab" * 32, "bytes": 100 + i, "width": 64, "height": 64, "seed": 10 + i, "guidance_scale": 7.5,
+         "prompt_template": "a {subject} on the beach", "sample_seconds": 1.5, "clip_t": 0.3}
+        for i in range(n)
+    ]
+
+
+def test_catalog_readable_by_polars_pyarrow_duckdb(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    k1 = write_catalog(store, "2026-01-01", "s1", _rows("s1", 2, "2026-01-01"), run_id="r1")
+    write_catalog(store, dt.date(2026, 1, 2), "s1", _rows("s1", 1, "2026-01-02"), run_id="r2")
+    write_catalog(store, "2026-01-02", "s2", _rows("s2", 3, "2026-01-02"), run_id="r2")
+    assert k1 == "catalog/run_date=2026-01-01/r1--s1.parquet"
+    root = tmp_path / "out" / "catalog"
+
+    df = pl.scan_parquet(str(root / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert df.height == 6 and set(df["run_date"].cast(pl.String)) == {"2026-01-01", "2026-01-02"}
+    assert set(CATALOG_SCHEMA) <= set(df.columns)
+    assert json.loads(df.filter(pl.col("subject_id") == "s2")["extra_json"][0]) == {"clip_t": 0.3, "sample_seconds": 1.5}
+
+    table = pads.dataset(str(root), format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 6 and "run_date" in table.column_names
+
+    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true) WHERE run_date = '2026-01-02'").fetchall()[0][0]
+    assert n == 4
+
+    whole = read_catalog(store)
+    assert whole.height == 6 and whole.filter(pl.col("run_id") == "r2").height == 4
+
+
+def test_catalog_on_s3(s3_bucket):
+    store = open_store(f"s3://{s3_bucket}/out")
+    write_catalog(store, "2026-01-01", "s1", _rows("s1", 2, "2026-01-01"), run_id="r1")
+    df = read_catalog(store)
+    assert df.height == 2 and df["run_date"].unique().to_list() == ["2026-01-01"]

@@ -1,0 +1,206 @@
+"""Store round trips on a local folder and on a real S3-compatible server (moto, over HTTP)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import boto3
+import polars as pl
+import pytest
+from PIL import Image
+
+from prcore.manifest import load_manifest, plan, validate
+from prcore.storage import (
+    KeyNotFoundError,
+    LocalStore,
+    S3Store,
+    StoreError,
+    TransientStoreError,
+    check_key,
+    is_transient,
+    open_store,
+)
+from prcore.uris import read_uri_bytes
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(tmp_path / "root")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/some/prefix")
+
+
+def test_open_store_kinds(tmp_path, s3_bucket):
+    assert isinstance(open_store(tmp_path), LocalStore)
+    assert isinstance(open_store(f"file://{tmp_path}"), LocalStore)
+    s3 = open_store(f"s3://{s3_bucket}/p/q/")
+    assert isinstance(s3, S3Store) and s3.uri == f"s3://{s3_bucket}/p/q"
+    with pytest.raises(StoreError, match="unsupported output URI scheme"):
+        open_store("gs://bucket/x")
+
+
+def test_round_trip_every_operation(store):
+    assert list(store.list("")) == []
+    store.put("images/a/p1/0123456789abcdef/0.png", b"png-bytes", content_type="image/png", metadata={"seed": "1"})
+    store.put("images/a/p1/0123456789abcdef/0.json", b"{}")
+    store.put("images/b/p1/0123456789abcdef/0.json", b"{}")
+    store.put("runs/r1/summary.json", b'{"ok": true}')
+    assert store.get("images/a/p1/0123456789abcdef/0.png") == b"png-bytes"
+    assert store.exists("runs/r1/summary.json") and not store.exists("runs/r1/nope.json")
+    assert sorted(store.list("images/a/")) == ["images/a/p1/0123456789abcdef/0.json", "images/a/p1/0123456789abcdef/0.png"]
+    assert len(list(store.list("images/"))) == 3 and len(list(store.list(""))) == 4
+    assert list(store.list("images/c/")) == []
+    store.put("runs/r1/summary.json", b"v2")  # overwrite
+    assert store.get("runs/r1/summary.json") == b"v2"
+    with urllib.request.urlopen(store.url("runs/r1/summary.json")) as fh:  # file:// or presigned http
+        assert fh.read() == b"v2"
+    store.delete("runs/r1/summary.json")
+    assert not store.exists("runs/r1/summary.json")
+    store.delete("runs/r1/summary.json")  # deleting a missing key is fine
+    with pytest.raises(KeyNotFoundError, match="no such key"):
+        store.get("runs/r1/summary.json")
+    with pytest.raises(FileNotFoundError):
+        store.get("runs/r1/summary.json")
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../b", "/etc/passwd", "a//b", "a\\b", "", "./a", "a/./b", "a b"])
+def test_unsafe_keys_rejected(store, key):
+    for op in (lambda: store.put(key, b"x"), lambda: store.get(key), lambda: store.exists(key), lambda: store.delete(key)):
+        with pytest.raises(StoreError, match="invalid store key"):
+            op()
+
+
+def test_check_key_accepts_layout_keys():
+    for key in ("images/s1/p-1/0123abcd/0.png", "catalog/run_date=2026-01-02/r--s.parquet", "loras/s/fp/training.json"):
+        assert check_key(key) == key
+
+
+def test_local_writes_are_atomic(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put("a/b.bin", b"x" * 1000)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin"]  # no temp file left behind
+    (tmp_path / "a" / ".tmp-stale").write_bytes(b"half")  # a crashed writer's temp file
+    assert list(store.list("a/")) == ["a/b.bin"]
+
+
+def test_s3_prefix_scoping_and_metadata(s3_server, s3_bucket):
+    one = open_store(f"s3://{s3_bucket}/one")
+    two = open_store(f"s3://{s3_bucket}/two")
+    one.put("k/x.png", b"1", content_type="image/png", metadata={"req_fp": "abc"})
+    two.put("k/x.png", b"2")
+    assert one.get("k/x.png") == b"1" and two.get("k/x.png") == b"2"
+    assert list(one.list("")) == ["k/x.png"]
+    head = boto3.client("s3", endpoint_url=s3_server).head_object(Bucket=s3_bucket, Key="one/k/x.png")
+    assert head["ContentType"] == "image/png" and head["Metadata"] == {"req_fp": "abc"}
+
+
+def test_s3_large_put_uses_transfer_manager(s3_bucket):
+    store = open_store(f"s3://{s3_bucket}", multipart_threshold=5 * 1024 * 1024)
+    data = os.urandom(6 * 1024 * 1024)
+    store.put("loras/s/fp/pytorch_lora_weights.safetensors", data)
+    assert store.get("loras/s/fp/pytorch_lora_weights.safetensors") == data
+
+
+def test_s3_no_such_bucket_fails_fast(s3_server):
+    store = open_store("s3://no-such-bucket-here/x")
+    t = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        store.put("a.txt", b"x")
+    assert "no-such-bucket-here" in str(info.value) and "does not exist" in str(info.value)
+    assert not is_transient(info.value)
+    with pytest.raises(StoreError, match="no-such-bucket-here"):
+        store.check()
+    assert time.monotonic() - t < 10
+
+
+def test_s3_no_credentials_message(s3_bucket, monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreError, match="no AWS credentials found") as info:
+        open_store(f"s3://{s3_bucket}").put("a.txt", b"x")
+    assert s3_bucket in str(info.value) and not is_transient(info.value)
+
+
+@pytest.fixture(scope="module")
+def s3_auth_server():
+    """A second moto server that enforces IAM authentication, so bad keys are refused."""
+    from tests.conftest import free_port, wait_for_port
+
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_s3_bad_credentials_message_names_bucket_not_secret(s3_auth_server, monkeypatch):
+    secret = "sEcReT-do-not-print-1234567890"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    store = open_store("s3://guarded-bucket/p", endpoint_url=s3_auth_server, max_attempts=2)
+    with pytest.raises(StoreError) as info:
+        store.put("a.txt", b"x")
+    text = str(info.value)
+    assert "guarded-bucket" in text and "AWS_ACCESS_KEY_ID" in text
+    assert secret not in text and "AKIAWRONGWRONGWRONG" not in text
+    assert not is_transient(info.value)
+
+
+def test_unreachable_endpoint_is_transient():
+    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", max_attempts=1, retry_mode="standard")
+    with pytest.raises(TransientStoreError, match="AWS_ENDPOINT_URL") as info:
+        store.exists("a.txt")
+    assert is_transient(info.value)
+
+
+def test_read_uri_bytes_local_file_and_s3(tmp_path, s3_server, s3_bucket):
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    assert read_uri_bytes(str(tmp_path / "a.bin")) == b"abc"
+    assert read_uri_bytes((tmp_path / "a.bin").as_uri()) == b"abc"
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key="x/y.bin", Body=b"xyz")
+    assert read_uri_bytes(f"s3://{s3_bucket}/x/y.bin") == b"xyz"
+    with pytest.raises(FileNotFoundError):
+        read_uri_bytes(f"s3://{s3_bucket}/x/missing.bin")
+    with pytest.raises(FileNotFoundError):
+        read_uri_bytes(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unsupported URI scheme"):
+        read_uri_bytes("ftp://host/a.png")
+
+
+def test_manifest_and_images_on_s3(s3_server, s3_bucket, tmp_path):
+    """An s3:// manifest prefix whose relative image paths resolve to the same prefix; plan lists S3."""
+    client = boto3.client("s3", endpoint_url=s3_server)
+    img = tmp_path / "i.png"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(img)
+    client.put_object(Bucket=s3_bucket, Key="in/refs/0.png", Body=img.read_bytes())
+    client.put_object(Bucket=s3_bucket, Key="in/refs/bad.png", Body=b"not an image")
+    rows = [{"subject_id": "s1", "instance_images": ["refs/0.png"], "class_noun": "dog", "prompt": "a {subject}"}]
+    local = tmp_path / "m.parquet"
+    pl.DataFrame(rows).write_parquet(local)
+    client.put_object(Bucket=s3_bucket, Key="in/manifest.parquet", Body=local.read_bytes())
+    m = load_manifest(f"s3://{s3_bucket}/in")
+    assert validate(m) == []
+    store = open_store(f"s3://{s3_bucket}/out")
+    jobs = plan(m, store=store)
+    assert jobs[0].instance_images == [f"s3://{s3_bucket}/in/refs/0.png"]
+    key = jobs[0].requests[0].keys[0]
+    store.put(key, b"png")
+    store.put(key[:-4] + ".json", b"{}")
+    assert plan(m, store=store)[0].requests[0].done[0] is True
+    pl.DataFrame([dict(rows[0], instance_images=["refs/bad.png", "refs/none.png"])]).write_parquet(local)
+    client.put_object(Bucket=s3_bucket, Key="in/manifest.parquet", Body=local.read_bytes())
+    errors = validate(load_manifest(f"s3://{s3_bucket}/in/manifest.parquet"))
+    assert len(errors) == 1 and "not a readable image" in str(errors[0]) and "row 0" in str(errors[0])
