@@ -695,6 +695,73 @@ def _noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+REF_CHUNK_STEPS = 8  # steps whose reference predictions are computed together, ahead of training
+REF_MAX_ROWS = 8  # rows per reference UNet call (bounds memory at high resolution)
+
+
+@dataclass
+class _Draw:
+    """One step's random choices, drawn from the run's CPU generator (instance rows first, then class rows)."""
+
+    idx: torch.Tensor
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def _draw_step(gen, config, order: list[int], cache: LatentCache, class_cache: LatentCache | None, num_t: int) -> _Draw:
+    b = int(config.batch_size)
+    n = cache.mean.shape[1]
+    while len(order) < b:  # epochs of random permutations
+        order.extend(torch.randperm(n, generator=gen).tolist())
+    idx = torch.tensor(order[:b])
+    del order[:b]
+    variant = (torch.rand(b, generator=gen) < 0.5).long() if config.random_flip else torch.zeros(b, dtype=torch.long)
+    latents = cache.sample(variant, idx, gen)
+    if class_cache is not None:
+        cidx = torch.randint(0, class_cache.mean.shape[1], (b,), generator=gen)
+        latents = torch.cat([latents, class_cache.sample(torch.zeros(b, dtype=torch.long), cidx, gen)])
+    bb = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen)
+    if config.offset_noise > 0:
+        noise = noise + config.offset_noise * torch.randn((bb, latents.shape[1], 1, 1), generator=gen)
+    timesteps = torch.randint(0, num_t, (bb,), generator=gen)
+    return _Draw(idx, latents, noise, timesteps)
+
+
+def _rows(cond: TextCond, idx: torch.Tensor) -> TextCond:
+    idx = idx.to(cond.embeds.device)
+    return TextCond(cond.embeds[idx], None if cond.pooled is None else cond.pooled[idx])
+
+
+@torch.no_grad()
+def _reference_predictions(pipe, scheduler, draws: list[_Draw], b: int, base_cond: TextCond, time_ids, autocast) -> list[torch.Tensor]:
+    """eps_ref for the instance rows of several steps: the frozen UNet (LoRA off) on the base caption.
+
+    The reference depends only on frozen weights and on each step's random draw, never on the LoRA
+    being trained, so the reference rows of ``REF_CHUNK_STEPS`` steps go through the UNet together:
+    one batched no-grad forward instead of one small forward per step.
+    """
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    lat = torch.cat([d.latents[:b] for d in draws]).to(device)
+    noise = torch.cat([d.noise[:b] for d in draws]).to(device)
+    t = torch.cat([d.timesteps[:b] for d in draws]).to(device)
+    idx = torch.cat([d.idx for d in draws])
+    noisy = scheduler.add_noise(lat, noise, t).to(dtype)
+    cond = _rows(base_cond, idx)
+    tids = time_ids[idx.to(time_ids.device)]
+    outs = []
+    pipe.unet.disable_adapters()
+    try:
+        with autocast():
+            for s in range(0, len(idx), REF_MAX_ROWS):
+                part = TextCond(cond.embeds[s : s + REF_MAX_ROWS], None if cond.pooled is None else cond.pooled[s : s + REF_MAX_ROWS])
+                outs.append(_unet_pred(pipe, noisy[s : s + REF_MAX_ROWS], t[s : s + REF_MAX_ROWS], part, tids[s : s + REF_MAX_ROWS]))
+    finally:
+        pipe.unet.enable_adapters()
+    return list(torch.cat(outs).split(b))
+
+
 def _train_loop(
     pipe, config, optimizer, trainable, cache: LatentCache, class_cache: LatentCache | None,
     base_cond: TextCond, personal_cond: TextCond | None, personal_prompts: list[str], class_cond: TextCond | None,
@@ -710,74 +777,57 @@ def _train_loop(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise TrainingInputError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
     gen = torch.Generator("cpu").manual_seed(int(config.seed))
-    n = cache.mean.shape[1]
     b = int(config.batch_size)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if mixed == "fp16" else _NullScaler()
     class_time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32, device=device)
+    use_dco = config.dco_beta > 0
     order: list[int] = []
     losses: list[float] = []
     running = None
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for _ in bar:
-        while len(order) < b:  # epochs of random permutations
-            order.extend(torch.randperm(n, generator=gen).tolist())
-        idx = torch.tensor(order[:b])
-        del order[:b]
-        variant = (torch.rand(b, generator=gen) < 0.5).long() if config.random_flip else torch.zeros(b, dtype=torch.long)
-        latents = cache.sample(variant, idx, gen)
-        cond_p = personal_cond if personal_cond is not None else encode_text(pipe, personal_prompts, device)
-        cond_model = TextCond(cond_p.embeds[idx.to(cond_p.embeds.device)],
-                              None if cond_p.pooled is None else cond_p.pooled[idx.to(device)])
-        cond_ref = TextCond(base_cond.embeds[idx.to(device)], None if base_cond.pooled is None else base_cond.pooled[idx.to(device)])
-        tids = time_ids[idx.to(device)]
-        if class_cache is not None:
-            cidx = torch.randint(0, class_cache.mean.shape[1], (b,), generator=gen)
-            class_latents = class_cache.sample(torch.zeros(b, dtype=torch.long), cidx, gen)
-            latents = torch.cat([latents, class_latents])
-            cond_model = TextCond(
-                torch.cat([cond_model.embeds, class_cond.embeds.expand(b, -1, -1)]),
-                None if cond_model.pooled is None else torch.cat([cond_model.pooled, class_cond.pooled.expand(b, -1)]),
-            )
-            tids = torch.cat([tids, class_time_ids.expand(b, -1)])
-        bb = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=gen)
-        if config.offset_noise > 0:
-            noise = noise + config.offset_noise * torch.randn((bb, latents.shape[1], 1, 1), generator=gen)
-        timesteps = torch.randint(0, num_t, (bb,), generator=gen)
-        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
-        with autocast():
-            pred = _unet_pred(pipe, noisy.to(unet_dtype), timesteps, cond_model, tids)
-        w_inst = None if weights is None else weights[:b]
-        if config.dco_beta > 0:
-            with torch.no_grad(), autocast():
-                pipe.unet.disable_adapters()
-                try:
-                    ref = _unet_pred(pipe, noisy[:b].to(unet_dtype), timesteps[:b], cond_ref, tids[:b])
-                finally:
-                    pipe.unet.enable_adapters()
-            loss = dco_loss(pred[:b], ref, target[:b], config.dco_beta, w_inst)
-        else:
-            loss = dreambooth_loss(pred[:b], target[:b], w_inst)
-        if class_cache is not None:
-            loss = loss + config.prior_loss_weight * dreambooth_loss(pred[b:], target[b:], None if weights is None else weights[b:])
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {len(losses)}: lower learning_rate")
-        losses.append(value)
-        running = value if running is None else 0.9 * running + 0.1 * value
-        bar.set_postfix(loss=f"{running:.4f}")
+    while len(losses) < config.steps:
+        chunk = min(REF_CHUNK_STEPS, config.steps - len(losses))
+        draws = [_draw_step(gen, config, order, cache, class_cache, num_t) for _ in range(chunk)]
+        refs = _reference_predictions(pipe, scheduler, draws, b, base_cond, time_ids, autocast) if use_dco else [None] * chunk
+        for d, ref in zip(draws, refs, strict=True):
+            cond_p = personal_cond if personal_cond is not None else encode_text(pipe, personal_prompts, device)
+            cond = _rows(cond_p, d.idx)
+            tids = time_ids[d.idx.to(device)]
+            if class_cache is not None:
+                cond = TextCond(
+                    torch.cat([cond.embeds, class_cond.embeds.expand(b, -1, -1)]),
+                    None if cond.pooled is None else torch.cat([cond.pooled, class_cond.pooled.expand(b, -1)]),
+                )
+                tids = torch.cat([tids, class_time_ids.expand(b, -1)])
+            latents, noise, timesteps = d.latents.to(device), d.noise.to(device), d.timesteps.to(device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
+            with autocast():
+                pred = _unet_pred(pipe, noisy.to(unet_dtype), timesteps, cond, tids)
+            w_inst = None if weights is None else weights[:b]
+            if use_dco:
+                loss = dco_loss(pred[:b], ref, target[:b], config.dco_beta, w_inst)
+            else:
+                loss = dreambooth_loss(pred[:b], target[:b], w_inst)
+            if class_cache is not None:
+                loss = loss + config.prior_loss_weight * dreambooth_loss(pred[b:], target[b:], None if weights is None else weights[b:])
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {len(losses)}: lower learning_rate")
+            losses.append(value)
+            running = value if running is None else 0.9 * running + 0.1 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
     bar.close()
     return losses, time.perf_counter() - t0
 

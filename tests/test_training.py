@@ -477,3 +477,31 @@ def test_error_refuses_non_lora_folder(tiny_sd, tmp_path):
 def test_error_text_embedding_identifier_already_a_word(tiny_sd, tmp_path):
     with pytest.raises(TrainingInputError, match="already in the tokenizer vocabulary"):
         _train(tiny_sd, tmp_path / "o", config=TrainConfig(steps=1, resolution=RES, train_text_embeddings=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training feeds the sampler
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_trained_lora_feeds_the_sampler(kind, trained):
+    from prcore.sampler import sample
+
+    t = trained[kind]
+    pipe = t["pipe"]
+    args = dict(prompt="a {subject} in the snow", class_noun="dog", identifier="sks", num_inference_steps=3,
+                height=RES, width=RES, seed=7, num_images=2, output_type="np", progress=False)
+    load_subject_lora(pipe, t["result"].out_dir, f"subject-{kind}")
+    try:
+        out = sample(pipe, adapter_name=f"subject-{kind}", guidance="parallel_rescaled", **args)
+        plain = sample(pipe, adapter_name=f"subject-{kind}", guidance="parallel_rescaled",
+                       **{**args, "seed": [s for s in out.seeds]})
+        pretrained = sample(pipe, adapter_name=None, guidance="pretrained", **args)
+    finally:
+        unload_subject_lora(pipe, f"subject-{kind}")
+    images = np.asarray(out.images)
+    assert images.shape == (2, RES, RES, 3) and np.isfinite(images).all()
+    assert out.personal_prompt == "a sks dog in the snow" and out.base_prompt == "a dog in the snow"
+    np.testing.assert_array_equal(np.asarray(plain.images), images)  # same seeds, same pixels
+    assert np.abs(images - np.asarray(pretrained.images)).max() > 1e-4  # the LoRA steers the samples
+    assert torch.equal(unet_out(pipe, t["batch"]), t["base"])
