@@ -46,20 +46,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (from /proc/<pid>/task/*/children), depth first."""
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                kids = [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            stack.extend(kids)
+    return out
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group led by ``proc`` (we started it with its own session), then SIGKILL."""
-    if proc.poll() is not None:
-        _reap_group(proc.pid)
-        return
+    """Stop a process we started with its own session: SIGTERM its group, then SIGKILL the group
+    and every descendant by PID (Prefect starts each flow run in a session of its own)."""
+    kids = descendants(proc.pid)
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    _reap_group(proc.pid)
+    for pid in kids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
+        proc.wait(5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def kill_now(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and all its descendants at once (a crash, not a shutdown)."""
+    kids = descendants(proc.pid)
+    for pid in [proc.pid, *kids]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     _reap_group(proc.pid)
+    proc.wait(10)
 
 
 def _reap_group(pgid: int) -> None:

@@ -1,7 +1,60 @@
-"""Placeholder: filled in by the issue that owns this command group."""
+"""``prcore demo --output DIR``: the nightly batch on the demo manifest with the embedded model.
+
+Equivalent to ``prcore run manifests/demo.parquet --output DIR`` with settings sized for a CPU
+(few training and denoising steps), then prints where the images, contact sheets and catalogue are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from prcore.cli.errors import UserError, user_errors
+
+DEMO_TRAIN_STEPS = 30
+DEMO_INFERENCE_STEPS = 20
+
+
+def demo_manifest() -> Path:
+    """``manifests/demo.parquet`` of the checkout (the repository root above the package)."""
+    import prcore
+
+    path = Path(prcore.__file__).resolve().parents[1] / "manifests" / "demo.parquet"
+    if not path.is_file():
+        raise UserError(f"demo manifest {path} not found: run from a checkout of the repository "
+                        "(or regenerate it with `python manifests/make_demo.py`)")
+    return path
+
+
+def demo_command(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder to write the demo run into."),
+    model: str | None = typer.Option(None, "--model", help="Base model (default: the embedded model)."),
+    train_steps: int = typer.Option(DEMO_TRAIN_STEPS, "--train-steps", help="LoRA training steps per subject."),
+    steps: int = typer.Option(DEMO_INFERENCE_STEPS, "--steps", help="Denoising steps per image."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
+) -> None:
+    """Run the demo batch (manifests/demo.parquet) into --output and show where everything went."""
+    from prcore.cli.run import print_outcome, run_batch, silence_shutdown
+    from prcore.storage import StoreError
+
+    with user_errors(StoreError):
+        manifest = demo_manifest()
+        out = output.expanduser().resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        outcome = run_batch(str(manifest), str(out), model=model, verbose=verbose,
+                            params={"train": {"steps": train_steps}, "num_inference_steps": steps,
+                                    "subjects_per_shard": 4})
+    print_outcome(outcome)
+    if outcome.ok and outcome.run_id:
+        sheets = sorted((out / "runs" / outcome.run_id / "contact_sheets").glob("*.png"))
+        for sheet in sheets:
+            print(f"  contact sheet:  {sheet}")
+        if not sheets:
+            print("  (nothing new to make: every image of the demo is already in this folder)")
+    silence_shutdown()
+    raise typer.Exit(0 if outcome.ok else 1)
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("demo")(demo_command)

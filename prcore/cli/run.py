@@ -1,7 +1,236 @@
-"""Placeholder: filled in by the issue that owns this command group."""
+"""``prcore run MANIFEST --output URI``: the nightly batch, here, now.
+
+Runs the ``nightly-batch`` Prefect flow in this process (Prefect's ephemeral local API unless
+PREFECT_API_URL points at a server) with a live progress display. The manifest, output and model
+are checked before Prefect starts, so a user error is one line and exit code 2; a run where some
+subject failed exits 1 after all the others finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import typer
 
+from prcore.cli.errors import UserError, user_errors
+
+QUIET_PREFECT_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    # A busy laptop can take longer than Prefect's default 20 s to start the ephemeral API.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_CLI_COLORS": "false",
+}
+
+
+def quiet_prefect(verbose: bool = False) -> None:
+    """Environment for an in-process Prefect run: no analytics, no INFO chatter (unless ``verbose``).
+
+    Must run before ``prefect`` is imported (Prefect reads its settings at import).
+    """
+    for key, value in QUIET_PREFECT_ENV.items():
+        os.environ.setdefault(key, value)
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+        from transformers.utils import logging as tlogging
+
+        tlogging.set_verbosity_error()
+    except Exception:  # pragma: no cover - logging tweaks only
+        pass
+
+
+def silence_shutdown() -> None:
+    """After the result is printed: send stderr to /dev/null so the ephemeral API's shutdown
+    tracebacks (event loop already closed, cancelled websockets) do not reach the user. atexit
+    hooks still run, so Prefect still stops its temporary server."""
+    try:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives until exit
+    except OSError:
+        pass
+
+
+@dataclass
+class RunOutcome:
+    ok: bool
+    run_id: str | None
+    output: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    ephemeral_seconds: float = 0.0
+
+
+class _ProgressHandler(logging.Handler):
+    """Feeds ``prcore.progress`` events (emitted by the flows) into a rich progress display."""
+
+    def __init__(self, progress, console):
+        super().__init__(logging.INFO)
+        self.progress = progress
+        self.console = console
+        self.images = None
+        self.subjects = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "prcore_event", None)
+        if not event:
+            return
+        kind = event.get("event")
+        if kind == "planned":
+            self.subjects = self.progress.add_task("subjects", total=max(event["todo_subjects"], 0))
+            self.images = self.progress.add_task("images", total=max(event["pending"], 0))
+            self.console.print(f"run {event['run_id']}: {event['subjects']} subject(s), {event['images']} image(s), "
+                               f"{event['pending']} to make in {event['shards']} shard(s)")
+        elif kind == "request_done" and self.images is not None:
+            self.progress.advance(self.images, event.get("generated", 0))
+        elif kind in ("subject_done", "subject_failed") and self.subjects is not None:
+            self.progress.advance(self.subjects, 1)
+            if kind == "subject_failed":
+                self.console.print(f"[red]subject {event['subject_id']} failed at {event['step']}: {event['error']}[/red]")
+
+
+def preflight(manifest: str, output: str, model: str | None, cache_dir: str | None, check_images: bool) -> str:
+    """Check what the user gave before Prefect starts; returns the model to use."""
+    from prcore import runner
+    from prcore.storage import StoreError, open_store
+
+    if model:
+        local = Path(model).expanduser()
+        looks_local = local.exists() or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
+        if looks_local and not (local / "model_index.json").is_file():
+            raise UserError(f"--model {model}: not a diffusers pipeline folder (no model_index.json); give a folder "
+                            "written by save_pretrained or a hub id")
+    else:
+        model = runner.default_model(cache_dir)
+    try:
+        store = open_store(output)
+        if hasattr(store, "check"):
+            store.check()
+    except StoreError as exc:
+        raise UserError(f"--output {output}: {exc}") from None
+    runner.plan_jobs(manifest, store, model_id=model, check_images=check_images)  # raises ManifestInvalid (ValueError)
+    return model
+
+
+def run_batch(manifest: str, output: str, *, model: str | None = None, params: dict[str, Any] | None = None,
+              cache_dir: str | None = None, check_images: bool = False, verbose: bool = False,
+              show_progress: bool = True) -> RunOutcome:
+    """Validate, then run ``nightly-batch`` in-process with a live display; never raises on subject failures."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    quiet_prefect(verbose)
+    console = Console(stderr=True)
+    model = preflight(manifest, output, model, cache_dir, check_images)
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    params.setdefault("use_gpu_limit", False)  # nothing defines the limit on an ephemeral API
+
+    started = time.perf_counter()
+    from flows.nightly import nightly_batch  # imports Prefect: after quiet_prefect()
+
+    progress = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=not show_progress)
+    handler = _ProgressHandler(progress, console)
+    plog = logging.getLogger("prcore.progress")
+    plog.setLevel(logging.INFO)
+    plog.addHandler(handler)
+    plog.propagate = False
+    summary: dict[str, Any] = {}
+
+    class _Finished(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            event = getattr(record, "prcore_event", None)
+            if event and event.get("event") == "finished":
+                summary.update(event["summary"])
+
+    finished = _Finished(logging.INFO)
+    plog.addHandler(finished)
+    try:
+        with progress:
+            state = nightly_batch(manifest=manifest, output=output, model=model, cache_dir=cache_dir,
+                                  check_images=False, return_state=True, **params)
+    finally:
+        plog.removeHandler(handler)
+        plog.removeHandler(finished)
+    ok = state.is_completed()
+    error = None
+    if not ok:
+        try:
+            state.result(raise_on_failure=True)
+        except Exception as exc:  # the flow's own one-line failure message
+            error = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return RunOutcome(ok=ok, run_id=summary.get("run_id"), output=output, summary=summary, error=error,
+                      ephemeral_seconds=time.perf_counter() - started)
+
+
+def print_outcome(outcome: RunOutcome) -> None:
+    s = outcome.summary
+    root = s.get("output", outcome.output)
+    if s:
+        print(f"run {s.get('run_id')}: {s.get('generated', 0)} image(s) generated, {s.get('skipped', 0)} already done, "
+              f"{s.get('failed_subjects', 0)} subject(s) failed, {s.get('trained', 0)} LoRA(s) trained")
+        print(f"  images:         {root}/images/")
+        print(f"  contact sheets: {root}/runs/{s.get('run_id')}/contact_sheets/")
+        print(f"  catalogue:      {root}/catalog/")
+        print(f"  run summary:    {root}/runs/{s.get('run_id')}/summary.json")
+    if not outcome.ok:
+        print(f"error: {outcome.error or 'the run failed'}", file=sys.stderr)
+        if s:
+            print(f"  failure report: {root}/runs/{s.get('run_id')}/failures.json", file=sys.stderr)
+
+
+def run_command(
+    manifest: str = typer.Argument(..., help="Parquet manifest: a file, a folder of files or an s3:// prefix."),
+    output: str = typer.Option(..., "--output", "-o", help="Output root: a folder or s3://bucket/prefix."),
+    model: str | None = typer.Option(None, "--model", help="Base model: a diffusers folder or hub id (default: the embedded model)."),
+    num_images: int | None = typer.Option(None, "--num-images", help="Images per prompt where the manifest leaves it empty."),
+    steps: int | None = typer.Option(None, "--steps", help="Denoising steps where the manifest leaves it empty."),
+    guidance: str | None = typer.Option(None, "--guidance", help="parallel_rescaled | consistency | cfg (manifest default)."),
+    guidance_scale: float | None = typer.Option(None, "--guidance-scale", help="w_cfg default."),
+    consistency_scale: float | None = typer.Option(None, "--consistency-scale", help="w_cg default."),
+    parallel_scale: float | None = typer.Option(None, "--parallel-scale", help="eta default."),
+    identifier: str | None = typer.Option(None, "--identifier", help="Identifier token default (sks)."),
+    train_steps: int | None = typer.Option(None, "--train-steps", help="LoRA training steps where the manifest leaves train_steps empty."),
+    subjects_per_shard: int = typer.Option(4, "--subjects-per-shard", help="Subjects per shard."),
+    max_subjects: int | None = typer.Option(None, "--max-subjects", help="Run at most this many subjects with work left."),
+    device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16."),
+    clip_model: str | None = typer.Option(None, "--clip-model", help="Score images with this CLIP model (folder or hub id)."),
+    dino_model: str | None = typer.Option(None, "--dino-model", help="Score images with this DINO model."),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Local cache for models and LoRAs (default ~/.cache/prcore)."),
+    check_images: bool = typer.Option(False, "--check-images", help="Open every instance image before starting."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
+) -> None:
+    """Run the nightly batch on MANIFEST into --output, here (Prefect's ephemeral API), with live progress."""
+    params = {"num_images": num_images, "num_inference_steps": steps, "guidance": guidance,
+              "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
+              "parallel_scale": parallel_scale, "identifier": identifier,
+              "train": {"steps": train_steps} if train_steps else None, "subjects_per_shard": subjects_per_shard,
+              "max_subjects": max_subjects, "device": device, "dtype": dtype, "clip_model": clip_model,
+              "dino_model": dino_model}
+    from prcore.storage import StoreError
+
+    with user_errors(StoreError):
+        outcome = run_batch(manifest, output, model=model, params=params, cache_dir=cache_dir,
+                            check_images=check_images, verbose=verbose)
+    print_outcome(outcome)
+    silence_shutdown()
+    raise typer.Exit(0 if outcome.ok else 1)
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("run")(run_command)
