@@ -390,6 +390,8 @@ def _normalize(df: pl.DataFrame) -> tuple[pl.DataFrame, list[ManifestError]]:
             cols.append(cast.alias(name))
     file_col = pl.col("__file") if "__file" in df.columns else pl.lit(0, pl.Int32).alias("__file")
     out = df.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("__row"), file_col, *cols)
+    # an integer code per subject (grouping and joining on ints beats strings at a million rows)
+    out = out.with_columns(pl.col("subject_id").cast(pl.Categorical).to_physical().cast(pl.Int64).fill_null(-1).alias("__sidx"))
     return _with_prompt_ids(out), errors
 
 
@@ -432,11 +434,14 @@ class _Collector:
         self._subjects: pl.DataFrame | None = None
 
     @property
+    def subject_codes(self) -> pl.Series:
+        return self.df["__sidx"]
+
+    @property
     def subjects(self) -> pl.DataFrame:
+        """Each subject's first row, plus ``__n``: how many rows the subject has."""
         if self._subjects is None:
-            first = self.df.unique(subset=["subject_id"], keep="first", maintain_order=True)
-            counts = self.df.group_by("subject_id").agg(pl.len().alias("__n"))
-            self._subjects = first.join(counts, on="subject_id", how="left", nulls_equal=True)
+            self._subjects = _first_rows(self.df)
         return self._subjects
 
     def rows(
@@ -470,6 +475,12 @@ class _Collector:
         found = uniq.filter(bad.fill_null(False))[column]
         if found.len():
             self.rows(pl.col(column).is_in(found), column, message, extra=extra)
+
+
+def _first_rows(df: pl.DataFrame) -> pl.DataFrame:
+    """Each subject's first row (in order of first appearance) plus ``__n``, its number of rows."""
+    firsts = df.select("__sidx", "__row").group_by("__sidx").agg(pl.col("__row").first(), pl.len().alias("__n")).sort("__row")
+    return df[firsts["__row"]].with_columns(firsts["__n"])
 
 
 def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, image_workers: int = 8) -> list[ManifestError]:
@@ -681,8 +692,9 @@ def _image_problem(uri: str, client: Any = None) -> str | None:
 
 
 def _validate_duplicates(c: _Collector) -> None:
-    keyed = c.df.filter(pl.col("subject_id").is_not_null() & pl.col("__pid").is_not_null())
-    if keyed.select(pl.struct("subject_id", "__pid").n_unique()).item() == keyed.height:
+    pid_codes = c.df["__pid"].cast(pl.Categorical).to_physical().cast(pl.Int64)
+    pair = (c.subject_codes * (1 << 32) + pid_codes).filter(c.df["subject_id"].is_not_null() & pid_codes.is_not_null())
+    if pair.n_unique() == pair.len():
         return
     first = pl.col("__row").first().over("subject_id", "__pid")
     c.rows(
@@ -694,10 +706,16 @@ def _validate_duplicates(c: _Collector) -> None:
 
 
 def _validate_subject_consistency(c: _Collector, columns: list[str]) -> None:
-    df = c.df.filter(pl.col("subject_id").is_not_null())
-    columns = [n for n in columns if df[n].null_count() < df.height]  # an all-null column agrees
+    columns = [n for n in columns if c.df[n].null_count() < c.df.height]  # an all-null column agrees
     if not columns:
         return
+    # One hash of the subject columns per row; a subject whose rows all share it agrees (an
+    # in-process 64-bit hash: a collision could only hide a conflict, at odds of 2**-64).
+    hashed = pl.DataFrame([c.subject_codes, c.df.select(pl.struct(columns).hash().alias("__h"))["__h"]])
+    suspects = hashed.group_by("__sidx").agg(pl.col("__h").n_unique()).filter((pl.col("__h") > 1) & (pl.col("__sidx") >= 0))["__sidx"]
+    if suspects.len() == 0:
+        return
+    df = c.df.filter(c.subject_codes.is_in(suspects.implode()))
     counts = df.group_by("subject_id").agg([pl.col(n).n_unique() for n in columns])
     for name in columns:
         conflicted = counts.filter(pl.col(name) > 1)["subject_id"]
@@ -811,10 +829,11 @@ def _build_requests(job: SubjectJob) -> list[ImageRequest]:
     cols = job._rows.slice(job._offset, job.n_requests).to_dict(as_series=False)
     out = []
     sid = job.subject_id
-    for row, pid, prompt, n, base, fp, done_idx, spec in zip(
+    for row, pid, prompt, n, base, fp_u64, done_idx, spec in zip(
         cols["__row"], cols["__pid"], cols["prompt"], cols["num_images"], cols["__base_seed"],
-        cols["__req_fp"], cols["__done_idx"], cols["__spec"], strict=True,
+        cols["__req_u64"], cols["__done_idx"], cols["__spec"], strict=True,
     ):
+        fp = f"{fp_u64:016x}"
         prefix = f"{IMAGES_PREFIX}/{sid}/{pid}/{fp}/"
         done_set = set(done_idx) if done_idx else ()
         out.append(
@@ -831,19 +850,6 @@ def _build_requests(job: SubjectJob) -> list[ImageRequest]:
             )
         )
     return out
-
-
-def _u64_hex(values: np.ndarray) -> pl.Series:
-    """uint64 array -> 16-char lower-case hex strings, vectorised."""
-    raw = np.ascontiguousarray(values.astype(">u8")).tobytes().hex().encode()
-    return pl.Series(np.frombuffer(raw, dtype="S16")).cast(pl.String)
-
-
-def _u64_of_strings(values: pl.Series, salt: str) -> pl.Series:
-    """sha256_u64(salt + v) for each distinct value, mapped back onto ``values`` (as UInt64)."""
-    uniq = values.unique().drop_nulls().to_list()
-    mapping = {u: sha256_u64(salt + u) for u in uniq}
-    return values.replace_strict(mapping, default=None, return_dtype=pl.UInt64)
 
 
 def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int = 64) -> pl.DataFrame:
@@ -894,15 +900,13 @@ def plan(
     df, col_errors = m.normalized
     if col_errors:
         raise ManifestInvalid(col_errors, m.source)
-    unsafe = df.filter(
-        ~pl.col("subject_id").str.contains(SAFE_ID_PATTERN).fill_null(False)
-        | pl.col("subject_id").str.contains("..", literal=True).fill_null(True)
-        | ~pl.col("__pid").str.contains(SAFE_ID_PATTERN).fill_null(False)
-        | pl.col("__pid").str.contains("..", literal=True).fill_null(True)
-    )
-    if unsafe.height:
-        r = unsafe.row(0, named=True)
-        raise ManifestInvalid([ManifestError(r["__row"], r["subject_id"], "subject_id/prompt_id", "is not a safe id; no keys were built")], m.source)
+    # Ids become key segments: check every distinct one before anything else happens.
+    firsts = _first_rows(df)
+    pids = df.select(pl.col("__pid").unique())
+    for name, ids in (("subject_id", firsts["subject_id"]), ("prompt_id", pids["__pid"])):
+        bad = [v for v in ids.to_list() if not is_safe_id(v)]
+        if bad:
+            raise ManifestInvalid([ManifestError(None, None, name, f"{bad[0]!r} is not a safe id; no keys were built")], m.source)
 
     d = defaults
     df = df.with_columns(
@@ -922,12 +926,16 @@ def plan(
 
     # Subjects, in order of first appearance: one fingerprint each.
     train_cols = [f"train_{f}" for f in TRAIN_FIELDS]
-    subj_cols = ["subject_id", "__file", "class_noun", "identifier", "instance_images", "instance_prompts", "base_model", *train_cols]
-    subjects = df.select(subj_cols).unique(subset=["subject_id"], keep="first", maintain_order=True)
+    subj_cols = ["subject_id", "__sidx", "__file", "class_noun", "identifier", "instance_images", "instance_prompts", "base_model", *train_cols]
+    subjects = firsts.select(subj_cols).with_columns(
+        pl.col("identifier").fill_null(d.identifier), pl.col("base_model").fill_null(pl.lit(base_model, pl.String))
+    )
+    used_train = [f for f in TRAIN_FIELDS if subjects[f"train_{f}"].null_count() < subjects.height]
+    subjects = subjects.drop([f"train_{f}" for f in TRAIN_FIELDS if f not in used_train])
     subject_info = []
     subj_fp_u64 = []
     for s in subjects.iter_rows(named=True):
-        overrides = {f: s[f"train_{f}"] for f in TRAIN_FIELDS if s[f"train_{f}"] is not None}
+        overrides = {f: s[f"train_{f}"] for f in used_train if s[f"train_{f}"] is not None}
         if "target_modules" in overrides:
             overrides["target_modules"] = tuple(overrides["target_modules"])
         s["instance_images"] = [m.resolve(u, s["__file"]) for u in s["instance_images"] or []]
@@ -943,46 +951,67 @@ def plan(
         subject_info.append((s, overrides, fp))
         subj_fp_u64.append(int(fp, 16))
     subj_table = pl.DataFrame(
-        {"subject_id": subjects["subject_id"], "__subj_u64": pl.Series(subj_fp_u64, dtype=pl.UInt64), "__subj_idx": pl.int_range(subjects.height, eager=True)}
+        {
+            "__sidx": subjects["__sidx"],
+            "__subj_u64": pl.Series(subj_fp_u64, dtype=pl.UInt64),
+            "__subj_seed_u64": pl.Series([sha256_u64("subject:" + sid) for sid in subjects["subject_id"]], dtype=pl.UInt64),
+            "__subj_idx": pl.int_range(subjects.height, eager=True),
+        }
     )
 
-    # Distinct request specs: one fingerprint each.
+    # Distinct request specs: one fingerprint each. Columns constant over the manifest (often all
+    # but the prompt) are left out of the join key.
     spec_cols = ["prompt", *REQUEST_PARAM_COLUMNS]
-    specs = df.select(spec_cols).unique(maintain_order=True).with_row_index("__spec")
+    df = df.select("__row", "__sidx", "subject_id", "__pid", "num_images", "seed", *spec_cols)
+    varying = [c for c in spec_cols if c == "prompt" or df[c].n_unique() > 1]
+    constant = {c: df[c][0] for c in spec_cols if c not in varying}
+    key_cols = [*varying, "__pid"]  # the prompt id rides along: it seeds the derived seeds
+    specs = df.select(key_cols).unique(maintain_order=True).with_row_index("__spec")
     params_list: list[dict[str, Any]] = []
     spec_u64 = []
+    pid_u64 = []
     for s in specs.iter_rows(named=True):
+        s = {**constant, **s}
         params = {k: s[k] for k in REQUEST_PARAM_COLUMNS}
         spec_u64.append(int(fingerprint("request-spec", 1, {"prompt": s["prompt"], **params}), 16))
+        pid_u64.append(sha256_u64("prompt:" + s["__pid"]))
         params_list.append(params)
-    specs = specs.with_columns(pl.Series("__spec_u64", spec_u64, dtype=pl.UInt64), pl.col("__spec").cast(pl.Int64))
-
-    df = df.join(subj_table, on="subject_id", how="left", maintain_order="left").join(
-        specs, on=spec_cols, how="left", nulls_equal=True, maintain_order="left"
+    specs = specs.with_columns(
+        pl.Series("__spec_u64", spec_u64, dtype=pl.UInt64), pl.Series("__pid_u64", pid_u64, dtype=pl.UInt64), pl.col("__spec").cast(pl.Int64)
     )
+
+    df = df.select("__row", "__sidx", "num_images", "seed", *key_cols).join(
+        subj_table, on="__sidx", how="left", maintain_order="left"
+    ).join(specs, on=key_cols, how="left", nulls_equal=True, maintain_order="left")
     seed_given = df["seed"].is_not_null().to_numpy()
     seed_vals = df["seed"].fill_null(0).cast(pl.UInt64).to_numpy()
     seed_part = np.where(seed_given, seed_vals, np.uint64(2**64 - 1))
     req_u64 = mix64(mix64(df["__subj_u64"].to_numpy(), df["__spec_u64"].to_numpy()), seed_part)
-    derived = mix64(_u64_of_strings(df["subject_id"], "subject:").to_numpy(), _u64_of_strings(df["__pid"], "prompt:").to_numpy())
+    derived = mix64(df["__subj_seed_u64"].to_numpy(), df["__pid_u64"].to_numpy())
     base_seed = np.where(seed_given, seed_vals, derived & np.uint64(SEED_MASK)).astype(np.int64)
-    df = df.with_columns(_u64_hex(req_u64).alias("__req_fp"), pl.Series("__base_seed", base_seed))
+    # req_fp stays a UInt64 here; it becomes 16 hex chars per request when requests are built.
+    df = df.with_columns(pl.Series("__req_u64", req_u64, dtype=pl.UInt64), pl.Series("__base_seed", base_seed))
 
     # What is done: one listing, joined on (subject, prompt_id, req_fp).
     if store is not None:
         done = list_done(store, subjects["subject_id"].to_list())
+        done = done.join(subjects.select("subject_id", "__sidx"), on="subject_id", how="inner").with_columns(
+            pl.col("__req_fp").str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("__req_u64")
+        )
+        candidates = df.filter(pl.col("__sidx").is_in(done["__sidx"].unique().implode()))
+        keys = ["__sidx", "__pid", "__req_u64"]
         done = (
-            done.join(df.select("subject_id", "__pid", "__req_fp", "num_images"), on=["subject_id", "__pid", "__req_fp"], how="inner")
+            done.join(candidates.select(*keys, "num_images"), on=keys, how="inner")
             .filter((pl.col("__index") >= 0) & (pl.col("__index") < pl.col("num_images")))
-            .group_by("subject_id", "__pid", "__req_fp")
+            .group_by(keys)
             .agg(pl.col("__index").unique().alias("__done_idx"))
         )
-        df = df.join(done, on=["subject_id", "__pid", "__req_fp"], how="left", maintain_order="left")
+        df = df.join(done, on=keys, how="left", maintain_order="left")
     else:
         df = df.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("__done_idx"))
 
     df = df.sort("__subj_idx", "__row", maintain_order=True) if not df["__subj_idx"].is_sorted() else df
-    row_cols = ["__row", "__pid", "prompt", "num_images", "__base_seed", "__req_fp", "__done_idx", "__spec"]
+    row_cols = ["__row", "__pid", "prompt", "num_images", "__base_seed", "__req_u64", "__done_idx", "__spec"]
     counts = df.group_by("__subj_idx", maintain_order=True).agg(
         pl.len().alias("n"), pl.col("num_images").sum().alias("images"), pl.col("__done_idx").list.len().fill_null(0).sum().alias("done")
     )
