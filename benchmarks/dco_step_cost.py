@@ -7,6 +7,8 @@ Both losses train the same subject, batch, resolution and rank through
 ``prcore.training.train_subject_lora``; seconds per step cover only the optimisation loop
 (latents and caption embeddings are cached before it). Runs alternate DCO / DreamBooth, one
 warm-up run of each is discarded, and the ratio is median(DCO s/step) / median(DreamBooth s/step).
+On CPU the clock is the process CPU time (single-threaded torch), which a busy shared machine
+disturbs far less than wall time; on CUDA it is wall time.
 
     .venv/bin/python benchmarks/dco_step_cost.py              # tiny SD pipeline on CPU
     .venv/bin/python benchmarks/dco_step_cost.py --model DIR --device cuda --resolution 512
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--resolution", type=int, default=None, help="default: the model's")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                    help="wall time, or process CPU time (robust on busy shared CPUs); auto: cpu on CPU, wall on GPU")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids contention on shared cores)")
     args = ap.parse_args(argv)
 
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> float:
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    clock = args.clock if args.clock != "auto" else ("cpu" if args.device == "cpu" else "wall")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_pipeline(Path(tmp) / "tiny", args.kind)
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
@@ -68,11 +73,12 @@ def main(argv: list[str] | None = None) -> float:
                     config=replace(cfg, seed=run), progress=False,
                 )
                 if run > 0:  # run 0 is the warm-up
-                    timings[name].append(result.seconds_per_step)
+                    timings[name].append(result.record["cpu_seconds_per_step"] if clock == "cpu" else result.seconds_per_step)
         dco, db = statistics.median(timings["dco"]), statistics.median(timings["dreambooth"])
         device = f"{args.device} ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else args.device
         print(f"model={model if args.model else 'tiny-' + args.kind} device={device} dtype={args.dtype} "
-              f"resolution={res} rank={args.rank} batch={args.batch_size} steps={args.steps} repeats={args.repeats}")
+              f"resolution={res} rank={args.rank} batch={args.batch_size} steps={args.steps} repeats={args.repeats} "
+              f"clock={clock} threads={torch.get_num_threads() if args.device == 'cpu' else '-'}")
         print("dco s/step:        " + " ".join(f"{t:.4f}" for t in timings["dco"]) + f"  median {dco:.4f}")
         print("dreambooth s/step: " + " ".join(f"{t:.4f}" for t in timings["dreambooth"]) + f"  median {db:.4f}")
         ratio = dco / db

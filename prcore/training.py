@@ -82,8 +82,8 @@ class TrainConfig:
         tm = self.target_modules
         if isinstance(tm, str):
             tm = tuple(m.strip() for m in tm.split(",") if m.strip())
-        object.__setattr__(self, "target_modules", tuple(tm))
-        problems = []
+        object.__setattr__(self, "target_modules", tuple(str(m) for m in tm))
+        problems = self._coerce_numbers()
         if not isinstance(self.steps, (int, np.integer)) or self.steps <= 0:
             problems.append(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
@@ -108,6 +108,31 @@ class TrainConfig:
             problems.append(f"snr_gamma must be None or > 0, got {self.snr_gamma!r}")
         if problems:
             raise TrainingInputError("invalid training config: " + "; ".join(problems))
+
+    def _coerce_numbers(self) -> list[str]:
+        """Canonical Python types (8 and 8.0 must fingerprint alike; manifests give numpy/float values)."""
+        problems = []
+        for name in ("learning_rate", "alpha", "dco_beta", "prior_loss_weight", "offset_noise", "snr_gamma"):
+            value = getattr(self, name)
+            if value is None and name == "snr_gamma":
+                continue
+            try:
+                object.__setattr__(self, name, float(value))
+            except (TypeError, ValueError):
+                problems.append(f"{name} must be a number, got {value!r}")
+        for name in ("steps", "rank", "batch_size", "seed", "num_class_images", "resolution"):
+            value = getattr(self, name)
+            if value is None and name == "resolution":
+                continue
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+            elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+                object.__setattr__(self, name, int(value))
+            else:
+                problems.append(f"{name} must be an integer, got {value!r}")
+        for name in ("gradient_checkpointing", "train_text_embeddings", "prior_preservation", "random_flip"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -633,7 +658,7 @@ def train_subject_lora(
                 pipe.unet.enable_gradient_checkpointing()
             pipe.unet.train()
             optimizer = torch.optim.AdamW(param_groups, lr=config.learning_rate)
-            losses, loop_seconds = _train_loop(
+            losses, loop_seconds, loop_cpu_seconds = _train_loop(
                 pipe, config, optimizer, lora_params + [w for w, _ in token_rows], cache, class_cache,
                 base_cond, personal_cond, personal, class_cond, time_ids, resolution, mixed, progress,
                 desc=f"train {identifier} {class_noun}",
@@ -665,6 +690,7 @@ def train_subject_lora(
             "losses": losses,
             "seconds_total": seconds_total,
             "seconds_per_step": seconds_per_step,
+            "cpu_seconds_per_step": loop_cpu_seconds / config.steps,  # process CPU time: robust on shared CPUs
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "device": str(device),
@@ -673,6 +699,10 @@ def train_subject_lora(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp_dir / TRAINING_JSON).write_text(json.dumps(record, indent=2, sort_keys=True))
+        if out_dir.exists():  # another process finished the same subject meanwhile: keep its result
+            concurrent = _existing_result(out_dir, fp)
+            if concurrent is not None:
+                return concurrent
         _publish(tmp_dir, out_dir)
     finally:
         _remove_training_adapter(pipe)
@@ -766,7 +796,7 @@ def _train_loop(
     pipe, config, optimizer, trainable, cache: LatentCache, class_cache: LatentCache | None,
     base_cond: TextCond, personal_cond: TextCond | None, personal_prompts: list[str], class_cond: TextCond | None,
     time_ids: torch.Tensor, resolution: int, mixed: str, progress: bool, desc: str,
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, float]:
     from tqdm.auto import tqdm
 
     device = pipe.unet.device
@@ -787,7 +817,7 @@ def _train_loop(
     losses: list[float] = []
     running = None
     bar = tqdm(total=config.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while len(losses) < config.steps:
         chunk = min(REF_CHUNK_STEPS, config.steps - len(losses))
         draws = [_draw_step(gen, config, order, cache, class_cache, num_t) for _ in range(chunk)]
@@ -829,7 +859,7 @@ def _train_loop(
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
     bar.close()
-    return losses, time.perf_counter() - t0
+    return losses, time.perf_counter() - t0, time.process_time() - c0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -894,7 +924,14 @@ def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
         raise FileNotFoundError(f"no LoRA at {lora_dir}: {LORA_WEIGHT_NAME} is missing (train the subject first)")
     record = read_training_record(lora_dir) or {}
     learned = record.get("learned_embeddings")
-    pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name, use_safetensors=True)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": we train the UNet only
+    try:
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name, use_safetensors=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if learned:
         from safetensors.torch import load_file
 

@@ -197,7 +197,7 @@ def test_lora_folder_layout_and_training_json(kind, trained):
     assert rec["config"] == FAST.to_dict()
     assert rec["model_kind"] == kind and rec["base_model_id"] == trained[kind]["pipe"]._prcore_model_id
     assert rec["personal_captions"] == ["a photo of a sks dog"] * 3 and rec["base_captions"] == ["a photo of a dog"] * 3
-    assert rec["seconds_per_step"] > 0 and rec["peak_memory_bytes"] > 0
+    assert rec["seconds_per_step"] > 0 and rec["cpu_seconds_per_step"] > 0 and rec["peak_memory_bytes"] > 0
     assert {"torch", "diffusers", "peft", "transformers"} <= set(rec["library_versions"])
     state = load_file(str(result.out_dir / "pytorch_lora_weights.safetensors"))
     assert state and all(k.startswith("unet.") for k in state)
@@ -327,6 +327,11 @@ def test_all_options_train_on_v_prediction_with_token_embedding(vpred_sd, tmp_pa
         ids = pipe.tokenizer("a <zq> dog").input_ids
         assert pipe.tokenizer.convert_tokens_to_ids("<zq>") in ids
         torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[-1], emb["<zq>"][0])
+        from prcore.sampler import sample
+
+        out = sample(pipe, prompt="a {subject} on a hat", class_noun="dog", identifier="<zq>", adapter_name="zq",
+                     num_inference_steps=2, height=RES, width=RES, output_type="np", progress=False)
+        assert out.personal_prompt == "a <zq> dog on a hat" and np.isfinite(np.asarray(out.images)).all()
     finally:
         unload_subject_lora(pipe, "zq")
     assert len(pipe.tokenizer) == vocab
@@ -505,3 +510,14 @@ def test_trained_lora_feeds_the_sampler(kind, trained):
     np.testing.assert_array_equal(np.asarray(plain.images), images)  # same seeds, same pixels
     assert np.abs(images - np.asarray(pretrained.images)).max() > 1e-4  # the LoRA steers the samples
     assert torch.equal(unet_out(pipe, t["batch"]), t["base"])
+
+
+def test_config_numbers_are_canonical():
+    """Manifest values (numpy ints, integral floats) fingerprint like the Python defaults."""
+    cfg = TrainConfig(steps=np.int64(400), alpha=8, rank=8.0, learning_rate=np.float32(1e-4).item(),
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    assert cfg == TrainConfig(learning_rate=cfg.learning_rate)
+    assert isinstance(cfg.steps, int) and isinstance(cfg.alpha, float) and isinstance(cfg.rank, int)
+    assert _fp(config=TrainConfig(alpha=8)) == _fp()
+    with pytest.raises(TrainingInputError, match="steps must be an integer"):
+        TrainConfig(steps=2.5)
