@@ -81,7 +81,7 @@ def nightly_batch(
         manifest: Parquet manifest URI: a file, a folder of files or an s3:// prefix.
         output: output root: a folder or s3://bucket/prefix.
         model: base model (local diffusers folder or hub id) for rows without ``base_model``;
-            default: the embedded model.
+            default: the embedded model (``prcore:toyworld`` if installed, else ``prcore:tiny-sd``).
         identifier ... scheduler: defaults for null/absent optional manifest columns (None keeps
             prcore's defaults: identifier "sks", 4 images, parallel_rescaled, 7.5 / 3.0 / 0.5,
             50 steps, the model's size, empty negative prompt, the model's scheduler).
@@ -102,8 +102,7 @@ def nightly_batch(
     logger = get_run_logger()
     started = time.perf_counter()
     run_id, run_date, flow_run_id = _run_identity()
-    cache_dir = str(cache_dir or runner.default_cache_dir())
-    model = model or runner.default_model(cache_dir)
+    model = model or runner.default_model_id()
     defaults = {"identifier": identifier, "num_images": num_images, "guidance": guidance,
                 "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
                 "parallel_scale": parallel_scale, "num_inference_steps": num_inference_steps,
@@ -134,7 +133,8 @@ def nightly_batch(
 
     shard_params = dict(manifest=manifest, output=output, model=model, run_id=run_id, run_date=run_date,
                         defaults=defaults or None, train=train, device=device, dtype=dtype, clip_model=clip_model,
-                        dino_model=dino_model, qc=qc, cache_dir=cache_dir, use_gpu_limit=use_gpu_limit)
+                        dino_model=dino_model, qc=qc, cache_dir=cache_dir,  # None: each worker's own default
+                        use_gpu_limit=use_gpu_limit)
     shard_states: dict[int, str] = {}
     if fan_out == "local":
         for i, ids in enumerate(shards):

@@ -96,21 +96,22 @@ def run_subject(job: Any, *, output: str, model: str, run_id: str, run_date: str
         progress_event(event="subject_failed", subject_id=job.subject_id, step=step, error=failure.error)
         return res, failure
     finally:
-        _unload(model, res.lora_fp, job.subject_id, device, dtype)
+        _unload(model, cache_dir, res.lora_fp, job.subject_id, device, dtype)
     res.seconds = time.perf_counter() - started
     logger.info("subject %s done: %d generated, %d skipped in %.1fs", job.subject_id, res.generated, res.skipped, res.seconds)
     progress_event(event="subject_done", subject_id=job.subject_id, generated=res.generated, skipped=res.skipped)
     return res, None
 
 
-def _unload(model: str, lora_fp: str | None, subject_id: str, device: str | None, dtype: str | None) -> None:
+def _unload(model: str, cache_dir: str, lora_fp: str | None, subject_id: str, device: str | None,
+            dtype: str | None) -> None:
     """Drop the subject's adapter so the next subject of the shard starts from the bare base model."""
     if not lora_fp:
         return
     from prcore.models import load_pipeline
 
     try:
-        pipe = load_pipeline(model, device=device, dtype=dtype)
+        pipe = load_pipeline(runner.resolve_model(model, cache_dir), device=device, dtype=dtype)
     except Exception:
         return
     runner.deactivate_lora(pipe, runner.adapter_name_for(subject_id, lora_fp))
@@ -157,7 +158,7 @@ def personalize_subject(
     run_id = run_id or runner.new_run_id()
     run_date = run_date or datetime.now(UTC).date().isoformat()
     cache_dir = str(cache_dir or runner.default_cache_dir())
-    model = model or runner.default_model(cache_dir)
+    model = model or runner.default_model_id()
     jobs = plan_task(manifest, output, model, defaults, subject_ids)
     results: list[runner.SubjectResult] = []
     failures: list[runner.Failure] = []

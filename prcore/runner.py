@@ -96,17 +96,50 @@ def adapter_name_for(subject_id: str, lora_fp: str) -> str:
     return "s_" + _ADAPTER_UNSAFE.sub("_", f"{subject_id}_{lora_fp}")
 
 
-def default_model(cache_dir: str | Path | None = None) -> str:
-    """The embedded model: the toy-world pipeline when that package ships one, else a tiny
-    randomly initialised pipeline built once into ``cache_dir`` (default ``~/.cache/prcore``)."""
+EMBEDDED_TOYWORLD = "prcore:toyworld"
+EMBEDDED_TINY = "prcore:tiny-sd"
+
+
+def _toyworld_path() -> Path | None:
     try:
         from prcore import toyworld
 
         path = Path(toyworld.model_path())
-        if (path / "model_index.json").is_file():
-            return str(path)
-    except (ImportError, AttributeError, FileNotFoundError, OSError):
-        pass
+    except (ImportError, AttributeError, FileNotFoundError, OSError, RuntimeError):
+        return None
+    return path if (path / "model_index.json").is_file() else None
+
+
+def default_model_id() -> str:
+    """The embedded model's id: ``prcore:toyworld`` when the toy-world package ships a trained
+    pipeline, else ``prcore:tiny-sd`` (a tiny randomly initialised pipeline, built on first use).
+
+    Ids, not paths, go into fingerprints and sidecars, so the same manifest gives the same keys and
+    reuses the same LoRAs on every machine, whatever its cache folder.
+    """
+    return EMBEDDED_TOYWORLD if _toyworld_path() is not None else EMBEDDED_TINY
+
+
+def resolve_model(model: str | None, cache_dir: str | Path | None = None) -> str:
+    """What ``load_pipeline`` should open for ``model``: embedded ids become their local folder."""
+    if model in (None, "", "embedded"):
+        model = default_model_id()
+    if model == EMBEDDED_TOYWORLD:
+        path = _toyworld_path()
+        if path is None:
+            raise FileNotFoundError("the toy-world model is not installed (prcore.toyworld.model_path() has no pipeline)")
+        return str(path)
+    if model == EMBEDDED_TINY:
+        return default_model(cache_dir)
+    return str(model)
+
+
+def default_model(cache_dir: str | Path | None = None) -> str:
+    """The embedded model's folder: the toy-world pipeline when that package ships one, else a tiny
+    randomly initialised pipeline built once into ``cache_dir`` (default ``~/.cache/prcore``)."""
+    path = _toyworld_path()
+    if path is not None:
+        return str(path)
     from prcore.models import build_tiny_pipeline
 
     root = Path(cache_dir or os.environ.get("PRCORE_CACHE_DIR") or Path.home() / ".cache" / "prcore").expanduser()
@@ -424,15 +457,16 @@ def materialize_lora(store, subject_id: str, lora_fp: str, cache_dir: str | Path
 
 
 def ensure_lora(job, store, pipe, *, cache_dir: str | Path, train_defaults: Mapping[str, Any] | None = None,
-                lora_fp: str | None = None, progress: bool = False) -> LoraInfo:
+                lora_fp: str | None = None, base_model_id: str | None = None, progress: bool = False) -> LoraInfo:
     """The subject's LoRA, reused when possible, trained and uploaded otherwise.
 
     The LoRA fingerprint covers base model, instance image bytes, class noun, identifier, captions
     and the training config, so an unchanged subject reuses ``loras/{subject_id}/{lora_fp}/`` from
-    the store (on any machine); a changed one trains a new LoRA next to the old.
+    the store (on any machine); a changed one trains a new LoRA next to the old. ``base_model_id``
+    is the model's id as the manifest/flow names it (default: the id the pipeline was loaded as).
     """
     started = time.perf_counter()
-    base_model_id = getattr(pipe, "_prcore_model_id", None) or "unknown"
+    base_model_id = base_model_id or getattr(pipe, "_prcore_model_id", None) or "unknown"
     images = _instance_bytes(job)
     fp = lora_fp or subject_lora_fingerprint(job, base_model_id=base_model_id, train_defaults=train_defaults, images=images)
     prefix = lora_prefix(job.subject_id, fp)

@@ -40,8 +40,9 @@ def ensure_lora_task(job: Any, output: str, model: str, lora_fp: str, cache_dir:
                      train: Mapping[str, Any] | None = None, device: str | None = None,
                      dtype: str | None = None) -> runner.LoraInfo:
     logger = get_run_logger()
-    pipe = load_pipeline(model, device=device, dtype=dtype)
-    info = runner.ensure_lora(job, open_store(output), pipe, cache_dir=cache_dir, train_defaults=train, lora_fp=lora_fp)
+    pipe = load_pipeline(runner.resolve_model(model, cache_dir), device=device, dtype=dtype)
+    info = runner.ensure_lora(job, open_store(output), pipe, cache_dir=cache_dir, train_defaults=train, lora_fp=lora_fp,
+                              base_model_id=model)
     if info.trained:
         logger.info("subject %s: trained LoRA %s in %.1fs (final loss %s)", job.subject_id, info.lora_fp,
                     info.train_seconds, info.final_loss)

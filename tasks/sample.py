@@ -23,7 +23,7 @@ def generate_request_task(job: Any, request: Any, output: str, model: str, lora:
     """Activate the subject's LoRA (download it if this machine lacks it), sample, write."""
     logger = get_run_logger()
     store = open_store(output)
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    pipe = load_pipeline(runner.resolve_model(model, cache_dir), device=device, dtype=dtype)
     local = runner.materialize_lora(store, lora.subject_id, lora.lora_fp, cache_dir)
     adapter = runner.adapter_name_for(lora.subject_id, lora.lora_fp)
     runner.activate_lora(pipe, local, adapter)

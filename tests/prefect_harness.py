@@ -29,7 +29,10 @@ QUIET_ENV = {
     "PREFECT_UI_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",
     "PREFECT_WORKER_QUERY_SECONDS": "1",
-    "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+    "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
+    # SQLite under a loaded CI runner: wait longer for the write lock instead of failing requests.
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
     "PREFECT_CLI_COLORS": "false",
     "PREFECT_LOGGING_LEVEL": "INFO",
     "HF_HUB_OFFLINE": "1",

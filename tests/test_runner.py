@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from prefect_harness import manifest_rows, subject_image, write_local_manifest
 
 from prcore import runner
 from prcore.storage import open_store
-from prefect_harness import manifest_rows, subject_image, write_local_manifest
 
 
 @pytest.fixture(scope="module")

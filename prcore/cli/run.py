@@ -40,14 +40,16 @@ def quiet_prefect(verbose: bool = False) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         from diffusers.utils import logging as dlogging
 
         dlogging.set_verbosity_error()
+        dlogging.disable_progress_bar()
         from transformers.utils import logging as tlogging
 
         tlogging.set_verbosity_error()
+        tlogging.disable_progress_bar()
     except Exception:  # pragma: no cover - logging tweaks only
         pass
 
@@ -115,7 +117,8 @@ def preflight(manifest: str, output: str, model: str | None, cache_dir: str | No
             raise UserError(f"--model {model}: not a diffusers pipeline folder (no model_index.json); give a folder "
                             "written by save_pretrained or a hub id")
     else:
-        model = runner.default_model(cache_dir)
+        model = runner.default_model_id()
+        runner.resolve_model(model, cache_dir)  # builds the tiny pipeline once, before Prefect starts
     try:
         store = open_store(output)
         if hasattr(store, "check"):

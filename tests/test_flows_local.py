@@ -1,0 +1,110 @@
+"""The nightly flow with local fan-out, in this process, on Prefect's temporary local API.
+
+Kept small: two subjects, one prompt, one image each, 2 training and 2 denoising steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect_harness import REPO_ROOT, manifest_rows, write_local_manifest
+
+TRAIN = {"steps": 2}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def run_flow(manifest: Path, output: Path, model: str, cache: Path, **params):
+    from flows.nightly import nightly_batch
+
+    return nightly_batch(manifest=str(manifest), output=str(output), model=model, train=TRAIN, device="cpu",
+                         dtype="float32", cache_dir=str(cache), subjects_per_shard=1, return_state=True, **params)
+
+
+def read_artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in arts}
+
+
+def summary_of(output: Path) -> dict:
+    runs = sorted((output / "runs").glob("*/summary.json"))
+    return json.loads(runs[-1].read_text())
+
+
+def test_local_fan_out_runs_every_subject_then_rerun_does_nothing(prefect_api, tmp_path, tiny_sd_path):
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(2, prompts=1, num_images=1, steps=2), subjects=2)
+    out = tmp_path / "out"
+    state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache")
+    assert state.is_completed(), state
+    summary = summary_of(out)
+    assert (summary["generated"], summary["trained"], summary["shards"], summary["failed_subjects"]) == (2, 2, 2, 0)
+    pngs = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
+    assert len(pngs) == 2 and all((out / p).with_suffix(".json").is_file() for p in pngs)
+    rid = summary["run_id"]
+    assert sorted(p.name for p in (out / "runs" / rid / "contact_sheets").glob("*.png")) == ["s0.png", "s1.png"]
+    assert len(list((out / "catalog").rglob("*.parquet"))) == 2
+    assert json.loads((out / "runs" / rid / "failures.json").read_text())["failures"] == []
+
+    arts = read_artifacts(state.state_details.flow_run_id)
+    table = arts["nightly-batch-subjects"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [(r["subject"], r["generated"], r["failed"]) for r in rows] == [("s0", 1, 0), ("s1", 1, 0)]
+    assert "contact_sheets/s0.png" in arts["nightly-batch-contact-sheets"].data
+    assert float(arts["nightly-batch-progress"].data) == 100.0
+
+    again = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache")
+    assert again.is_completed()
+    second = summary_of(out)
+    assert second["run_id"] != rid
+    assert (second["generated"], second["skipped"], second["trained"], second["shards"]) == (0, 2, 0, 0)
+
+
+def test_a_broken_subject_fails_the_run_after_the_others(prefect_api, tmp_path, tiny_sd_path):
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(2, prompts=1, num_images=1, steps=2), subjects=2)
+    broken = tmp_path / "in" / "subjects" / "s0" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated: found when training decodes it
+    out = tmp_path / "out"
+    state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache", subjects_per_shard=2)
+    assert state.is_failed()
+    summary = summary_of(out)
+    assert (summary["generated"], summary["failed_subjects"]) == (1, 1)
+    assert [p.parts[-4] for p in (out / "images").rglob("*.png")] == ["s1"]
+    report = json.loads((out / "runs" / summary["run_id"] / "failures.json").read_text())
+    assert [(f["subject_id"], f["step"]) for f in report["failures"]] == [("s0", "train")]
+    assert "1.png" in report["failures"][0]["error"]
+    arts = read_artifacts(state.state_details.flow_run_id)
+    assert "| s0 | train |" in arts["nightly-batch-failures"].data
+
+
+def test_prcore_run_user_errors_are_one_line_exit_2(tmp_path, tiny_sd_path):
+    """Bad manifest / model: one message, exit code 2, before Prefect starts; nothing written."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph")}
+    bad_rows = manifest_rows(1, prompts=1)
+    bad_rows[0]["prompt"] = "no placeholder here"
+    manifest = write_local_manifest(tmp_path / "in", bad_rows, subjects=1)
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("prcore")), "run"]
+    done = subprocess.run([*cmd, str(manifest), "--output", str(out), "--model", str(tiny_sd_path)], env=env,
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr and "prompt" in done.stderr
+    assert not out.exists() or not any(out.rglob("*.png"))
+
+    done = subprocess.run([*cmd, str(manifest), "--output", str(out), "--model", str(tmp_path / "no-model")], env=env,
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 2 and "--model" in done.stderr and "Traceback" not in done.stderr
