@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -385,7 +386,9 @@ def add_training_adapter(unet, config: TrainConfig, adapter_name: str = TRAIN_AD
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         try:
-            unet.add_adapter(lora_config, adapter_name=adapter_name)
+            with warnings.catch_warnings():  # other subjects' adapters may be loaded: intended
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                unet.add_adapter(lora_config, adapter_name=adapter_name)
         except ValueError as exc:
             raise TrainingInputError(f"target_modules {list(config.target_modules)} do not match the UNet: {exc}") from exc
     params = []

@@ -521,3 +521,21 @@ def test_config_numbers_are_canonical():
     assert _fp(config=TrainConfig(alpha=8)) == _fp()
     with pytest.raises(TrainingInputError, match="steps must be an integer"):
         TrainConfig(steps=2.5)
+
+
+def test_training_with_another_subject_loaded_keeps_it(trained, tmp_path):
+    """A worker may hold subject A's adapter while training subject B: A stays loaded and active."""
+    t = trained["sd"]
+    pipe = t["pipe"]
+    load_subject_lora(pipe, t["result"].out_dir, "other")
+    try:
+        with_other = unet_out(pipe, t["batch"])
+        res = train_subject_lora(pipe, images=subject_images(2, seed=3), class_noun="cat", identifier="zwx",
+                                 out_dir=tmp_path / "b", config=TrainConfig(steps=2, resolution=RES, rank=2), progress=False)
+        assert list(pipe.unet.peft_config) == ["other"]
+        assert torch.equal(unet_out(pipe, t["batch"]), with_other)
+        state = load_file(str(res.out_dir / "pytorch_lora_weights.safetensors"))
+        assert all(v.shape[0] == 2 or v.shape[1] == 2 for v in state.values())  # rank 2: B's adapter, not A's
+    finally:
+        unload_subject_lora(pipe, "other")
+    assert torch.equal(unet_out(pipe, t["batch"]), t["base"])
