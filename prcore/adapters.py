@@ -87,7 +87,7 @@ def per_sample_adapters(module: nn.Module, adapter_names: Sequence[str]) -> Iter
     finally:
         for handle in handles:
             handle.remove()
-        for layer, was_disabled in zip(layers, disabled):
+        for layer, was_disabled in zip(layers, disabled, strict=True):
             layer._disable_adapters = was_disabled
 
 

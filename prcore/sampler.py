@@ -17,6 +17,7 @@ routed to the e_p rows only (:func:`prcore.adapters.per_sample_adapters`). They 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import string
@@ -33,8 +34,8 @@ from prcore.adapters import (
     BASE,
     adapter_names_of,
     adapter_state_preserved,
-    lora_layers,
     loaded_adapters,
+    lora_layers,
     mixed_batch_blocker,
     per_sample_adapters,
     use_adapter,
@@ -173,39 +174,55 @@ def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return height, width
 
 
-def _unet_forward(pipe, latents: Tensor, t, conds: list[_Cond], added_time_ids: Tensor | None, mode: str) -> list[Tensor]:
-    """Noise predictions for each row group at (latents, t), as few UNet forwards as allowed.
+class _UNetRows:
+    """Noise predictions for each row group at (x_t, t), with as few UNet forwards as allowed.
 
-    ``mode`` "batched": one forward over all groups, LoRA routed per row; "separate": one forward
-    per distinct adapter. Either way the result is one (n, C, h, w) tensor per group.
+    ``mode`` "single": all groups use one adapter (or none), one forward; "batched": one forward
+    over all groups with the LoRA routed per row (the caller holds :func:`per_sample_adapters`
+    open around the loop); "separate": one forward per distinct adapter, switching the layers.
+    The conditioning is concatenated once here, not at every step.
     """
-    unet = pipe.unet
-    n = latents.shape[0]
 
-    def run(group: list[_Cond]) -> Tensor:
-        k = len(group)
-        x = torch.cat([latents] * k)
-        embeds = torch.cat([c.embeds for c in group])
-        added = None
-        if added_time_ids is not None:
-            added = {"text_embeds": torch.cat([c.pooled for c in group]), "time_ids": added_time_ids[: k * n]}
-        return unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+    def __init__(self, pipe, conds: list[_Cond], time_ids: Tensor | None, mode: str):
+        self.unet = pipe.unet
+        self.k = len(conds)
+        self.mode = mode
+        adapters = [c.adapter for c in conds]
+        if mode == "separate":
+            groups = [[i for i, a in enumerate(adapters) if a == name] for name in dict.fromkeys(adapters)]
+        else:
+            groups = [list(range(self.k))]
+        self.calls = []
+        for idx in groups:
+            sub = [conds[i] for i in idx]
+            embeds = torch.cat([c.embeds for c in sub])
+            added = None
+            if time_ids is not None:
+                added = {"text_embeds": torch.cat([c.pooled for c in sub]), "time_ids": time_ids[: embeds.shape[0]]}
+            self.calls.append((idx, sub[0].adapter, embeds, added))
 
-    adapters = [c.adapter for c in conds]
-    if len(set(adapters)) == 1 or not lora_layers(unet):
-        use_adapter(unet, adapters[0])
-        return list(run(conds).chunk(len(conds)))
-    if mode == "batched":
-        rows = [c.adapter for c in conds for _ in range(n)]
-        with per_sample_adapters(unet, rows):
-            return list(run(conds).chunk(len(conds)))
-    out: list[Tensor | None] = [None] * len(conds)
-    for name in dict.fromkeys(adapters):
-        idx = [i for i, a in enumerate(adapters) if a == name]
-        use_adapter(unet, name)
-        for i, pred in zip(idx, run([conds[i] for i in idx]).chunk(len(idx))):
-            out[i] = pred
-    return out  # type: ignore[return-value]
+    def __call__(self, x: Tensor, t) -> list[Tensor]:
+        out: list[Tensor] = [x] * self.k
+        for idx, adapter, embeds, added in self.calls:
+            if self.mode == "separate":
+                use_adapter(self.unet, adapter)
+            x_in = torch.cat([x] * len(idx)) if len(idx) > 1 else x
+            pred = self.unet(x_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+            for i, p in zip(idx, pred.chunk(len(idx)), strict=True):
+                out[i] = p
+        return out
+
+
+def _step(sched, unet_rows: _UNetRows, latents: Tensor, t, guidance: str, step_kwargs: dict, cfg_scale: float, consistency_scale: float, parallel_scale: float) -> Tensor:
+    """One denoising step: predictions at x_t, guided noise estimate, scheduler update to x_{t-1}."""
+    preds = unet_rows(sched.scale_model_input(latents, t), t)
+    if guidance == "parallel_rescaled":
+        eps = G.parallel_rescaled(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
+    elif guidance == "consistency":
+        eps = G.consistency(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale)
+    else:
+        eps = G.cfg(*preds, cfg_scale=cfg_scale)
+    return sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
 
 
 def _decode(pipe, latents: Tensor, output_type: str):
@@ -341,16 +358,15 @@ def sample(
 
         from tqdm.auto import tqdm
 
-        for t in tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False):
-            x_in = sched.scale_model_input(latents, t)
-            preds = _unet_forward(pipe, x_in, t, conds, time_ids, mode)
-            if guidance == "parallel_rescaled":
-                eps = G.parallel_rescaled(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
-            elif guidance == "consistency":
-                eps = G.consistency(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale)
-            else:
-                eps = G.cfg(*preds, cfg_scale=cfg_scale)
-            latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        unet_rows = _UNetRows(pipe, conds, time_ids, mode)
+        routing = contextlib.nullcontext()
+        if mode == "batched":
+            routing = per_sample_adapters(unet, [c.adapter for c in conds for _ in range(n)])
+        elif mode == "single":
+            use_adapter(unet, conds[0].adapter)
+        with routing:
+            for t in tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False):
+                latents = _step(sched, unet_rows, latents, t, guidance, step_kwargs, cfg_scale, consistency_scale, parallel_scale)
 
         images = _decode(pipe, latents, output_type)
     return SampleOutput(

@@ -262,3 +262,15 @@ def test_bad_arguments(sd, kwargs, message):
     with pytest.raises(SamplerError, match=message) as info:
         run(sd, **kwargs)
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_pretrained_mode_matches_diffusers_own_pipeline(kind, request):
+    """guidance='pretrained' is CFG of the base model: the same pixels as the pipeline's own __call__."""
+    pipe = request.getfixturevalue(f"tiny_{kind}")  # the shared pipeline, no adapters; read-only use
+    ours = sample(pipe, prompt=PROMPT, class_noun="dog", identifier="sks", adapter_name=None, guidance="pretrained",
+                  cfg_scale=6.0, num_inference_steps=4, height=SIZE, width=SIZE, seed=8, num_images=2, output_type="np", progress=False)
+    theirs = pipe(ours.base_prompt, num_inference_steps=4, guidance_scale=6.0, height=SIZE, width=SIZE, num_images_per_prompt=2,
+                  generator=[torch.Generator().manual_seed(s) for s in ours.seeds], output_type="np").images
+    assert np.abs(ours.images - ours.images.mean()).max() > 0.05
+    np.testing.assert_allclose(ours.images, theirs, atol=1e-4)

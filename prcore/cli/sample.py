@@ -119,7 +119,7 @@ def sample_command(
     out.mkdir(parents=True, exist_ok=True)
     import io
 
-    for i, (name, image) in enumerate(zip(names, result.images)):
+    for i, (name, image) in enumerate(zip(names, result.images, strict=True)):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         record = {
