@@ -539,3 +539,26 @@ def test_training_with_another_subject_loaded_keeps_it(trained, tmp_path):
     finally:
         unload_subject_lora(pipe, "other")
     assert torch.equal(unet_out(pipe, t["batch"]), t["base"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Input hygiene
+
+
+def test_exif_orientation_rgba_and_center_crop():
+    from prcore.images import decode_image, prepare_images
+
+    img = Image.new("RGB", (60, 40), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 30, 40))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    upright = decode_image(buf.getvalue())
+    assert upright.size == (40, 60)  # orientation applied
+    assert upright.getpixel((20, 5))[2] > 200 and upright.getpixel((20, 55))[0] > 200  # blue on top after rotation
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    assert decode_image(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparency composited on white
+    prepared = prepare_images([buf.getvalue()], RES)[0]
+    assert prepared.image.size == (RES, RES) and prepared.image.mode == "RGB"
+    assert prepared.original_size == (60, 40) and prepared.crop_top_left == (8, 0)  # 32x48 resized, center row crop
