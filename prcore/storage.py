@@ -178,17 +178,19 @@ class LocalStore:
         start = self.root.joinpath(*folder_part.split("/")) if folder_part else self.root
         if not start.is_dir():
             return iter(())
-        root_len = len(str(self.root)) + 1
+        rel_start = f"{folder_part}/" if folder_part else ""
         keys: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames.sort()
-            rel_dir = dirpath[root_len:].replace(os.sep, "/") if len(dirpath) >= root_len else ""
-            for name in filenames:
-                if name.startswith(".tmp-"):
-                    continue
-                key = f"{rel_dir}/{name}" if rel_dir else name
-                if key.startswith(prefix):
-                    keys.append(key)
+        stack = [(str(start), rel_start)]
+        while stack:  # iterative scandir: d_type tells folders apart without a stat per entry
+            path, rel = stack.pop()
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, f"{rel}{entry.name}/"))
+                    elif not entry.name.startswith(".tmp-"):
+                        keys.append(rel + entry.name)
+        if prefix and not prefix.endswith("/"):
+            keys = [k for k in keys if k.startswith(prefix)]
         keys.sort()
         return iter(keys)
 
@@ -252,8 +254,9 @@ class S3Options:
     endpoint_url: str | None = None  # default: AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (read by boto3)
     region: str | None = None
     profile: str | None = None
-    retry_mode: str = "adaptive"  # "adaptive" or "standard": botocore retries throttling and 5xx
-    max_attempts: int = 8
+    # botocore retries throttling, 5xx and dropped connections; AWS_RETRY_MODE / AWS_MAX_ATTEMPTS apply
+    retry_mode: str = field(default_factory=lambda: os.environ.get("AWS_RETRY_MODE", "adaptive"))
+    max_attempts: int = field(default_factory=lambda: int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
     multipart_threshold: int = 64 * 1024 * 1024
     presign_expires: int = 7 * 24 * 3600
     extra: dict[str, Any] = field(default_factory=dict)
@@ -309,16 +312,18 @@ class S3Store:
             raise self._error(exc, "write", key) from None
 
     def get(self, key: str) -> bytes:
+        full = self._full(key)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
         except Exception as exc:
             if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
                 raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
             raise self._error(exc, "read", key) from None
 
     def exists(self, key: str) -> bool:
+        full = self._full(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            self.client.head_object(Bucket=self.bucket, Key=full)
             return True
         except Exception as exc:
             if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
@@ -339,17 +344,17 @@ class S3Store:
             raise self._error(exc, "list", None) from None
 
     def delete(self, key: str) -> None:
+        full = self._full(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+            self.client.delete_object(Bucket=self.bucket, Key=full)
         except Exception as exc:
             raise self._error(exc, "delete", key) from None
 
     def url(self, key: str) -> str:
         """A presigned GET URL (https on AWS; the endpoint's scheme on S3-compatible stores)."""
+        full = self._full(key)
         try:
-            return self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=self.options.presign_expires
-            )
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=self.options.presign_expires)
         except Exception as exc:
             raise self._error(exc, "presign", key) from None
 

@@ -34,7 +34,9 @@ def resolve_uri(uri: str, base: str) -> str:
     if base.startswith("s3://"):
         bucket, prefix = parse_s3_uri(base)
         return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(prefix, uri)).lstrip("/")
-    return os.path.normpath(os.path.join(base, uri))
+    if uri.startswith(".") or "/." in uri or "//" in uri:
+        return os.path.normpath(os.path.join(base, uri))
+    return f"{base.rstrip('/')}/{uri}"
 
 
 def local_path(uri: str) -> Path | None:
