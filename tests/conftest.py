@@ -19,6 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import torch  # noqa: E402
+
+# Tiny models: one intra-op thread is faster than two fighting over the cores with the test's
+# own servers and workers (measured up to 75x on a loaded 2-core machine).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
