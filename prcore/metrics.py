@@ -94,7 +94,11 @@ class _DinoBundle:
 
 
 _MODELS: dict[tuple[str, str, str, str], Any] = {}
-_LOCK = threading.Lock()
+# Reference embeddings per (models, device, dtype, content hash), per process: a worker that builds
+# a new Scorer per task still embeds a subject's references once.
+_REFERENCES: OrderedDict[tuple[str | None, str | None, str, str, str], RefEmbeddings] = OrderedDict()
+REFERENCE_CACHE_SIZE = 256
+_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -183,8 +187,10 @@ def load_dino(model: str | Path, *, device: str, dtype: torch.dtype, cache: bool
 
 
 def clear_metric_model_cache() -> None:
+    """Forget the loaded CLIP/DINO models and the cached reference embeddings."""
     with _LOCK:
         _MODELS.clear()
+        _REFERENCES.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +247,8 @@ class Scorer:
     ``clip_model`` / ``dino_model``: a local folder or hub id (None: that metric is off). Models
     load with ``from_pretrained(..., use_safetensors=True)`` and are cached per process. Images
     are embedded in batches of ``batch_size``; a subject's reference embeddings are computed once
-    and kept in a small per-scorer cache keyed by their pixels' content hash (or pass the
-    :class:`RefEmbeddings` from :meth:`embed_references` yourself).
+    and kept in a per-process cache keyed by the models and their pixels' content hash (or pass
+    the :class:`RefEmbeddings` from :meth:`embed_references` yourself).
     """
 
     def __init__(
@@ -252,8 +258,6 @@ class Scorer:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         batch_size: int = 32,
-        *,
-        reference_cache_size: int = 64,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -264,9 +268,6 @@ class Scorer:
         self.dino_model = str(dino_model) if dino_model else None
         self._clip = load_clip(clip_model, device=self.device, dtype=self.dtype) if clip_model else None
         self._dino = load_dino(dino_model, device=self.device, dtype=self.dtype) if dino_model else None
-        self._refs: OrderedDict[str, RefEmbeddings] = OrderedDict()
-        self._ref_cache_size = reference_cache_size
-        self._lock = threading.Lock()
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -333,10 +334,11 @@ class Scorer:
         if not pil:
             raise ValueError("no reference images: CLIP-I and DINO compare against the subject's instance images")
         key = image_content_hash(pil)
-        with self._lock:
-            hit = self._refs.get(key)
+        cache_key = (self.clip_model, self.dino_model, self.device, str(self.dtype), key)
+        with _LOCK:
+            hit = _REFERENCES.get(cache_key)
             if hit is not None:
-                self._refs.move_to_end(key)
+                _REFERENCES.move_to_end(cache_key)
                 return hit
         refs = RefEmbeddings(
             key=key,
@@ -345,10 +347,10 @@ class Scorer:
             clip=self.clip_image_embeddings(pil) if self._clip is not None else None,
             dino=self.dino_embeddings(pil) if self._dino is not None else None,
         )
-        with self._lock:
-            self._refs[key] = refs
-            while len(self._refs) > self._ref_cache_size:
-                self._refs.popitem(last=False)
+        with _LOCK:
+            _REFERENCES[cache_key] = refs
+            while len(_REFERENCES) > REFERENCE_CACHE_SIZE:
+                _REFERENCES.popitem(last=False)
         return refs
 
     # -- scores -------------------------------------------------------------------------------
@@ -547,20 +549,41 @@ def _base_prompt(sidecar: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _reference_images(
-    subject_id: str, sidecar: Mapping[str, Any], references_dir: Path | None
-) -> list[bytes] | None:
+def _reference_images(subject_id: str, sidecar: Mapping[str, Any], reference_uris: Mapping[str, Sequence[str]] | None) -> list[bytes] | None:
+    """A subject's reference image bytes: ``reference_uris[subject_id]`` when given, else the
+    sidecar's ``instance_images`` URIs (file paths, file://, s3://)."""
     from prcore.uris import read_uri_bytes
 
-    if references_dir is not None:
-        folder = references_dir / subject_id
-        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    uris = (reference_uris or {}).get(subject_id) or sidecar.get("instance_images")
+    if not uris:
+        return None
+    return [read_uri_bytes(str(u)) for u in uris]
+
+
+def reference_uris_from_folder(folder: str | Path) -> dict[str, list[str]]:
+    """``{subject_id: [image paths]}`` from a folder with one sub-folder of images per subject."""
+    root = Path(folder)
+    out: dict[str, list[str]] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(str(f) for f in sub.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
         if files:
-            return [p.read_bytes() for p in files]
-    uris = sidecar.get("instance_images")
-    if uris:
-        return [read_uri_bytes(str(u)) for u in uris]
-    return None
+            out[sub.name] = files
+    return out
+
+
+def reference_uris_from_manifest(uri: str | Path) -> dict[str, list[str]]:
+    """``{subject_id: [resolved instance image URIs]}`` from a manifest (file, folder or s3 prefix)."""
+    from prcore.manifest import load_manifest
+
+    manifest = load_manifest(str(uri))
+    out: dict[str, list[str]] = {}
+    for row, subject_id in enumerate(manifest.df["subject_id"].to_list()):
+        if subject_id is not None and subject_id not in out:
+            out[subject_id] = manifest.instance_images(row)
+    return out
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def update_sidecar(store: Any, key: str, sidecar: Mapping[str, Any], fields_: Mapping[str, Any]) -> dict[str, Any]:
@@ -568,7 +591,7 @@ def update_sidecar(store: Any, key: str, sidecar: Mapping[str, Any], fields_: Ma
     temporary file into place locally; an S3 put replaces the object whole), so the commit marker
     is never missing or half written."""
     merged = {**sidecar, **fields_}
-    store.put(key, json.dumps(merged, indent=2, sort_keys=True).encode(), content_type="application/json")
+    store.put(key, json.dumps(merged, sort_keys=True, indent=1).encode(), content_type="application/json")
     return merged
 
 
@@ -578,24 +601,28 @@ def evaluate_outputs(
     *,
     run_id: str | None = None,
     thresholds: QCThresholds | None = None,
-    references_dir: str | Path | None = None,
+    reference_uris: Mapping[str, Sequence[str]] | None = None,
     write: bool = True,
     now: datetime | None = None,
 ) -> EvalResult:
     """Score every committed image under ``images/`` of an output root (or only ``run_id``'s).
 
     Each image (a PNG whose sidecar exists) is scored against its base prompt and its subject's
-    reference images (``references_dir/{subject_id}/`` when given, else the sidecar's
-    ``instance_images`` URIs). Its sidecar gets the scores, ``qc_pass``, ``qc_thresholds`` and
-    ``score_models``; all rows go to ``runs/{run_id or eval-<UTC time>}/scores.parquet``.
-    Thresholds: ``thresholds`` (explicit) win per metric over those recorded in the sidecar.
+    reference images (``reference_uris[subject_id]`` when given, else the sidecar's
+    ``instance_images`` URIs; see :func:`reference_uris_from_folder`,
+    :func:`reference_uris_from_manifest`). A subject without reference images gets CLIP-T only.
+    QC thresholds: ``thresholds`` (explicit) win per metric over the ``qc_*`` values recorded in
+    the sidecar by the run. Everything is read, checked and scored before anything is written;
+    then each sidecar gets the scores, ``qc_pass``, ``qc_thresholds`` and ``score_models``, and all
+    rows go to ``runs/{run_id or eval-<UTC time>}/scores.parquet``.
     """
     import polars as pl
 
     thresholds = thresholds or QCThresholds()
     thresholds.check_metrics(scorer.metrics)
-    refs_dir = Path(references_dir) if references_dir is not None else None
     skipped: list[str] = []
+
+    # 1. read the committed images' sidecars, grouped by (subject, base prompt)
     groups: dict[tuple[str, str | None], list[tuple[str, dict[str, Any], re.Match[str]]]] = {}
     for key in sorted(store.list("images/")):
         match = SIDECAR_KEY.match(key)
@@ -607,15 +634,31 @@ def evaluate_outputs(
         groups.setdefault((match["subject_id"], _base_prompt(sidecar)), []).append((key, sidecar, match))
     if run_id is not None and not groups:
         raise ValueError(f"no image in {store.uri} records run_id {run_id!r}; check the run id (see runs/ in the output root)")
-    models = {k: v for k, v in (("clip_model", getattr(scorer, "clip_model", None)), ("dino_model", getattr(scorer, "dino_model", None))) if v}
-    ref_cache: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
+
+    # 2. references per subject, and every image's thresholds checked against what can be scored
+    references: dict[str, list[bytes] | None] = {}
+    effective: dict[str, QCThresholds] = {}
+    for (subject_id, _), items in groups.items():
+        if subject_id not in references:
+            references[subject_id] = _reference_images(subject_id, items[0][1], reference_uris)
+            if references[subject_id] is None and any(m in scorer.metrics for m in ("clip_i", "dino")):
+                skipped.append(f"subject {subject_id}: no reference images known (CLIP-I/DINO not scored); pass --references or --manifest")
+        scorable = [m for m in scorer.metrics if references[subject_id] is not None or m not in ("clip_i", "dino")]
+        for key, sidecar, _ in items:
+            recorded = _sidecar_thresholds(sidecar)
+            t = QCThresholds(**{m: getattr(thresholds, m) if getattr(thresholds, m) is not None else recorded.get(m) for m in METRICS})
+            try:
+                t.check_metrics(scorable)
+            except QCConfigError as exc:
+                raise QCConfigError(f"{key} (thresholds recorded by its run: {recorded or 'none'}): {exc}") from None
+            effective[key] = t
+
+    # 3. score (nothing written yet)
     embed = getattr(scorer, "embed_references", None)
+    scored: list[tuple[str, dict[str, Any], re.Match[str], str | None, str, dict[str, float]]] = []
     for (subject_id, base_prompt), items in groups.items():
-        if subject_id not in ref_cache:
-            raw = _reference_images(subject_id, items[0][1], refs_dir)
-            ref_cache[subject_id] = (embed(raw) if callable(embed) else raw) if raw else None
-        refs = ref_cache[subject_id]
+        raw = references[subject_id]
+        refs = (embed(raw) if callable(embed) else raw) if raw else None
         present = []
         for key, sidecar, match in items:
             png_key = key[: -len(".json")] + ".png"
@@ -623,23 +666,26 @@ def evaluate_outputs(
                 present.append((key, sidecar, match, store.get(png_key), png_key))
             except FileNotFoundError:
                 skipped.append(f"{key}: its PNG {png_key} is missing")
-        if not present:
-            continue
-        scores = scorer.score([p[3] for p in present], base_prompt, refs)
-        for (key, sidecar, match, _png, png_key), image_scores in zip(present, scores, strict=True):
-            recorded = _sidecar_thresholds(sidecar)
-            effective = QCThresholds(**{m: (getattr(thresholds, m) if getattr(thresholds, m) is not None else recorded.get(m)) for m in METRICS})
-            passed = qc_pass(image_scores, effective) if effective else None
-            fields_ = {**image_scores, "qc_pass": passed, "qc_thresholds": effective.configured(), "score_models": models}
-            if write:
-                update_sidecar(store, key, sidecar, fields_)
-            rows.append(
-                {
-                    "subject_id": subject_id, "prompt_id": match["prompt_id"], "req_fp": match["req_fp"],
-                    "index": int(match["index"]), "key": png_key, "run_id": sidecar.get("run_id"),
-                    "base_prompt": base_prompt, **{m: image_scores.get(m) for m in scorer.metrics}, "qc_pass": passed,
-                }
-            )
+        if present:
+            scores = scorer.score([p[3] for p in present], base_prompt, refs)
+            for (key, sidecar, match, _png, png_key), image_scores in zip(present, scores, strict=True):
+                scored.append((key, sidecar, match, base_prompt, png_key, image_scores))
+
+    # 4. write sidecars, then the run's score table
+    models = {k: v for k, v in (("clip_model", getattr(scorer, "clip_model", None)), ("dino_model", getattr(scorer, "dino_model", None))) if v}
+    rows: list[dict[str, Any]] = []
+    for key, sidecar, match, base_prompt, png_key, image_scores in scored:
+        t = effective[key]
+        passed = qc_pass(image_scores, t) if t else None
+        if write:
+            update_sidecar(store, key, sidecar, {**image_scores, "qc_pass": passed, "qc_thresholds": t.configured(), "score_models": models})
+        rows.append(
+            {
+                "subject_id": match["subject_id"], "prompt_id": match["prompt_id"], "req_fp": match["req_fp"],
+                "index": int(match["index"]), "key": png_key, "run_id": sidecar.get("run_id"), "base_prompt": base_prompt,
+                **{m: image_scores.get(m) for m in scorer.metrics}, "qc_pass": passed,
+            }
+        )
     scores_key = None
     if write and rows:
         stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")

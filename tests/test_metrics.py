@@ -149,6 +149,9 @@ def test_reference_embeddings_computed_once_per_subject(scorer, monkeypatch):
     monkeypatch.setattr(Scorer, "dino_embeddings", lambda self, ims: calls.append(len(ims)) or original(self, ims))
     scorer.score(images(2, seed=9), "a dog", [r.copy() for r in refs])  # same pixels: cache hit
     assert calls == [2]  # only the generated images were embedded
+    # per process: another Scorer on the same models finds them too
+    again = Scorer(clip_model=scorer.clip_model, dino_model=scorer.dino_model, device="cpu")
+    assert again.embed_references([r.copy() for r in refs]) is embedded
     via_object = scorer.score(images(2, seed=9), "a dog", embedded)
     via_images = scorer.score(images(2, seed=9), "a dog", refs)
     assert via_object == via_images
@@ -245,13 +248,15 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_output_root(root, refs_dir) -> dict[str, Image.Image]:
-    """Two subjects, committed images (PNG + sidecar), one orphan PNG without sidecar.
+def write_output_root(store, refs_dir, *, with_instance_images: bool = True) -> dict[str, Image.Image]:
+    """Two subjects x two prompts x two images, written as the runner writes them
+    (prcore.outputs.write_image: PNG, then the sidecar with the run's record), plus one orphan PNG
+    without its sidecar (not committed, must not be scored)."""
+    from prcore.manifest import ImageRequest
+    from prcore.outputs import image_key, write_image
 
-    Laid out as DESIGN.md's output layout: images/{subject_id}/{prompt_id}/{req_fp}/{i}.png + .json.
-    """
     written = {}
-    for s, subject in enumerate(("dog1", "cat2")):
+    for s, (subject, noun) in enumerate((("dog1", "dog"), ("cat2", "cat"))):
         ref_folder = refs_dir / subject
         ref_folder.mkdir(parents=True)
         ref_uris = []
@@ -260,22 +265,17 @@ def write_output_root(root, refs_dir) -> dict[str, Image.Image]:
             ref_uris.append(str(ref_folder / f"{j}.png"))
         for p, (prompt_id, template) in enumerate((("p0", "a {subject} on the beach"), ("p1", "a {subject} in the snow"))):
             fp = f"{s}{p}" * 8
+            params = {"guidance": "parallel_rescaled", "guidance_scale": 7.5, "qc_dino": 0.0 if subject == "cat2" else None}
+            request = ImageRequest(subject, prompt_id, template, params, fp, seeds=[1, 2], done=[False, False],
+                                   keys=[image_key(subject, prompt_id, fp, i) for i in range(2)])
             for i, im in enumerate(images(2, seed=200 + 10 * s + p)):
-                base = f"images/{subject}/{prompt_id}/{fp}/{i}"
-                (root / base).parent.mkdir(parents=True, exist_ok=True)
-                (root / f"{base}.png").write_bytes(_png(im))
-                noun = "dog" if subject == "dog1" else "cat"
-                sidecar = {
-                    "subject_id": subject, "prompt_id": prompt_id, "class_noun": noun, "prompt": template,
-                    "base_prompt": template.format(subject=noun), "personal_prompt": template.format(subject=f"sks {noun}"),
-                    "instance_images": ref_uris, "run_id": "run-a" if subject == "dog1" else "run-b", "seed": i,
-                    "params": {"qc_dino": 0.0} if subject == "cat2" else {},
-                }
-                (root / f"{base}.json").write_text(json.dumps(sidecar))
-                written[f"{base}.png"] = im
-    orphan = root / "images/dog1/p0/orphan0000000000/0.png"
-    orphan.parent.mkdir(parents=True)
-    orphan.write_bytes(_png(images(1, seed=999)[0]))
+                record = {"run_id": "run-a" if subject == "dog1" else "run-b", "base_prompt": template.format(subject=noun),
+                          "personal_prompt": template.format(subject=f"sks {noun}")}
+                if with_instance_images:
+                    record["instance_images"] = ref_uris
+                write_image(store, request, i, im, record)
+                written[request.keys[i]] = im
+    store.put("images/dog1/p0/" + "f" * 16 + "/0.png", _png(images(1, seed=999)[0]))  # orphan
     return written
 
 
@@ -283,11 +283,10 @@ def test_evaluate_outputs_updates_sidecars_and_writes_scores(scorer, tmp_path):
     from prcore.storage import open_store
 
     root = tmp_path / "out"
-    written = write_output_root(root, tmp_path / "refs")
     store = open_store(root)
+    written = write_output_root(store, tmp_path / "refs")
     result = evaluate_outputs(store, scorer, thresholds=QCThresholds(clip_t=-1.0))
-    assert len(result.rows) == 8 and {r["key"] for r in result.rows} == set(written)
-    assert not any("orphan" in r["key"] for r in result.rows)
+    assert len(result.rows) == 8 and {r["key"] for r in result.rows} == set(written)  # not the orphan
     table = pl.read_parquet(root / result.scores_key)
     assert result.scores_key.startswith("runs/eval-") and table.height == 8
     for row in table.iter_rows(named=True):
@@ -299,7 +298,7 @@ def test_evaluate_outputs_updates_sidecars_and_writes_scores(scorer, tmp_path):
         expect = scorer.score([written[row["key"]]], sidecar["base_prompt"], refs)[0]
         assert row["clip_i"] == pytest.approx(expect["clip_i"], abs=1e-6)
         assert row["clip_t"] == pytest.approx(expect["clip_t"], abs=1e-6)
-        # cat2 recorded qc_dino=0 in its params: both thresholds apply there
+        # cat2 recorded qc_dino=0 with its parameters: both thresholds apply there
         assert sidecar["qc_thresholds"] == ({"clip_t": -1.0, "dino": 0.0} if row["subject_id"] == "cat2" else {"clip_t": -1.0})
     # only one run; its table goes to runs/{run_id}/
     only = evaluate_outputs(store, scorer, run_id="run-b")
@@ -311,12 +310,8 @@ def test_evaluate_outputs_updates_sidecars_and_writes_scores(scorer, tmp_path):
 def test_evaluate_outputs_on_s3(scorer, tmp_path, s3_bucket):
     from prcore.storage import open_store
 
-    local = tmp_path / "out"
-    write_output_root(local, tmp_path / "refs")
     store = open_store(f"s3://{s3_bucket}/root")
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            store.put(path.relative_to(local).as_posix(), path.read_bytes())
+    write_output_root(store, tmp_path / "refs")
     result = evaluate_outputs(store, scorer)
     assert len(result.rows) == 8
     table = pl.read_parquet(io.BytesIO(store.get(result.scores_key)))
@@ -329,15 +324,30 @@ def test_prcore_eval_cli(tiny_clip_path, tiny_dino_path, tmp_path):
     from prcore.cli import _register_all, app
 
     _register_all()
+    from prcore.storage import open_store
+
     root = tmp_path / "out"
-    write_output_root(root, tmp_path / "refs")
+    write_output_root(open_store(root), tmp_path / "refs", with_instance_images=False)
     runner = CliRunner()
+    before = {p: p.read_bytes() for p in root.glob("images/*/*/*/*.json")}
+    # cat2's run recorded qc_dino: scoring it without DINO is an error, found before anything is written
+    res = runner.invoke(app, ["eval", str(root), "--clip-model", str(tiny_clip_path), "--device", "cpu"])
+    assert res.exit_code == 2 and "images/cat2/" in res.output and "'dino': 0.0" in res.output and "--dino-model" in res.output
+    assert {p: p.read_bytes() for p in root.glob("images/*/*/*/*.json")} == before
+    # sidecars without instance_images: CLIP-T only, and the output says why
+    res = runner.invoke(app, ["eval", str(root), "--run", "run-a", "--clip-model", str(tiny_clip_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "no reference images known" in res.output
+    scored = [json.loads(p.read_text()) for p in root.glob("images/dog1/*/*/*.json")]
+    assert len(scored) == 4 and all("clip_t" in s and "clip_i" not in s for s in scored)
+    # references from a folder with one sub-folder per subject
     res = runner.invoke(app, ["eval", str(root), "--clip-model", str(tiny_clip_path), "--dino-model", str(tiny_dino_path),
-                              "--device", "cpu", "--qc-dino", "1.0"])
+                              "--device", "cpu", "--qc-dino", "1.0", "--references", str(tmp_path / "refs")])
     assert res.exit_code == 0, res.output
     assert "dog1" in res.output and "cat2" in res.output and "scores in" in res.output
     sidecars = [json.loads(p.read_text()) for p in root.glob("images/*/*/*/*.json")]
     assert len(sidecars) == 8 and all(s["qc_pass"] is False for s in sidecars)  # nothing reaches DINO 1.0
+    assert all(-1 <= s["dino"] < 1 and -1 <= s["clip_i"] < 1 for s in sidecars)
     # user errors: one line, exit 2
     res = runner.invoke(app, ["eval", str(root)])
     assert res.exit_code == 2 and "--clip-model" in res.output
@@ -345,3 +355,19 @@ def test_prcore_eval_cli(tiny_clip_path, tiny_dino_path, tmp_path):
     assert res.exit_code == 2 and "not scored" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["eval", str(root), "--dino-model", str(tmp_path / "missing-model")])
     assert res.exit_code == 2 and "cannot load the DINO model" in res.output
+
+
+def test_reference_uris_from_manifest_and_folder(tmp_path):
+    from prcore.metrics import reference_uris_from_folder, reference_uris_from_manifest
+
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        images(1)[0].save(tmp_path / "imgs" / name)
+    pl.DataFrame({
+        "subject_id": ["s1", "s1"], "instance_images": [["imgs/a.png", "imgs/b.png"]] * 2, "class_noun": ["dog", "dog"],
+        "prompt": ["a {subject} in the snow", "a {subject} on the beach"],
+    }).write_parquet(tmp_path / "m.parquet")
+    uris = reference_uris_from_manifest(tmp_path / "m.parquet")
+    assert list(uris) == ["s1"] and [u.rsplit("/", 1)[-1] for u in uris["s1"]] == ["a.png", "b.png"]
+    assert all(str(tmp_path) in u for u in uris["s1"])  # resolved against the manifest's folder
+    assert reference_uris_from_folder(tmp_path) == {"imgs": [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "b.png")]}

@@ -35,7 +35,8 @@ def eval_command(
     run: Annotated[str | None, typer.Option("--run", help="Score only the images of this run id.")] = None,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="CLIP model folder or hub id (CLIP-T, CLIP-I), e.g. openai/clip-vit-large-patch14.")] = None,
     dino_model: Annotated[str | None, typer.Option("--dino-model", help="DINO/ViT model folder or hub id, e.g. facebook/dino-vits16.")] = None,
-    references: Annotated[Path | None, typer.Option("--references", help="Folder with one sub-folder of reference images per subject_id (default: the sidecars' instance_images).")] = None,
+    references: Annotated[Path | None, typer.Option("--references", help="Folder with one sub-folder of reference images per subject_id.")] = None,
+    manifest: Annotated[str | None, typer.Option("--manifest", help="The manifest that produced the outputs: its instance_images are the references.")] = None,
     qc_clip_t: Annotated[float | None, typer.Option("--qc-clip-t", help="QC: minimum CLIP-T.")] = None,
     qc_clip_i: Annotated[float | None, typer.Option("--qc-clip-i", help="QC: minimum CLIP-I.")] = None,
     qc_dino: Annotated[float | None, typer.Option("--qc-dino", help="QC: minimum DINO.")] = None,
@@ -47,17 +48,31 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from prcore.metrics import METRICS, MetricModelError, QCThresholds, evaluate_outputs
+    from prcore.metrics import (
+        METRICS,
+        MetricModelError,
+        QCThresholds,
+        evaluate_outputs,
+        reference_uris_from_folder,
+        reference_uris_from_manifest,
+    )
     from prcore.storage import open_store
 
     console = Console()
     with user_errors(MetricModelError, *_store_errors()):
         thresholds = QCThresholds(clip_t=qc_clip_t, clip_i=qc_clip_i, dino=qc_dino)
-        if references is not None and not references.is_dir():
-            raise UserError(f"--references {references} is not a folder")
+        if references is not None and manifest is not None:
+            raise UserError("give --references or --manifest, not both")
+        uris = None
+        if references is not None:
+            if not references.is_dir():
+                raise UserError(f"--references {references} is not a folder")
+            uris = reference_uris_from_folder(references)
+        elif manifest is not None:
+            uris = reference_uris_from_manifest(manifest)
         store = open_store(output_root)
         scorer = _scorer(clip_model, dino_model, device, dtype, batch_size)
-        result = evaluate_outputs(store, scorer, run_id=run, thresholds=thresholds, references_dir=references)
+        result = evaluate_outputs(store, scorer, run_id=run, thresholds=thresholds, reference_uris=uris)
     if not result.rows:
         console.print(f"no committed images found under {output_root}/images/")
         for line in result.skipped:
@@ -75,7 +90,7 @@ def eval_command(
     console.print(table)
     for line in result.skipped:
         console.print(f"[yellow]skipped[/] {line}")
-    console.print(f"sidecars updated; scores in {store.uri.rstrip('/')}/{result.scores_key}")
+    typer.echo(f"sidecars updated; scores in {store.uri.rstrip('/')}/{result.scores_key}")
 
 
 def dreambench_command(
