@@ -57,7 +57,7 @@ def sdxl(tiny_sdxl_path, tmp_path_factory):
 
 
 def run(pipe, **kw):
-    args = dict(prompt=PROMPT, class_noun="dog", identifier="sks", adapter_name=ADAPTER, num_inference_steps=3,
+    args = dict(prompt=PROMPT, class_noun="dog", identifier="sks", adapter_name=ADAPTER, num_inference_steps=2,
                 height=SIZE, width=SIZE, progress=False, output_type="latent")
     args.update(kw)
     return sample(pipe, **args)
@@ -154,11 +154,11 @@ def _reference_dco(pipe, *, personal, base, seed, steps, w_cfg, w_cg):
 
 
 def test_parallel_scale_one_reproduces_reference_dco_loop(sd):
-    out = run(sd, guidance="parallel_rescaled", parallel_scale=1.0, cfg_scale=5.0, consistency_scale=2.0, num_inference_steps=4, seed=11)
-    ref = _reference_dco(sd, personal=out.personal_prompt, base=out.base_prompt, seed=out.seeds[0], steps=4, w_cfg=5.0, w_cg=2.0)
-    assert (out.images - run(sd, guidance="pretrained", cfg_scale=5.0, num_inference_steps=4, seed=11).images).abs().max() > 0.05
+    out = run(sd, guidance="parallel_rescaled", parallel_scale=1.0, cfg_scale=5.0, consistency_scale=2.0, num_inference_steps=3, seed=11)
+    ref = _reference_dco(sd, personal=out.personal_prompt, base=out.base_prompt, seed=out.seeds[0], steps=3, w_cfg=5.0, w_cg=2.0)
+    assert (out.images - run(sd, guidance="pretrained", cfg_scale=5.0, num_inference_steps=3, seed=11).images).abs().max() > 0.05
     torch.testing.assert_close(out.images, ref, atol=ATOL, rtol=0)
-    dco = run(sd, guidance="consistency", cfg_scale=5.0, consistency_scale=2.0, num_inference_steps=4, seed=11)
+    dco = run(sd, guidance="consistency", cfg_scale=5.0, consistency_scale=2.0, num_inference_steps=3, seed=11)
     torch.testing.assert_close(out.images, dco.images, atol=ATOL, rtol=0)
 
 
@@ -222,10 +222,10 @@ def test_determinism(sd):
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_schedulers(sd, name):
-    a = run(sd, scheduler=name, num_inference_steps=3, seed=1)
+    a = run(sd, scheduler=name, seed=1)
     assert torch.isfinite(a.images).all() and a.images.abs().max() > 0
     if name == "euler_ancestral":  # stochastic steps draw from the per-image generators too
-        torch.testing.assert_close(a.images, run(sd, scheduler=name, num_inference_steps=3, seed=1).images, atol=0, rtol=0)
+        torch.testing.assert_close(a.images, run(sd, scheduler=name, seed=1).images, atol=0, rtol=0)
 
 
 def test_sdxl_empty_negative_prompt_is_zeros(sdxl):
