@@ -71,6 +71,7 @@ def main() -> None:
         written = make_done(out, manifest, args.done)
         print(f"setup: {args.subjects * args.prompts} rows, {written} done images written in {time.perf_counter() - t:.1f}s (not timed)")
 
+        c0 = time.process_time()
         t0 = time.perf_counter()
         m = load_manifest(manifest)
         t1 = time.perf_counter()
@@ -78,13 +79,14 @@ def main() -> None:
         t2 = time.perf_counter()
         jobs = plan(m, store=LocalStore(out), check=False)
         t3 = time.perf_counter()
+        cpu = time.process_time() - c0
         assert not errors, errors[:5]
         n_images = sum(j.n_images for j in jobs)
         n_done = sum(j.n_done for j in jobs)
         assert n_done == written, (n_done, written)
         print(f"rows={m.df.height} subjects={len(jobs)} images={n_images} done={n_done} todo={n_images - n_done}")
         load1, load5, _ = os.getloadavg()
-        print(f"load={t1 - t0:.2f}s validate={t2 - t1:.2f}s plan={t3 - t2:.2f}s (cpu cores: {os.cpu_count()}, load average 1/5 min: {load1:.1f}/{load5:.1f})")
+        print(f"load={t1 - t0:.2f}s validate={t2 - t1:.2f}s plan={t3 - t2:.2f}s (cpu cores: {os.cpu_count()}, load average 1/5 min: {load1:.1f}/{load5:.1f}, process cpu time: {cpu:.2f}s)")
         t4 = time.perf_counter()
         n_req = sum(len(j.requests) for j in jobs)
         print(f"materialising all {n_req} ImageRequest objects (done per subject by the flow; not in the figure): {time.perf_counter() - t4:.2f}s")

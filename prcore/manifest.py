@@ -357,6 +357,8 @@ def _normalize(df: pl.DataFrame) -> tuple[pl.DataFrame, list[ManifestError]]:
     with a wrong dtype is replaced by nulls so that row rules can still run on the rest.
     """
     errors: list[ManifestError] = []
+    if df.height == 0:
+        errors.append(ManifestError(None, None, None, "the manifest has no rows; add one row per (subject, prompt)"))
     for name in REQUIRED_COLUMNS:
         if name not in df.columns:
             spec = COLUMNS[name]

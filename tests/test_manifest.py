@@ -244,6 +244,11 @@ def test_unknown_column_suggests_name(tmp_path, images):
     assert [e.column for e in errors] == ["guidence_scale"]
 
 
+def test_empty_manifest(tmp_path, images):
+    errors = errors_for(tmp_path, pl.DataFrame(rows(images)).head(0))
+    assert [str(e) for e in errors] == ["the manifest has no rows; add one row per (subject, prompt)"]
+
+
 def test_all_errors_collected(tmp_path, images):
     data = rows(images)
     data[0]["prompt"] = "no placeholder"
