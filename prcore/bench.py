@@ -10,7 +10,7 @@ Data: ``data_dir`` is laid out like the google/dreambooth data set, one folder o
 images per subject (``data_dir/{subject_id}/*.jpg``). Subjects, classes and prompt templates come
 from ``dreambench_subjects.csv`` (subject_id, class_noun, kind) and
 ``dreambench_{object,live}_prompts.txt`` (one ``{subject}`` template per line): given explicitly,
-else found in ``data_dir``, else the copies shipped in ``prcore/data/``.
+else found in ``data_dir``, else the copies shipped in ``prcore/data/`` or a checkout's ``manifests/``.
 
 Output (a folder or ``s3://`` prefix, written through :mod:`prcore.storage`)::
 
@@ -141,6 +141,9 @@ def _protocol_file(name: str, explicit: str | Path | None, data_dir: Path) -> st
     shipped = resources.files("prcore").joinpath("data", name)
     if shipped.is_file():
         return shipped.read_text()
+    checkout = Path(__file__).resolve().parent.parent / "manifests" / name  # a source checkout's copies
+    if checkout.is_file():
+        return checkout.read_text()
     raise BenchError(f"no {name}: put it in {data_dir}, or pass its path (see docs/metrics.md)")
 
 

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -485,14 +485,17 @@ def score_and_qc(
     thresholds: QCThresholds | None = None,
 ) -> list[dict[str, Any]]:
     """The flow stage's hook: scores plus ``qc_pass`` per image, ready to merge into a sidecar
-    record / catalogue row. ``qc_pass`` is None when no threshold is set. Thresholds naming a
-    metric the scorer does not produce fail before any model runs."""
+    record / catalogue row; with thresholds set, also ``qc_thresholds`` ({metric: threshold}, so
+    ``prcore eval`` re-applies them). ``qc_pass`` is None when no threshold is set. Thresholds
+    naming a metric the scorer does not produce fail before any model runs."""
     thresholds = thresholds or QCThresholds()
     thresholds.check_metrics(scorer.metrics)
     records: list[dict[str, Any]] = []
     for scores in scorer.score(images, prompt, references):
         record: dict[str, Any] = dict(scores)
         record["qc_pass"] = qc_pass(scores, thresholds) if thresholds else None
+        if thresholds:
+            record["qc_thresholds"] = thresholds.configured()
         records.append(record)
     return records
 
@@ -530,7 +533,11 @@ class EvalResult:
 
 
 def _sidecar_thresholds(sidecar: Mapping[str, Any]) -> dict[str, float]:
-    """QC thresholds recorded with an image (manifest columns qc_*, top level or under params)."""
+    """QC thresholds recorded with an image: its ``qc_thresholds`` dict (written by
+    :func:`score_and_qc`), else the manifest columns ``qc_*`` (top level or under ``params``)."""
+    recorded = sidecar.get("qc_thresholds")
+    if isinstance(recorded, Mapping):
+        return {m: v for m, v in recorded.items() if m in METRICS and v is not None}
     params = sidecar.get("params") if isinstance(sidecar.get("params"), Mapping) else {}
     found: dict[str, float] = {}
     for metric, column in QC_COLUMNS.items():
@@ -688,7 +695,7 @@ def evaluate_outputs(
         )
     scores_key = None
     if write and rows:
-        stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+        stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         scores_key = f"runs/{run_id or 'eval-' + stamp}/scores.parquet"
         buf = io.BytesIO()
         pl.DataFrame(rows, infer_schema_length=None).write_parquet(buf)

@@ -211,7 +211,8 @@ def test_qc_flags_exactly_the_images_below_thresholds(scorer):
     assert got == expected and 2 <= got.count(False) <= 3
     records = score_and_qc(scorer, ims, prompt="a dog on the beach", references=refs, thresholds=t)
     assert [r["qc_pass"] for r in records] == expected
-    assert all({"clip_t", "clip_i", "dino", "qc_pass"} == set(r) for r in records)
+    assert all({"clip_t", "clip_i", "dino", "qc_pass", "qc_thresholds"} == set(r) for r in records)
+    assert records[0]["qc_thresholds"] == {"clip_t": t.clip_t, "dino": t.dino}
     # equality passes; no thresholds: qc_pass None
     assert qc_pass({"dino": 0.5}, QCThresholds(dino=0.5))
     assert failed_metrics({"dino": 0.4, "clip_t": 0.2}, QCThresholds(dino=0.5, clip_t=0.1)) == ["dino"]
