@@ -10,6 +10,7 @@ the flow run ends Failed if any of its subjects failed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -70,7 +71,10 @@ def run_subject(job: Any, *, output: str, model: str, run_id: str, run_date: str
         res.lora_fp = fp
         with gpu_slot(use_gpu_limit):
             step = "train"
-            lora = ensure_lora_task(job, output, model, fp, cache_dir, train, device, dtype)
+            lora_state = ensure_lora_task(job, output, model, fp, cache_dir, train, device, dtype, return_state=True)
+            lora = lora_state.result()
+            if lora_state.name == "Cached":  # Prefect's cache by LoRA fingerprint: nothing ran now
+                lora = dataclasses.replace(lora, source="cache", seconds=0.0, train_seconds=0.0)
             res.lora_source = lora.source
             res.model_seconds += lora.train_seconds
             step = "sample"

@@ -481,6 +481,7 @@ def ensure_lora(job, store, pipe, *, cache_dir: str | Path, train_defaults: Mapp
 
     from prcore.training import train_subject_lora
 
+    _check_instance_images(job, images)
     config = train_config_for(job, train_defaults)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=local.parent))
@@ -503,6 +504,17 @@ def ensure_lora(job, store, pipe, *, cache_dir: str | Path, train_defaults: Mapp
         shutil.rmtree(tmp, ignore_errors=True)
     return LoraInfo(job.subject_id, fp, prefix, str(local), "trained", seconds=time.perf_counter() - started,
                     train_seconds=float(getattr(result, "seconds_total", 0.0) or 0.0), final_loss=final_loss)
+
+
+def _check_instance_images(job, images: Sequence[bytes]) -> None:
+    """Decode every instance image; a broken one fails the subject with a message naming its URI."""
+    from prcore.images import ImageInputError, decode_image
+
+    for i, (uri, data) in enumerate(zip(job.instance_images, images, strict=True)):
+        try:
+            decode_image(data, i)
+        except ImageInputError as exc:
+            raise type(exc)(f"subject {job.subject_id}: instance image {uri} cannot be used: {exc}") from exc
 
 
 def activate_lora(pipe, lora: LoraInfo | str | Path, adapter_name: str) -> None:

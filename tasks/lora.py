@@ -25,8 +25,11 @@ def lora_fingerprint_task(job: Any, model: str, train: Mapping[str, Any] | None 
 
 
 def _lora_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    job = parameters["job"]
-    return f"prcore-lora-{parameters['output']}-{job.subject_id}-{parameters['lora_fp']}"
+    """``prcore-lora-{output root hash}-{subject}-{lora_fp}`` (a file name in Prefect's result storage)."""
+    import hashlib
+
+    root = hashlib.sha256(parameters["output"].encode()).hexdigest()[:12]
+    return f"prcore-lora-{root}-{parameters['job'].subject_id}-{parameters['lora_fp']}"
 
 
 @task(

@@ -28,8 +28,9 @@ def prefect_api():
 def run_flow(manifest: Path, output: Path, model: str, cache: Path, **params):
     from flows.nightly import nightly_batch
 
+    params = {"subjects_per_shard": 1, **params}
     return nightly_batch(manifest=str(manifest), output=str(output), model=model, train=TRAIN, device="cpu",
-                         dtype="float32", cache_dir=str(cache), subjects_per_shard=1, return_state=True, **params)
+                         dtype="float32", cache_dir=str(cache), return_state=True, **params)
 
 
 def read_artifacts(flow_run_id) -> dict[str, object]:
