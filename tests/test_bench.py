@@ -193,3 +193,13 @@ def test_summarize_orders_modes_and_averages():
     table = summarize(scores, ("parallel_rescaled", "cfg"))
     assert table["mode"].to_list() == ["parallel_rescaled", "cfg"] and table.columns == ["mode", "dino", "clip_t", "images", "subjects"]
     assert table["clip_t"].to_list() == pytest.approx([0.4, 0.15]) and table["dino"].to_list() == pytest.approx([0.7, 0.6])
+
+
+def test_protocol_templates_default_to_the_shipped_dreambench_prompts(tmp_path):
+    """Without prompt files in --data, the DreamBench templates the repo ships (25 per kind) are used."""
+    data = make_dataset(tmp_path / "data", with_protocol_files=False)
+    (tmp_path / "subjects.csv").write_text("subject_id,class_noun,kind\nred_toy,toy,object\nblue_dog,dog,live\n")
+    protocol = load_protocol(data, subjects_csv=tmp_path / "subjects.csv")
+    assert len(protocol.prompts["object"]) == 25 and len(protocol.prompts["live"]) == 25
+    assert protocol.prompts["object"][0] == "a {subject} in the jungle"
+    assert protocol.prompts_for(protocol.subjects[1], 2) == protocol.prompts["live"][:2]
