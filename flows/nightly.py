@@ -17,7 +17,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_run
 
-from flows.personalize import SubjectsFailed, personalize_subject, progress_event
+from flows.common import SubjectsFailed, progress_event
 from prcore import runner
 from prcore.storage import open_store
 from tasks.plan import plan_task
@@ -137,6 +137,8 @@ def nightly_batch(
                         use_gpu_limit=use_gpu_limit)
     shard_states: dict[int, str] = {}
     if fan_out == "local":
+        from flows.personalize import personalize_subject  # imports torch: only where shards run here
+
         for i, ids in enumerate(shards):
             state = personalize_subject(subject_ids=ids, shard_index=i, return_state=True, **shard_params)
             shard_states[i] = state.type.value

@@ -9,48 +9,19 @@ the flow run ends Failed if any of its subjects failed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.concurrency.sync import concurrency
 
+from flows.common import SubjectsFailed, gpu_slot, progress_event
 from prcore import runner
 from tasks.lora import ensure_lora_task, lora_fingerprint_task
 from tasks.outputs import contact_sheet_task, write_catalog_task
 from tasks.plan import plan_task
 from tasks.report import write_shard_record_task
-
-GPU_LIMIT = "gpu"
-
-
-class SubjectsFailed(RuntimeError):
-    """Some subjects of the shard/run failed; the others finished."""
-
-
-@contextlib.contextmanager
-def gpu_slot(enabled: bool = True) -> Iterator[None]:
-    """Hold one slot of the ``gpu`` global concurrency limit around model work.
-
-    ``strict=False``: when the limit is not defined on the server the block just runs (the
-    per-GPU worker with ``--limit 1`` is the first safeguard; this is the second).
-    """
-    if not enabled:
-        yield
-        return
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        yield
-
-
-def progress_event(**fields: Any) -> None:
-    """Structured progress for live displays (``prcore run``): a record on logger ``prcore.progress``."""
-    import logging
-
-    logging.getLogger("prcore.progress").info(fields.get("event", "progress"), extra={"prcore_event": fields})
 
 
 def run_subject(job: Any, *, output: str, model: str, run_id: str, run_date: str, cache_dir: str,

@@ -158,38 +158,19 @@ def test_nightly_on_gpu_pool_then_rerun_is_a_no_op(cluster, s3, bucket):
     assert {k: s3.head_object(Bucket=bucket, Key=prefix + k)["ETag"] for k in expected} == before
 
 
-def test_one_broken_subject_fails_the_run_after_the_others_finish(cluster, s3, bucket):
-    prefix = "run2/"
-    manifest = upload_manifest(s3, bucket, "in2", manifest_rows(3, prompts=2, num_images=1, steps=2), subjects=3,
-                               corrupt={"s1"})
-    output = f"s3://{bucket}/run2"
-    rc, out = run_nightly(cluster, manifest=manifest, output=output, subjects_per_shard=3)
-    assert rc == 1, out[-4000:]
-    assert "Failed" in out
-
-    listed = keys(s3, bucket, prefix)
-    pngs = [k for k in listed if k.startswith("images/") and k.endswith(".png")]
-    assert sorted({k.split("/")[1] for k in pngs}) == ["s0", "s2"]
-    assert len(pngs) == 4 and all(k[:-4] + ".json" in listed for k in pngs)
-    rid = run_ids(s3, bucket, prefix)[-1]
-    report = json.loads(get(s3, bucket, f"{prefix}runs/{rid}/failures.json"))
-    assert [(f["subject_id"], f["step"]) for f in report["failures"]] == [("s1", "train")]
-    assert re.search(r"s1|corrupt|truncated|cannot be read", report["failures"][0]["error"])
-    summary = json.loads(get(s3, bucket, f"{prefix}runs/{rid}/summary.json"))
-    assert (summary["generated"], summary["failed_subjects"]) == (4, 1)
-
-
-def test_worker_killed_mid_batch_then_rerun_completes_exactly_once(cluster, s3, bucket):
-    """Kill the GPU worker (and its flow-run process) while a shard is writing images; mark its
-    run Crashed as Prefect's zombie automation would; re-run: every image exactly once."""
+def test_worker_killed_mid_batch_then_rerun_completes_exactly_once_and_fails_the_broken_subject(cluster, s3, bucket):
+    """Kill the GPU worker (and its flow-run process) while a shard is writing images; mark its run
+    Crashed as Prefect's zombie automation would; re-run: every image of the good subjects present
+    exactly once, and the subject with a corrupt instance image (found only when training decodes
+    it) fails the run (exit 1) after the others finished, with the failure reported."""
 
     prefix = "run3/"
-    rows = manifest_rows(2, prompts=3, num_images=2, steps=2)
-    manifest = upload_manifest(s3, bucket, "in3", rows, subjects=2)
+    rows = manifest_rows(3, prompts=3, num_images=2, steps=2)
+    manifest = upload_manifest(s3, bucket, "in3", rows, subjects=3, corrupt={"s2"})
     output = f"s3://{bucket}/run3"
     server = cluster["server"]
-    # One shard with both subjects, so whichever worker takes it is mid-batch when we strike.
-    rc, out = run_nightly(cluster, manifest=manifest, output=output, watch=False, subjects_per_shard=2)
+    # One shard with all subjects (s0 first), so whichever worker takes it is mid-batch when we strike.
+    rc, out = run_nightly(cluster, manifest=manifest, output=output, watch=False, subjects_per_shard=3)
     assert rc == 0, out[-3000:]
     parent_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
 
@@ -211,7 +192,7 @@ def test_worker_killed_mid_batch_then_rerun_completes_exactly_once(cluster, s3, 
         assert len(owners) == 1, owners
         kill_now(cluster["workers"][owners[0]])
         written = [k for k in keys(s3, bucket, prefix) if k.startswith("images/") and k.endswith(".png")]
-        assert 0 < len(written) < 12
+        assert 0 < len(written) < 12 and all(k.startswith("images/s0/") for k in written)
         # Without a heartbeat the server still thinks the child runs: mark it Crashed (what the
         # zombie-flow automation in docs/orchestration.md does), so the parent's wait ends.
         api.post(f"/flow_runs/{child['id']}/set_state", json={"state": {"type": "CRASHED", "name": "Crashed"}, "force": True}).raise_for_status()
@@ -229,15 +210,23 @@ def test_worker_killed_mid_batch_then_rerun_completes_exactly_once(cluster, s3, 
         assert parent["state_type"] == "FAILED"
     rid = run_ids(s3, bucket, prefix)[-1]
     report = json.loads(get(s3, bucket, f"{prefix}runs/{rid}/failures.json"))
-    assert {f["step"] for f in report["failures"]} == {"shard"}
+    assert [(f["subject_id"], f["step"]) for f in report["failures"]] == [("s0", "shard"), ("s1", "shard"), ("s2", "shard")]
 
-    # The other GPU worker is still there: the re-run finishes exactly what is missing.
-    rc, out = run_nightly(cluster, manifest=manifest, output=output, subjects_per_shard=2)
-    assert rc == 0, out[-4000:]
-    expected = expected_images(manifest, output, cluster["model"])
+    # The other GPU worker is still there: the re-run finishes exactly what is missing of s0 and s1,
+    # s2 fails at training, and the run ends Failed (exit 1) after the others finished.
+    rc, out = run_nightly(cluster, manifest=manifest, output=output, subjects_per_shard=3)
+    assert rc == 1, out[-4000:]
+    assert "Failed" in out
+    expected = [k for k in expected_images(manifest, output, cluster["model"]) if not k.startswith("images/s2/")]
+    assert len(expected) == 12
     check_images_complete(s3, bucket, prefix, expected)
-    summary = latest_summary(s3, bucket, prefix)
-    assert (summary["generated"], summary["skipped"]) == (12 - done_before, done_before)
+    rid = run_ids(s3, bucket, prefix)[-1]
+    summary = json.loads(get(s3, bucket, f"{prefix}runs/{rid}/summary.json"))
+    assert (summary["generated"], summary["skipped"], summary["failed_subjects"]) == (12 - done_before, done_before, 1)
+    report = json.loads(get(s3, bucket, f"{prefix}runs/{rid}/failures.json"))
+    assert [(f["subject_id"], f["step"]) for f in report["failures"]] == [("s2", "train")]
+    assert f"s3://{bucket}/in3/subjects/s2/0.png" in report["failures"][0]["error"]
+    assert {f"runs/{rid}/contact_sheets/s{i}.png" for i in (0, 1)} <= set(keys(s3, bucket, prefix))
 
 
 def test_processes_are_ours_and_alive(cluster):
