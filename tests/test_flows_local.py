@@ -6,13 +6,10 @@ Kept small: two subjects, one prompt, one image each, 2 training and 2 denoising
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from prefect_harness import REPO_ROOT, manifest_rows, write_local_manifest
+from prefect_harness import manifest_rows, write_local_manifest
 
 TRAIN = {"steps": 2}
 
@@ -94,18 +91,23 @@ def test_a_broken_subject_fails_the_run_after_the_others(prefect_api, tmp_path, 
 
 def test_prcore_run_user_errors_are_one_line_exit_2(tmp_path, tiny_sd_path):
     """Bad manifest / model: one message, exit code 2, before Prefect starts; nothing written."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph")}
+    import typer
+    from typer.testing import CliRunner
+
+    from prcore.cli import demo, run
+
+    app = typer.Typer()
+    run.register(app)
+    demo.register(app)
     bad_rows = manifest_rows(1, prompts=1)
     bad_rows[0]["prompt"] = "no placeholder here"
     manifest = write_local_manifest(tmp_path / "in", bad_rows, subjects=1)
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).with_name("prcore")), "run"]
-    done = subprocess.run([*cmd, str(manifest), "--output", str(out), "--model", str(tiny_sd_path)], env=env,
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr and "prompt" in done.stderr
+    runner = CliRunner()
+    done = runner.invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tiny_sd_path)])
+    assert done.exit_code == 2, done.output
+    assert done.stderr.startswith("error: ") and "prompt" in done.stderr and "Traceback" not in done.output
     assert not out.exists() or not any(out.rglob("*.png"))
 
-    done = subprocess.run([*cmd, str(manifest), "--output", str(out), "--model", str(tmp_path / "no-model")], env=env,
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
-    assert done.returncode == 2 and "--model" in done.stderr and "Traceback" not in done.stderr
+    done = runner.invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tmp_path / "no-model")])
+    assert done.exit_code == 2 and "--model" in done.stderr and "model_index.json" in done.stderr
