@@ -51,6 +51,11 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "lora_fp": pl.String(),
     "code_version": pl.String(),
     "seconds": pl.Float64(),
+    # quality scores (prcore.metrics) and the QC verdict; null when no scoring model is configured
+    "clip_t": pl.Float64(),
+    "clip_i": pl.Float64(),
+    "dino": pl.Float64(),
+    "qc_pass": pl.Boolean(),
     "created_at": pl.String(),
     "extra_json": pl.String(),
 }

@@ -119,8 +119,12 @@ COLUMNS: dict[str, ColumnSpec] = {
         ColumnSpec("width", INT, False, False, "pixels, multiple of 8"),
         ColumnSpec("negative_prompt", STR, False, False, "negative prompt"),
         ColumnSpec("scheduler", STR, False, False, "diffusers scheduler class name"),
+        ColumnSpec("qc_clip_t", FLOAT, False, True, "QC threshold on CLIP-T (overrides the flow's)"),
+        ColumnSpec("qc_clip_i", FLOAT, False, True, "QC threshold on CLIP-I (overrides the flow's)"),
+        ColumnSpec("qc_dino", FLOAT, False, True, "QC threshold on DINO (overrides the flow's)"),
     )
 }
+QC_COLUMNS = ("qc_clip_t", "qc_clip_i", "qc_dino")
 
 # TrainConfig fields (docs/INTERFACES.md, prcore.training) that a manifest may override as
 # ``train_<field>`` columns, with their kinds.
@@ -560,6 +564,15 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
         if usable(name):
             v = pl.col(name)
             c.rows(v.is_not_null() & (~v.is_finite() | (v < 0)), name, lambda r, n=name: f"{r['__value']} is out of range: {n} must be a finite number >= 0")
+    for name in QC_COLUMNS:
+        if usable(name):
+            v = pl.col(name)
+            c.rows(
+                v.is_not_null() & (~v.is_finite() | (v < -1) | (v > 1)),
+                name,
+                lambda r, n=name: f"{r['__value']} is out of range: {n} is a cosine-similarity threshold in [-1, 1], or null for the flow's",
+                per_subject=True,
+            )
     if usable("num_inference_steps"):
         v = pl.col("num_inference_steps")
         c.rows((v < 1) | (v > MAX_STEPS), "num_inference_steps", lambda r: f"{r['__value']} is out of range: use 1..{MAX_STEPS}")
@@ -802,6 +815,8 @@ class SubjectJob:
     n_requests: int
     n_images: int
     n_done: int
+    # QC thresholds from the manifest's qc_* columns ({"clip_t": 0.2, ...}); not part of any fingerprint
+    qc_thresholds: dict[str, float] = field(default_factory=dict)
     _rows: pl.DataFrame | None = field(default=None, repr=False, compare=False)  # all planned rows, shared
     _offset: int = field(default=0, repr=False, compare=False)
     _params: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
@@ -928,7 +943,7 @@ def plan(
 
     # Subjects, in order of first appearance: one fingerprint each.
     train_cols = [f"train_{f}" for f in TRAIN_FIELDS]
-    subj_cols = ["subject_id", "__sidx", "__file", "class_noun", "identifier", "instance_images", "instance_prompts", "base_model", *train_cols]
+    subj_cols = ["subject_id", "__sidx", "__file", "class_noun", "identifier", "instance_images", "instance_prompts", "base_model", *QC_COLUMNS, *train_cols]
     subjects = firsts.select(subj_cols).with_columns(
         pl.col("identifier").fill_null(d.identifier), pl.col("base_model").fill_null(pl.lit(base_model, pl.String))
     )
@@ -1030,6 +1045,7 @@ def plan(
                 instance_prompts=list(s["instance_prompts"]) if s["instance_prompts"] is not None else None,
                 train_overrides=overrides,
                 base_model=s["base_model"],
+                qc_thresholds={c.removeprefix("qc_"): s[c] for c in QC_COLUMNS if s[c] is not None},
                 subject_fp=fp,
                 n_requests=int(n),
                 n_images=int(images),

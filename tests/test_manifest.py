@@ -186,6 +186,20 @@ def test_out_of_range_numbers(tmp_path, images, column, value, words):
     assert not [e for e in errors_for(tmp_path, data) if e.row == 0]
 
 
+def test_qc_threshold_columns(tmp_path, images):
+    data = rows(images)
+    for r in data:
+        r["qc_dino"] = 0.4 if r["subject_id"] == "dog1" else None
+    data[2]["qc_dino"] = 1.5
+    assert_one(errors_for(tmp_path, data), 2, "qc_dino", "[-1, 1]")
+    data[2]["qc_dino"] = None
+    jobs = plan(load_manifest(write(tmp_path, data)), base_model="tiny")
+    assert jobs[0].qc_thresholds == {"dino": 0.4} and jobs[1].qc_thresholds == {}
+    # thresholds decide QC only: they never change what is generated
+    plain = plan(load_manifest(write(tmp_path, rows(images), name="plain.parquet")), base_model="tiny")
+    assert [r.req_fp for r in jobs[0].requests] == [r.req_fp for r in plain[0].requests]
+
+
 def test_unknown_guidance_mode(tmp_path, images):
     data = rows(images)
     for r in data:
