@@ -18,7 +18,6 @@ routed to the e_p rows only (:func:`prcore.adapters.per_sample_adapters`). They 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import string
 import time
@@ -40,6 +39,7 @@ from prcore.adapters import (
     per_sample_adapters,
     use_adapter,
 )
+from prcore.fingerprint import image_seed
 from prcore.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
 
 BatchMode = Literal["auto", "batched", "separate"]
@@ -90,16 +90,17 @@ def render_prompts(template: str, class_noun: str, identifier: str) -> tuple[str
 
 
 def image_seeds(seed: int | Sequence[int], num_images: int) -> list[int]:
-    """Per-image seeds: ``seeds[i]`` as given, or a stable hash of ``(seed, i)`` for an int seed.
+    """Per-image seeds: ``seeds[i]`` as given, or ``prcore.fingerprint.image_seed(seed, i)`` for an int.
 
-    Image i's noise depends on its seed only, so it is the same whatever ``num_images`` is.
+    Image i's noise depends on its seed only, so it is the same whatever ``num_images`` is, and
+    ``prcore sample --seed S`` draws what a manifest row with ``seed = S`` draws.
     """
     if isinstance(seed, bool) or num_images < 1:
         raise SamplerError(f"num_images must be >= 1 (got {num_images}) and seed an int or a list of ints")
     if isinstance(seed, int):
         if seed < 0:
             raise SamplerError(f"seed must be >= 0, got {seed}")
-        return [int.from_bytes(hashlib.sha256(f"prcore:{seed}:{i}".encode()).digest()[:8], "big") & SEED_MAX for i in range(num_images)]
+        return [image_seed(seed, i) for i in range(num_images)]
     seeds = list(seed)
     if len(seeds) != num_images:
         raise SamplerError(f"seed lists {len(seeds)} seeds but num_images is {num_images}; give one seed per image")

@@ -274,3 +274,9 @@ def test_pretrained_mode_matches_diffusers_own_pipeline(kind, request):
                   generator=[torch.Generator().manual_seed(s) for s in ours.seeds], output_type="np").images
     assert np.abs(ours.images - ours.images.mean()).max() > 0.05
     np.testing.assert_allclose(ours.images, theirs, atol=1e-4)
+
+
+def test_int_seed_draws_what_a_manifest_row_with_that_seed_draws():
+    from prcore.fingerprint import image_seed
+
+    assert image_seeds(1234, 3) == [image_seed(1234, i) for i in range(3)]
