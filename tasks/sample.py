@@ -28,9 +28,14 @@ def generate_request_task(job: Any, request: Any, output: str, model: str, lora:
     adapter = runner.adapter_name_for(lora.subject_id, lora.lora_fp)
     runner.activate_lora(pipe, local, adapter)
     scorer = runner.make_scorer(clip_model, dino_model, device) if (clip_model or dino_model) else None
+    # The subject's qc_* manifest columns override the flow's thresholds.
+    thresholds = {**(qc or {}), **(getattr(job, "qc_thresholds", None) or {})}
+    if thresholds and scorer is None:
+        logger.warning("subject %s: QC thresholds %s not checked: no clip_model/dino_model configured",
+                       job.subject_id, thresholds)
     result = runner.generate_request(
         pipe, job, request, store, adapter_name=adapter, lora_fp=lora.lora_fp, record=record,
-        scorer=scorer, qc_thresholds=runner.qc_thresholds(qc),
+        scorer=scorer, qc_thresholds=runner.qc_thresholds(thresholds) if scorer is not None else None,
         references=runner.reference_images(job) if scorer is not None else None,
     )
     logger.info("subject %s prompt %s: %d generated, %d already done (%.2fs)", job.subject_id, request.prompt_id,
