@@ -14,7 +14,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from prcore import runner
-from prcore.models import load_pipeline
 from prcore.storage import open_store
 from tasks.common import RETRY_OPTIONS
 
@@ -43,6 +42,8 @@ def ensure_lora_task(job: Any, output: str, model: str, lora_fp: str, cache_dir:
                      train: Mapping[str, Any] | None = None, device: str | None = None,
                      dtype: str | None = None) -> runner.LoraInfo:
     logger = get_run_logger()
+    from prcore.models import load_pipeline  # torch: imported where model work happens
+
     pipe = load_pipeline(runner.resolve_model(model, cache_dir), device=device, dtype=dtype)
     info = runner.ensure_lora(job, open_store(output), pipe, cache_dir=cache_dir, train_defaults=train, lora_fp=lora_fp,
                               base_model_id=model)
