@@ -7,6 +7,10 @@ poses/backgrounds each (identity positives). The benchmark subjects themselves a
 Loss: sum of per-head cross-entropies + InfoNCE on the identity embeddings,
 ``-log exp(e_i . e_j / tau) / sum_k exp(e_i . e_k / tau)`` for views i, j of the same object.
 Prints held-out accuracy on freshly seeded pictures (also written next to the weights as JSON).
+
+With ``--vae FOLDER`` (the toy model's AutoencoderKL) every training picture is also passed through
+encode -> decode, and each sample is drawn clean or round-tripped with probability 1/2: generated
+pictures are decoder outputs (softer than rendered ones), and the instruments must read both alike.
 """
 
 from __future__ import annotations
@@ -76,19 +80,40 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1) -> torch.Tensor
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+@torch.no_grad()
+def round_trip(vae, x: torch.Tensor, batch: int = 200) -> torch.Tensor:
+    """encode -> decode (posterior mean), clamped to [-1, 1]."""
+    if vae is None:
+        return x
+    out = [vae.decode(vae.encode(x[i : i + batch]).latent_dist.mean).sample.clamp(-1, 1) for i in range(0, x.shape[0], batch)]
+    return torch.cat(out)
+
+
+def _pick(clean: torch.Tensor, rt: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    use = torch.rand(clean.shape[0], generator=gen) < 0.5
+    return torch.where(use[:, None, None, None], rt, clean)
+
+
 def _aug(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = torch.rand(x.shape[0], generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 @torch.no_grad()
-def evaluate(net: InstrumentNet, seed: int, n_world: int = 1500, n_ident: int = 200) -> dict[str, float]:
-    """Held-out accuracy per head on fresh world pictures; identity top-1 retrieval on fresh objects."""
+def evaluate(net: InstrumentNet, seed: int, n_world: int = 1500, n_ident: int = 200, vae=None) -> dict[str, float]:
+    """Held-out accuracy per head on fresh world pictures (photo-style ones too, and round-tripped
+    through ``vae`` if given); identity top-1 retrieval on fresh objects."""
     net.eval()
     rng = np.random.default_rng([seed, 99])
     imgs, labels = world_set(n_world, rng)
-    logits, _ = net(to_tensor(imgs))
+    x = to_tensor(imgs)
+    logits, _ = net(x)
     out = {f"acc_{k}": float((logits[k].argmax(-1) == labels[k]).float().mean()) for k in HEADS}
+    photo = labels["style"] == HEADS["style"].index("photo")
+    out.update({f"acc_{k}_photo": float((logits[k].argmax(-1) == labels[k])[photo].float().mean()) for k in HEADS})
+    if vae is not None:
+        logits_rt, _ = net(round_trip(vae, x))
+        out.update({f"acc_{k}_roundtrip": float((logits_rt[k].argmax(-1) == labels[k]).float().mean()) for k in HEADS})
     out["chance_background"] = 1 / len(HEADS["background"])
     out["chance_style"] = 1 / len(HEADS["style"])
     ids, _ = identity_set(n_ident, 2, rng)
@@ -113,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world-images", type=int, default=4000)
     ap.add_argument("--identities", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vae", type=Path, default=None, help="AutoencoderKL folder: also train on its round trips")
     args = ap.parse_args(argv)
     from safetensors.torch import save_file
 
@@ -130,6 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     ix = to_tensor(i_imgs.reshape(-1, world.SIZE, world.SIZE, 3)).reshape(args.identities, 4, 3, world.SIZE, world.SIZE)
     i_labels = {k: torch.tensor([HEADS[k].index(getattr(s, k)) for s in i_specs]).reshape(args.identities, 4)
                 for k in ("background", "style", "shape")}
+    vae = None
+    if args.vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).eval()
+    wx_rt = round_trip(vae, wx)
+    ix_rt = round_trip(vae, ix.reshape(-1, 3, world.SIZE, world.SIZE)).reshape(ix.shape)
     print(f"rendered in {time.time() - t0:.0f}s", flush=True)
     net = InstrumentNet()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -140,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         ii = torch.randint(0, args.identities, (32,), generator=gen)
         va = torch.randint(0, 4, (32,), generator=gen)
         vb = (va + torch.randint(1, 4, (32,), generator=gen)) % 4
-        x = torch.cat([_aug(wx[wi], gen), _aug(ix[ii, va], gen), _aug(ix[ii, vb], gen)])
+        x = torch.cat([_aug(_pick(wx[wi], wx_rt[wi], gen), gen), _aug(_pick(ix[ii, va], ix_rt[ii, va], gen), gen),
+                       _aug(_pick(ix[ii, vb], ix_rt[ii, vb], gen), gen)])
         logits, emb = net(x)
         loss = sum(F.cross_entropy(logits[k][:64], w_labels[k][wi]) for k in HEADS)
         for k, lab in i_labels.items():
@@ -155,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     net.eval()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.out))
-    report = evaluate(net, args.seed + 1000)
+    report = evaluate(net, args.seed + 1000, vae=vae)
     report["train_seconds"] = time.time() - t0
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -121,12 +121,9 @@ def train_vae(imgs: torch.Tensor, *, steps: int, batch: int, lr: float, kl_weigh
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     n = imgs.shape[0]
     t0 = time.time()
-    crop = world.SIZE // 2
     for step in range(steps):
         idx = torch.randint(0, n, (batch,), generator=gen)
-        # fully convolutional: train on random crops (4x cheaper), use on whole pictures
-        oy, ox = (int(v) for v in torch.randint(0, world.SIZE - crop + 1, (2,), generator=gen))
-        x = imgs[idx][:, :, oy : oy + crop, ox : ox + crop]
+        x = imgs[idx]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -136,9 +133,44 @@ def train_vae(imgs: torch.Tensor, *, steps: int, batch: int, lr: float, kl_weigh
         loss.backward()
         opt.step()
         for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps)))
         if step % 25 == 0 or step == steps - 1:
             log(f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f} {time.time() - t0:.0f}s")
+    return vae.eval()
+
+
+def finetune_decoder(vae, imgs: torch.Tensor, *, steps: int, batch: int, lr: float, gen: torch.Generator, log):
+    """Stage 4: train only the decoder (and post_quant_conv) on latents of the frozen encoder.
+
+    The latent space does not move, so this can run after (or beside) the UNet training; it is what
+    sharpens the pictures. Loss: L1 + L2 between decode(z) and x, z ~ q(z|x).
+    """
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    n = imgs.shape[0]
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        x = imgs[idx]
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps)))
+        if step % 25 == 0 or step == steps - 1:
+            log(f"decoder step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    for p in vae.parameters():
+        p.requires_grad_(False)
     return vae.eval()
 
 
@@ -210,13 +242,30 @@ def sample_grid(path: Path, *, vae, unet, text_encoder, tokenizer, scale_factor:
     Image.fromarray(grid).resize((seeds * s * 3, len(GRID_PROMPTS) * s * 3), Image.NEAREST).save(path)
 
 
+def assemble(checkpoint: Path, vae_dir: Path, dest: Path) -> Path:
+    """``dest`` <- the checkpoint pipeline with its VAE decoder replaced by ``vae_dir``'s (same
+    encoder, so the UNet's latent space is unchanged; the checkpoint's scaling_factor is kept)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, use_safetensors=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+    for name, p in pipe.vae.encoder.state_dict().items():
+        if not torch.equal(p, vae.encoder.state_dict()[name]):
+            raise ValueError(f"{vae_dir} has a different encoder than {checkpoint} ({name}); its decoder does not fit")
+    vae.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
+    save_pipeline(dest, vae=vae.eval(), unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                  tok_dir=checkpoint / "tokenizer")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=12000)
-    ap.add_argument("--vae-steps", type=int, default=300)
-    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--images", type=int, default=8000)
+    ap.add_argument("--vae-steps", type=int, default=450)
+    ap.add_argument("--vae-batch", type=int, default=12)
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -225,8 +274,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decoder-steps", type=int, default=600, help="stage 4: decoder-only fine-tuning steps")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="run only stage 4 on OUT/vae (the encoder stays fixed) and write OUT/vae_ft")
     ap.add_argument("--vae-from", type=Path, default=None, help="reuse a trained VAE folder (e.g. an earlier run's OUT/vae)")
+    ap.add_argument("--resume-from", type=Path, default=None,
+                    help="continue from a checkpoint pipeline folder (its VAE, UNet, text encoder, tokenizer)")
+    ap.add_argument("--assemble-from", type=Path, default=None,
+                    help="write OUT/pipeline from this checkpoint folder + OUT/vae_ft (after --decoder-only)")
     args = ap.parse_args(argv)
+    if args.assemble_from is not None:
+        print(assemble(args.assemble_from, args.out / "vae_ft", args.out / "pipeline"))
+        return
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -244,21 +303,41 @@ def main(argv: list[str] | None = None) -> None:
 
     log(f"args {vars(args)}")
     t_start = time.time()
-    imgs_np, caps, _ = world.dataset(args.images, seed=args.seed)
+    cache = out / f"dataset-{args.images}-{args.seed}.npz"
+    if cache.is_file():  # a re-run of the same command reuses the rendered pictures
+        with np.load(cache) as z:
+            imgs_np, caps = z["images"], [str(c) for c in z["captions"]]
+    else:
+        imgs_np, caps, _ = world.dataset(args.images, seed=args.seed)
+        np.savez(cache, images=imgs_np, captions=np.array(caps))
     imgs = _to_tensor(imgs_np)
     log(f"rendered {len(caps)} images in {time.time() - t_start:.0f}s")
+    if args.decoder_only:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(out / "vae", use_safetensors=True)
+        gen = torch.Generator().manual_seed(args.seed + 2)
+        vae = finetune_decoder(vae, imgs, steps=args.decoder_steps, batch=args.vae_batch, lr=1e-3, gen=gen, log=log)
+        vae.save_pretrained(out / "vae_ft", safe_serialization=True)
+        log(f"decoder fine-tuned -> {out / 'vae_ft'}")
+        return
     tok_dir = out / "_tokenizer"
     tokenizer = make_tokenizer(tok_dir)
     gen = torch.Generator().manual_seed(args.seed)
 
-    if args.vae_from is not None:
+    if args.resume_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.resume_from / "vae", use_safetensors=True).eval()
+        vae.register_to_config(scaling_factor=1.0)
+    elif args.vae_from is not None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae_from, use_safetensors=True).eval()
         vae.register_to_config(scaling_factor=1.0)
     else:
         torch.manual_seed(args.seed)
-        vae = train_vae(imgs, steps=args.vae_steps, batch=args.vae_batch, lr=2e-3, kl_weight=1e-3, gen=gen, log=log)
+        vae = train_vae(imgs, steps=args.vae_steps, batch=args.vae_batch, lr=1e-3, kl_weight=1e-3, gen=gen, log=log)
         vae.save_pretrained(out / "vae", safe_serialization=True)
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -272,8 +351,17 @@ def main(argv: list[str] | None = None) -> None:
     ids = tokenize(tokenizer, caps)
     empty = tokenize(tokenizer, [""])[0]
     torch.manual_seed(args.seed + 1)
-    unet = build_unet()
-    text_encoder = build_text_encoder(tokenizer)
+    if args.resume_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.resume_from / "unet", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(args.resume_from / "text_encoder", use_safetensors=True)
+    else:
+        unet = build_unet()
+        text_encoder = build_text_encoder(tokenizer)
+    unet.train()
+    text_encoder.train()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     sched = build_scheduler()
     abar = sched.alphas_cumprod
@@ -318,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
             sample_grid(out / "grids" / f"step-{step + 1}.png", vae=vae, unet=ema_unet, text_encoder=ema_text,
                         tokenizer=tokenizer, scale_factor=scale)
             log(f"checkpoint {ck}")
+    if args.decoder_steps > 0:
+        vae = finetune_decoder(vae, imgs, steps=args.decoder_steps, batch=args.vae_batch, lr=1e-3,
+                               gen=torch.Generator().manual_seed(args.seed + 2), log=log)
     final = out / "pipeline"
     save_pipeline(final, vae=vae, unet=ema_unet, text_encoder=ema_text, tokenizer=tokenizer, tok_dir=tok_dir)
     (out / "train_summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
