@@ -140,6 +140,36 @@ def matched_fidelity(table: pl.DataFrame, split: str) -> list[dict]:
     return out
 
 
+def paired_vs_consistency(scores: pl.DataFrame, split: str) -> list[dict]:
+    """Same seeds, same subject and prompt: parallel-rescaled (eta, w) minus consistency (w), per image,
+    averaged per (subject, prompt) cell; mean and 95% CI over cells, for alignment and fidelity."""
+    s = scores if split == "all" else scores.filter(pl.col("kind") == split)
+    keys = ["subject", "prompt_id", "seed"]
+    out = []
+    for w in sorted(set(s.filter(pl.col("method") == "dco_cons")["consistency_scale"].to_list())):
+        cons = s.filter((pl.col("method") == "dco_cons") & (pl.col("consistency_scale") == w)).select(
+            keys + [pl.col("alignment").alias("a_c"), pl.col("fidelity").alias("f_c")])
+        par = s.filter((pl.col("method") == "dco_par") & (pl.col("consistency_scale") == w))
+        for eta in sorted(set(par["parallel_scale"].to_list())):
+            j = par.filter(pl.col("parallel_scale") == eta).join(cons, on=keys)
+            j = j.with_columns((pl.col("alignment") - pl.col("a_c")).alias("d_alignment"),
+                               (pl.col("fidelity") - pl.col("f_c")).alias("d_fidelity"))
+            da, da_ci, _ = cell_ci(j, "d_alignment")
+            df, df_ci, _ = cell_ci(j, "d_fidelity")
+            out.append({"consistency_scale": w, "parallel_scale": eta, "d_alignment": da, "d_alignment_ci": da_ci,
+                        "d_fidelity": df, "d_fidelity_ci": df_ci, "images": j.height})
+    return out
+
+
+def paired_markdown(scores: pl.DataFrame) -> str:
+    lines = ["| split | w | eta | Δ alignment (95% CI) | Δ fidelity (95% CI) |", "|---|---|---|---|---|"]
+    for split in ("all", "plain", "stylized"):
+        for r in paired_vs_consistency(scores, split):
+            lines.append(f"| {split} | {r['consistency_scale']:g} | {r['parallel_scale']:g} | "
+                         f"{r['d_alignment']:+.4f} ± {r['d_alignment_ci']:.4f} | {r['d_fidelity']:+.4f} ± {r['d_fidelity_ci']:.4f} |")
+    return "\n".join(lines)
+
+
 def choose_default(table: pl.DataFrame) -> dict:
     """The DCO guided setting (consistency or parallel-rescaled) with the best balance:
     max of (a - a_min)/(a_max - a_min) + (f - f_min)/(f_max - f_min) over those settings (split "all")."""
@@ -293,21 +323,39 @@ def write_results(out: Path, rows: list[dict], args: argparse.Namespace, plan: l
         "matched_fidelity": matched, "default": choose_default(table),
     }
     (out / "toyworld_summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    (out / "toyworld.md").write_text(report_markdown(table, summary))
+    (out / "toyworld.md").write_text(report_markdown(table, summary, scores))
     return summary
 
 
-def report_markdown(table: pl.DataFrame, summary: dict) -> str:
+def rebuild_report(out: Path) -> dict:
+    scores = pl.read_parquet(out / "toyworld_scores.parquet")
+    summary = json.loads((out / "toyworld_summary.json").read_text())
+    table = summarize(scores)
+    table.write_csv(out / "toyworld_table.csv")
+    pareto_plot(table, out / "toyworld_pareto.png")
+    summary["matched_fidelity"] = {split: matched_fidelity(table, split) for split in ("all", "plain", "stylized")}
+    summary["default"] = choose_default(table)
+    (out / "toyworld_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "toyworld.md").write_text(report_markdown(table, summary, scores))
+    return summary
+
+
+def report_markdown(table: pl.DataFrame, summary: dict, scores: pl.DataFrame | None = None) -> str:
     def verdict(split: str) -> str:
         m = [r for r in summary["matched_fidelity"][split] if not math.isnan(r["delta_alignment"])]
         if not m:
             return f"- {split}: no parallel-rescaled point falls inside the consistency curve's fidelity range; no matched comparison."
         d = np.array([r["delta_alignment"] for r in m])
         best = max(m, key=lambda r: r["delta_alignment"])
+        ci = float(table.filter((pl.col("split") == split) & (pl.col("method") == "dco_par"))["alignment_ci"].mean())
+        if abs(d.mean()) < ci:
+            call = (f"the difference is smaller than the alignment CI half-width ({ci:.3f}): no significant difference "
+                    "between parallel rescaling and consistency guidance at matched fidelity")
+        else:
+            call = f"parallel rescaling {'beats' if d.mean() > 0 else 'is worse than'} consistency guidance at matched fidelity"
         return (f"- {split}: over {len(m)} matched points, parallel-rescaled minus consistency alignment at equal fidelity = "
-                f"mean {d.mean():+.3f} (min {d.min():+.3f}, max {d.max():+.3f}); best {best['setting']} "
-                f"{best['delta_alignment']:+.3f}. Parallel rescaling {'beats' if d.mean() > 0 else 'does not beat'} "
-                "consistency guidance at matched fidelity on average.")
+                f"mean {d.mean():+.3f} (min {d.min():+.3f}, max {d.max():+.3f}; best {best['setting']} "
+                f"{best['delta_alignment']:+.3f}); {call}.")
 
     d = summary["default"]
     return "\n".join([
@@ -326,6 +374,11 @@ def report_markdown(table: pl.DataFrame, summary: dict) -> str:
         "## Matched-fidelity comparison (parallel-rescaled vs consistency guidance)",
         "",
         verdict("all"), verdict("plain"), verdict("stylized"),
+        "",
+        "Paired at the same consistency scale w (same subjects, prompts and seeds): parallel-rescaled with "
+        "parallel_scale eta minus consistency guidance (eta = 1); ± = 95% CI over (subject, prompt) cells.",
+        "",
+        paired_markdown(scores) if scores is not None else "",
         "",
         f"Balanced choice (max of min-max-normalised alignment + fidelity over DCO guided settings): **{d['setting']}** "
         f"(alignment {d['alignment']:.3f}, fidelity {d['fidelity']:.3f}).",
@@ -400,6 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--base-quality", action="store_true", help="only measure the base model's text-to-image accuracy")
     ap.add_argument("--base-prompts", type=int, default=200)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild table, plot and report from OUT/toyworld_scores.parquet and OUT/toyworld_summary.json")
     ap.add_argument("--sheet-settings", nargs="*", default=["pretrained", "db_cfg", "dco_cfg", "dco_cons@3", "dco_par0.5@3"])
     args = ap.parse_args(argv)
     if args.quick:
@@ -418,7 +473,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r["accuracy"]))
         print("name=toyworld_base_quality")
         return
-    summary = run(args)
+    if args.report_only:
+        summary = rebuild_report(Path(args.out))
+    else:
+        summary = run(args)
     d = summary["default"]
     print(f"images={summary['images']} seconds={summary['seconds_total']:.0f} default={d['setting']}")
     print("name=toyworld_personalization")

@@ -140,15 +140,15 @@ def test_scorer_has_the_product_scorer_interface(scorer):
 
 @pytest.mark.slow
 def test_quick_benchmark_runs_and_writes_well_formed_results(tmp_path):
-    import importlib.util
+    import subprocess
+    import sys
 
     import polars as pl
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toyworld_personalization.py"
-    spec = importlib.util.spec_from_file_location("toyworld_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(["--quick", "--out", str(tmp_path)])
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toyworld_personalization.py"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "name=toyworld_personalization"
     scores = pl.read_parquet(tmp_path / "toyworld_scores.parquet")
     summary = json.loads((tmp_path / "toyworld_summary.json").read_text())
     assert scores.height == summary["images"] == 2 * 2 * 2 * len(summary["settings"])
