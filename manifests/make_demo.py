@@ -2,60 +2,55 @@
 
     .venv/bin/python manifests/make_demo.py
 
-Two procedurally drawn subjects, three 64x64 reference PNGs each, and three DreamBench object
-prompts per subject. A later toy-world issue replaces these with subjects of a trained toy model.
+Two toy-world subjects (novel two-tone objects the shipped toy-world model never saw, see
+docs/toyworld.md), their four reference pictures, and four prompts each: two plain scenes and two
+stylized ones. Training settings are the toy-world benchmark's (a 32x32 model learns a subject in
+~80 steps at a high learning rate); the captions name each reference's background, DCO's
+"comprehensive captions".
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import polars as pl
-from PIL import Image, ImageDraw
+
+from prcore.toyworld import subjects
 
 HERE = Path(__file__).resolve().parent
-SIZE = 64
-SUBJECTS = {
-    # subject_id: (class noun, draw function name, main colour)
-    "red_mug": ("mug", "mug", (200, 40, 40)),
-    "teal_robot": ("robot toy", "robot", (30, 160, 150)),
-}
-PROMPTS = ["a {subject} in the jungle", "a {subject} in the snow", "a {subject} on the beach"]
-
-
-def draw_subject(kind: str, colour: tuple[int, int, int], view: int) -> Image.Image:
-    rng = random.Random(f"{kind}-{view}")
-    background = tuple(rng.randint(200, 245) for _ in range(3))
-    im = Image.new("RGB", (SIZE, SIZE), background)
-    d = ImageDraw.Draw(im)
-    dx, dy = rng.randint(-6, 6), rng.randint(-4, 4)
-    dark = tuple(max(0, c - 80) for c in colour)
-    if kind == "mug":
-        d.rectangle((18 + dx, 20 + dy, 40 + dx, 48 + dy), fill=colour, outline=dark)
-        d.ellipse((36 + dx, 26 + dy, 50 + dx, 40 + dy), outline=dark, width=3)
-        d.line((20 + dx, 26 + dy, 38 + dx, 26 + dy), fill=(255, 255, 255), width=2)
-    else:
-        d.rectangle((22 + dx, 26 + dy, 42 + dx, 50 + dy), fill=colour, outline=dark)
-        d.rectangle((25 + dx, 12 + dy, 39 + dx, 25 + dy), fill=colour, outline=dark)
-        d.ellipse((28 + dx, 16 + dy, 31 + dx, 19 + dy), fill=(250, 220, 40))
-        d.ellipse((33 + dx, 16 + dy, 36 + dx, 19 + dy), fill=(250, 220, 40))
-        d.line((32 + dx, 12 + dy, 32 + dx, 6 + dy), fill=dark, width=2)
-    return im
+SUBJECT_IDS = ("redblue_circle", "greenyellow_square")
+PROMPTS = (
+    "a {subject} on a blue background",
+    "a {subject} in the snow",
+    "a {subject} at night in sketch style",
+    "a {subject} in a field in inverted style",
+)
 
 
 def main() -> None:
     rows = []
-    for subject_id, (noun, kind, colour) in SUBJECTS.items():
+    for subject_id in SUBJECT_IDS:
+        subject = subjects.get(subject_id)
         folder = HERE / "demo_subjects" / subject_id
         folder.mkdir(parents=True, exist_ok=True)
         images = []
-        for view in range(3):
-            path = folder / f"{view}.png"
-            draw_subject(kind, colour, view).save(path, optimize=True)
-            images.append(f"demo_subjects/{subject_id}/{view}.png")
+        for i, picture in enumerate(subjects.references(subject)):
+            picture.save(folder / f"{i}.png", optimize=True)
+            images.append(f"demo_subjects/{subject_id}/{i}.png")
         for prompt in PROMPTS:
-            rows.append({"subject_id": subject_id, "instance_images": images, "class_noun": noun, "prompt": prompt, "num_images": 2})
+            rows.append({
+                "subject_id": subject_id,
+                "instance_images": images,
+                "class_noun": subject.class_noun,
+                "instance_prompts": subjects.reference_captions(subject),
+                "prompt": prompt,
+                "num_images": 4,
+                "guidance_scale": 5.0,
+                "train_learning_rate": 2e-3,
+                "train_rank": 4,
+                "train_alpha": 4.0,
+                "train_batch_size": 2,
+            })
     pl.DataFrame(rows).write_parquet(HERE / "demo.parquet")
     print(f"wrote {HERE / 'demo.parquet'} ({len(rows)} rows)")
 

@@ -12,7 +12,7 @@ import typer
 
 from prcore.cli.errors import UserError, user_errors
 
-DEMO_TRAIN_STEPS = 30
+DEMO_TRAIN_STEPS = 80
 DEMO_INFERENCE_STEPS = 20
 
 
