@@ -9,7 +9,10 @@ Stages (all deterministic in ``--seed`` on one machine type):
   3. train a UNet2DConditionModel jointly with a small CLIPTextModel on the cached latent
      distributions: DDPM, epsilon prediction, loss ``|| eps - eps_theta(sqrt(abar_t) z0 + sqrt(1-abar_t) eps, t, c) ||^2``,
      captions dropped to "" with probability ``--caption-dropout`` (for classifier-free guidance),
-     AdamW with warm-up, an EMA of the weights (the EMA is what is saved).
+     AdamW with warm-up, an EMA of the weights (the EMA is what is saved);
+  4. fine-tune the VAE decoder alone (``--decoder-steps``; the encoder, hence the latent space, is fixed).
+``--decoder-only``, ``--resume-from`` and ``--assemble-from`` run parts of this separately (docs/toyworld.md
+lists the exact commands that made the shipped weights).
 The output folder is a StableDiffusionPipeline written by ``save_pretrained`` (safetensors), with a
 DDIMScheduler (SD 1.x betas, ``steps_offset=1``). Checkpoints go to ``DIR/checkpoints/step-N`` and
 sample grids to ``DIR/grids`` during training.
