@@ -138,9 +138,9 @@ def test_dreambench_accepts_any_scorer_and_s3_output(tiny_sd, tiny_sd_path, lora
 
 @pytest.mark.slow
 def test_prcore_bench_dreambench_cli(tiny_sd, tiny_sd_path, bench_scorer, lora_dir, tmp_path):
-    from prcore.cli import _register_all, app
+    from prcore.cli import build_app
 
-    _register_all()
+    app = build_app()
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "bench-cli"
     args = ["bench", "dreambench", "--data", str(data), "--model", str(tiny_sd_path), "--output", str(out),
@@ -157,7 +157,7 @@ def test_prcore_bench_dreambench_cli(tiny_sd, tiny_sd_path, bench_scorer, lora_d
 
 
 def test_protocol_and_option_errors(tmp_path, bench_scorer):
-    from prcore.cli import _register_all, app
+    from prcore.cli import build_app
 
     data = make_dataset(tmp_path / "data", with_protocol_files=False)
     (tmp_path / "subjects.csv").write_text("subject_id,class_noun,kind\nred_toy,toy,object\n../x,dog,live\n")
@@ -178,8 +178,7 @@ def test_protocol_and_option_errors(tmp_path, bench_scorer):
     assert parse_train_overrides(["rank=4", "target_modules=[\"to_q\"]", "snr_gamma=null"]) == {
         "rank": 4, "target_modules": ("to_q",), "snr_gamma": None}
 
-    _register_all()
-    res = CliRunner().invoke(app, ["bench", "dreambench", "--data", str(tmp_path / "none"), "--model", "m",
+    res = CliRunner().invoke(build_app("evaluate"), ["bench", "dreambench", "--data", str(tmp_path / "none"), "--model", "m",
                                    "--output", str(tmp_path / "o"), "--clip-model", bench_scorer.clip_model])
     assert res.exit_code == 2 and "is not a folder" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()  # nothing written on a bad input

@@ -13,19 +13,12 @@ from PIL import Image
 from test_sampler import save_random_lora
 from typer.testing import CliRunner
 
-from prcore.cli.sample import register
+from prcore.cli import build_app
 
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer(pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _root() -> None:  # keeps "sample" a sub-command, as in the real `prcore` app
-        pass
-
-    register(app)
-    return app
+    return build_app("sample")
 
 
 @pytest.fixture(scope="module")

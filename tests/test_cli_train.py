@@ -5,32 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import typer
 from test_training import subject_images
 from typer.testing import CliRunner
 
-from prcore.cli.train import register
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from prcore.cli import build_app
 
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer(pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _root() -> None:  # keeps "train" a sub-command, as in the real `prcore` app
-        pass
-
-    register(app)
-    return app
+    return build_app("train")
 
 
 @pytest.fixture(scope="module")

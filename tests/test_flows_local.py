@@ -91,14 +91,11 @@ def test_a_broken_subject_fails_the_run_after_the_others(prefect_api, tmp_path, 
 
 def test_prcore_run_user_errors_are_one_line_exit_2(tmp_path, tiny_sd_path):
     """Bad manifest / model: one message, exit code 2, before Prefect starts; nothing written."""
-    import typer
     from typer.testing import CliRunner
 
-    from prcore.cli import demo, run
+    from prcore.cli import build_app
 
-    app = typer.Typer()
-    run.register(app)
-    demo.register(app)
+    app = build_app("run", "demo")
     bad_rows = manifest_rows(1, prompts=1)
     bad_rows[0]["prompt"] = "no placeholder here"
     manifest = write_local_manifest(tmp_path / "in", bad_rows, subjects=1)

@@ -322,9 +322,9 @@ def test_evaluate_outputs_on_s3(scorer, tmp_path, s3_bucket):
 
 
 def test_prcore_eval_cli(tiny_clip_path, tiny_dino_path, tmp_path):
-    from prcore.cli import _register_all, app
+    from prcore.cli import build_app
 
-    _register_all()
+    app = build_app("evaluate")
     from prcore.storage import open_store
 
     root = tmp_path / "out"

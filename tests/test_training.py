@@ -30,15 +30,6 @@ from prcore.training import (
 RES = 32  # training resolution in the tests: 8x8 latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~50x faster single-threaded (no spin contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def subject_images(n: int = 3, seed: int = 0, size=(48, 40)) -> list[Image.Image]:
     """A 'subject': a bright disc on a dark background, at slightly different places."""
     rng = np.random.default_rng(seed)

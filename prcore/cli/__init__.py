@@ -7,25 +7,29 @@ import os
 
 import typer
 
-app = typer.Typer(
-    name="prcore",
-    help="Personalized images at catalogue scale: DCO LoRA fine-tuning + parallel-rescaled consistency guidance.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
 # One module per command group; each defines ``register(app: typer.Typer) -> None``.
-_COMMAND_MODULES = ("sample", "train", "manifest", "run", "evaluate", "demo")
+COMMAND_MODULES = ("sample", "train", "manifest", "run", "evaluate", "demo")
 
 
-def _register_all() -> None:
-    for name in _COMMAND_MODULES:
-        module = importlib.import_module(f"prcore.cli.{name}")
-        module.register(app)
+def build_app(*modules: str) -> typer.Typer:
+    """The ``prcore`` app with the given command modules (default: all of them)."""
+    app = typer.Typer(
+        name="prcore",
+        help="Personalized images at catalogue scale: DCO LoRA fine-tuning + parallel-rescaled consistency guidance.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+    @app.callback()
+    def _root() -> None:  # keeps a lone registered command a sub-command, as in the full app
+        pass
+
+    for name in modules or COMMAND_MODULES:
+        importlib.import_module(f"prcore.cli.{name}").register(app)
+    return app
 
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _register_all()
-    app()
+    build_app()()
