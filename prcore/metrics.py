@@ -26,7 +26,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,50 +140,46 @@ def _load_error(kind: str, model: str | Path, exc: Exception) -> MetricModelErro
     )
 
 
-def load_clip(model: str | Path, *, device: str, dtype: torch.dtype, cache: bool = True) -> _ClipBundle:
-    """CLIPModel + tokenizer + image processor from a folder or hub id, once per process."""
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
+def _cached_model(kind: str, model: str | Path, *, device: str, dtype: torch.dtype, cache: bool, load: Callable[[str], Any]) -> Any:
+    """``load(source)`` once per (kind, model, device, dtype) and process; load failures -> one clear error."""
     key_model, source = _model_source(model)
-    key = ("clip", key_model, device, str(dtype))
+    key = (kind, key_model, device, str(dtype))
     with _LOCK:
         if cache and key in _MODELS:
             return _MODELS[key]
         try:
             with _quiet_transformers():
-                net = CLIPModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
-                tokenizer = AutoTokenizer.from_pretrained(source)
-                processor = AutoImageProcessor.from_pretrained(source)
+                bundle = load(source)
         except (OSError, ValueError, KeyError) as exc:
-            raise _load_error("CLIP", model, exc) from exc
-        net.to(device).eval()
-        max_length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), net.config.text_config.max_position_embeddings)
-        bundle = _ClipBundle(net, tokenizer, processor, max_length)
+            raise _load_error(kind.upper(), model, exc) from exc
         if cache:
             _MODELS[key] = bundle
         return bundle
+
+
+def load_clip(model: str | Path, *, device: str, dtype: torch.dtype, cache: bool = True) -> _ClipBundle:
+    """CLIPModel + tokenizer + image processor from a folder or hub id, once per process."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    def load(source: str) -> _ClipBundle:
+        net = CLIPModel.from_pretrained(source, dtype=dtype, use_safetensors=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        processor = AutoImageProcessor.from_pretrained(source)
+        max_length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), net.config.text_config.max_position_embeddings)
+        return _ClipBundle(net, tokenizer, processor, max_length)
+
+    return _cached_model("clip", model, device=device, dtype=dtype, cache=cache, load=load)
 
 
 def load_dino(model: str | Path, *, device: str, dtype: torch.dtype, cache: bool = True) -> _DinoBundle:
     """A ViT-family backbone (ViTModel for DINO, Dinov2Model, ...) + image processor, once per process."""
     from transformers import AutoImageProcessor, AutoModel
 
-    key_model, source = _model_source(model)
-    key = ("dino", key_model, device, str(dtype))
-    with _LOCK:
-        if cache and key in _MODELS:
-            return _MODELS[key]
-        try:
-            with _quiet_transformers():
-                net = AutoModel.from_pretrained(source, dtype=dtype, use_safetensors=True)
-                processor = AutoImageProcessor.from_pretrained(source)
-        except (OSError, ValueError, KeyError) as exc:
-            raise _load_error("DINO", model, exc) from exc
-        net.to(device).eval()
-        bundle = _DinoBundle(net, processor)
-        if cache:
-            _MODELS[key] = bundle
-        return bundle
+    def load(source: str) -> _DinoBundle:
+        net = AutoModel.from_pretrained(source, dtype=dtype, use_safetensors=True).to(device).eval()
+        return _DinoBundle(net, AutoImageProcessor.from_pretrained(source))
+
+    return _cached_model("dino", model, device=device, dtype=dtype, cache=cache, load=load)
 
 
 def clear_metric_model_cache() -> None:
