@@ -31,6 +31,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from prcore.outputs import lora_prefix, run_key, sidecar_key_for
+
 log = logging.getLogger("prcore.runner")
 
 LORA_MARKER = "training.json"  # uploaded last: a LoRA folder in the store counts only when it exists
@@ -42,30 +44,12 @@ _ADAPTER_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 # Where things go and who ran them
 
 
-def lora_prefix(subject_id: str, lora_fp: str) -> str:
-    from prcore.outputs import lora_prefix as _prefix
-
-    return _prefix(subject_id, lora_fp).rstrip("/") + "/"
-
-
-def run_prefix(run_id: str) -> str:
-    from prcore.outputs import run_key
-
-    return run_key(run_id, "x")[:-1]
-
-
 def shard_record_key(run_id: str, shard_index: int) -> str:
-    return f"{run_prefix(run_id)}shards/{shard_index:04d}.json"
+    return run_key(run_id, f"shards/{shard_index:04d}.json")
 
 
 def contact_sheet_key(run_id: str, subject_id: str) -> str:
-    return f"{run_prefix(run_id)}contact_sheets/{subject_id}.png"
-
-
-def sidecar_key(png_key: str) -> str:
-    from prcore.outputs import sidecar_key_for
-
-    return sidecar_key_for(png_key)
+    return run_key(run_id, f"contact_sheets/{subject_id}.png")
 
 
 def new_run_id(now: datetime | None = None, suffix: str = "") -> str:
@@ -276,12 +260,12 @@ def _json_default(o: Any) -> Any:
 
 def write_failure_report(store, run_id: str, failures: Sequence[Failure]) -> str:
     """``runs/{run_id}/failures.json``: one entry per failed subject (subject, step, error)."""
-    return put_json(store, f"{run_prefix(run_id)}failures.json",
+    return put_json(store, run_key(run_id, "failures.json"),
                     {"run_id": run_id, "failed_subjects": len(failures), "failures": [asdict(f) for f in failures]})
 
 
 def write_summary(store, run_id: str, summary: Mapping[str, Any]) -> str:
-    return put_json(store, f"{run_prefix(run_id)}summary.json", dict(summary))
+    return put_json(store, run_key(run_id, "summary.json"), dict(summary))
 
 
 def summarize(results: Sequence[SubjectResult]) -> dict[str, Any]:
@@ -615,7 +599,7 @@ def subject_sidecars(store, job) -> list[dict[str, Any]]:
     rows = []
     for request in job.requests:
         for key in request.keys:
-            skey = sidecar_key(key)
+            skey = sidecar_key_for(key)
             if store.exists(skey):
                 rows.append(json.loads(store.get(skey)))
     return rows
@@ -678,7 +662,7 @@ def write_contact_sheet(store, run_id: str, job, *, image_keys: Sequence[str] | 
     from prcore.uris import read_uri_bytes
 
     if image_keys is None:
-        image_keys = [k for r in job.requests for k in r.keys if store.exists(sidecar_key(k))]
+        image_keys = [k for r in job.requests for k in r.keys if store.exists(sidecar_key_for(k))]
     image_keys = list(image_keys)[:max_images]
     if not image_keys:
         return None

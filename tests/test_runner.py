@@ -12,6 +12,7 @@ from PIL import Image
 from prefect_harness import manifest_rows, subject_image, write_local_manifest
 
 from prcore import runner
+from prcore.outputs import sidecar_key_for
 from prcore.storage import open_store
 
 
@@ -74,7 +75,7 @@ def test_generate_request_writes_png_and_sidecar_then_skips_and_redoes_orphans(s
         assert (res.generated, res.skipped) == (2, 0) and res.keys == request.keys and res.sample_seconds > 0
         for key in request.keys:
             png = store.get(key)
-            sidecar = json.loads(store.get(runner.sidecar_key(key)))
+            sidecar = json.loads(store.get(sidecar_key_for(key)))
             assert sidecar["sha256"] == hashlib.sha256(png).hexdigest()
             assert (sidecar["run_id"], sidecar["lora_fp"]) == ("r1", lora.lora_fp)
             assert sidecar["personal_prompt"] == "a sks dog on the beach"
@@ -89,7 +90,7 @@ def test_generate_request_writes_png_and_sidecar_then_skips_and_redoes_orphans(s
         # An orphan PNG (its sidecar lost, e.g. a crash between the two writes) is not done: redone.
         orphan = request.keys[1]
         original = store.get(orphan)
-        store.delete(runner.sidecar_key(orphan))
+        store.delete(sidecar_key_for(orphan))
         store.put(orphan, b"garbage from a crashed run")
         replanned = plan(setup, store)[0]
         assert replanned.requests[0].done == [True, False]
@@ -101,7 +102,7 @@ def test_generate_request_writes_png_and_sidecar_then_skips_and_redoes_orphans(s
         redone = np.asarray(Image.open(io.BytesIO(store.get(orphan))), dtype=np.int16)
         first = np.asarray(Image.open(io.BytesIO(original)), dtype=np.int16)
         assert np.abs(redone - first).max() <= 2  # same seed, same pixels (up to batch-size rounding)
-        assert json.loads(store.get(runner.sidecar_key(orphan)))["sha256"] == hashlib.sha256(store.get(orphan)).hexdigest()
+        assert json.loads(store.get(sidecar_key_for(orphan)))["sha256"] == hashlib.sha256(store.get(orphan)).hexdigest()
     finally:
         runner.deactivate_lora(pipe, adapter)
 
