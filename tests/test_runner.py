@@ -187,3 +187,51 @@ def test_scoring_is_skipped_without_models(caplog):
         assert runner.make_scorer(None, None) is None
     assert "scoring skipped" in caplog.text
     assert runner.qc_thresholds({"clip_t": None}) is None
+
+
+def test_scores_and_qc_land_in_sidecars_and_catalogue(setup, tmp_path_factory, tmp_path):
+    """The flow's scoring stage: CLIP-T/CLIP-I/DINO and qc_pass in every sidecar and catalogue row;
+    a threshold between two images' scores flags exactly the one below it."""
+    import polars as pl
+
+    from prcore.catalog import read_catalog
+    from prcore.testing_models import build_tiny_clip, build_tiny_dino
+
+    models = tmp_path_factory.mktemp("metric-models")
+    scorer = runner.make_scorer(str(build_tiny_clip(models / "clip")), str(build_tiny_dino(models / "dino")), device="cpu")
+    store = open_store(str(tmp_path / "out"))
+    job = plan(setup, store)[0]
+    pipe = setup["pipe"]
+    refs = runner.reference_images(job)
+    lora = runner.ensure_lora(job, store, pipe, cache_dir=tmp_path / "cache")
+    adapter = runner.adapter_name_for(job.subject_id, lora.lora_fp)
+    runner.activate_lora(pipe, lora, adapter)
+    try:
+        request = job.requests[0]
+        runner.generate_request(pipe, job, request, store, adapter_name=adapter, lora_fp=lora.lora_fp,
+                                scorer=scorer, references=refs)
+        first = [json.loads(store.get(sidecar_key_for(k))) for k in request.keys]
+        for sc in first:
+            assert {"clip_t", "clip_i", "dino"} <= set(sc) and sc["qc_pass"] is None  # no thresholds: no verdict
+        dino = [sc["dino"] for sc in first]
+        assert dino[0] != dino[1]
+        threshold = (dino[0] + dino[1]) / 2
+
+        for key in request.keys:  # redo the request with a QC threshold between the two scores
+            store.delete(sidecar_key_for(key))
+        replanned = plan(setup, store)[0]
+        res = runner.generate_request(pipe, replanned, replanned.requests[0], store, adapter_name=adapter,
+                                      lora_fp=lora.lora_fp, scorer=scorer, references=refs,
+                                      qc_thresholds=runner.qc_thresholds({"dino": threshold}))
+        second = [json.loads(store.get(sidecar_key_for(k))) for k in request.keys]
+        assert [sc["dino"] for sc in second] == pytest.approx(dino, abs=1e-5)  # same seeds, same scores
+        assert [sc["qc_pass"] for sc in second] == [d >= threshold for d in dino]
+        assert res.qc_failed == 1
+
+        runner.write_subject_catalog(store, "2026-11-25", replanned, "r-qc", generated=res.generated)
+        cat = read_catalog(store).sort("index")
+        assert cat["qc_pass"].to_list() == [d >= threshold for d in dino]
+        assert cat["dino"].to_list() == pytest.approx([sc["dino"] for sc in second])
+        assert cat.select(pl.col("clip_t").is_not_null().all(), pl.col("clip_i").is_not_null().all()).row(0) == (True, True)
+    finally:
+        runner.deactivate_lora(pipe, adapter)
