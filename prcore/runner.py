@@ -294,6 +294,7 @@ def table_rows(results: Sequence[SubjectResult]) -> list[dict[str, Any]]:
             "skipped": r.skipped,
             "failed": r.failed,
             "seconds": round(r.seconds, 2),
+            "qc_failed": r.qc_failed,
             "lora": f"{r.lora_source or '-'} {r.lora_fp or ''}".strip(),
             "error": f"{r.step}: {r.error}" if r.error else "",
         }
@@ -621,11 +622,13 @@ def write_subject_catalog(store, run_date: str, job, run_id: str, *, generated: 
 
 
 def contact_sheet(references: Sequence[Image.Image], images: Sequence[Image.Image], *, cell: int = 128,
-                  columns: int = 4, gap: int = 6, label: str | None = None) -> Image.Image:
+                  columns: int = 4, gap: int = 6, label: str | None = None,
+                  notes: Sequence[tuple[str, bool | None]] | None = None) -> Image.Image:
     """Reference images stacked in a left column, the new images in a grid of ``columns`` beside it.
 
     Canvas: width = cell + gap + columns*cell + (columns+1)*gap, height = max(len(refs),
     ceil(len(images)/columns)) rows of ``cell``; a thin separator marks references vs generated.
+    ``notes[k]`` = (text, qc_pass) is printed under image k (its scores); a QC failure gets a red frame.
     """
     columns = max(1, min(columns, max(1, len(images))))
     grid_rows = max(1, math.ceil(len(images) / columns))
@@ -644,8 +647,25 @@ def contact_sheet(references: Sequence[Image.Image], images: Sequence[Image.Imag
     x0 = x_sep + 2 * gap
     for k, img in enumerate(images):
         r, c = divmod(k, columns)
-        sheet.paste(_fit(img, cell), (x0 + c * (cell + gap), top + gap + r * (cell + gap)))
+        x, y = x0 + c * (cell + gap), top + gap + r * (cell + gap)
+        sheet.paste(_fit(img, cell), (x, y))
+        text, passed = notes[k] if notes and k < len(notes) else ("", None)
+        if text:
+            draw.rectangle([(x, y + cell - 12), (x + cell - 1, y + cell - 1)], fill=(255, 255, 255))
+            draw.text((x + 2, y + cell - 12), text, fill=(0, 0, 0))
+        if passed is False:
+            draw.rectangle([(x - 2, y - 2), (x + cell + 1, y + cell + 1)], outline=(220, 0, 0), width=3)
     return sheet
+
+
+def score_note(sidecar: Mapping[str, Any]) -> tuple[str, bool | None]:
+    """A contact-sheet caption from a sidecar's scores ("T.31 I.72 D.64 QC fail") and its QC verdict."""
+    parts = [f"{tag}{sidecar[m]:.2f}".replace("0.", ".", 1) for tag, m in (("T", "clip_t"), ("I", "clip_i"), ("D", "dino"))
+             if isinstance(sidecar.get(m), (int, float))]
+    passed = sidecar.get("qc_pass")
+    if passed is False:
+        parts.append("QC fail")
+    return " ".join(parts), passed
 
 
 def _fit(img: Image.Image, cell: int) -> Image.Image:
@@ -673,7 +693,8 @@ def write_contact_sheet(store, run_id: str, job, *, image_keys: Sequence[str] | 
         except Exception:  # a broken reference does not stop the sheet
             continue
     images = [Image.open(io.BytesIO(store.get(k))).convert("RGB") for k in image_keys]
-    sheet = contact_sheet(refs, images, cell=cell, label=f"{job.subject_id}: references | generated")
+    notes = [score_note(json.loads(store.get(sidecar_key_for(k)))) for k in image_keys]
+    sheet = contact_sheet(refs, images, cell=cell, label=f"{job.subject_id}: references | generated", notes=notes)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     key = contact_sheet_key(run_id, job.subject_id)

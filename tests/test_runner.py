@@ -233,5 +233,17 @@ def test_scores_and_qc_land_in_sidecars_and_catalogue(setup, tmp_path_factory, t
         assert cat["qc_pass"].to_list() == [d >= threshold for d in dino]
         assert cat["dino"].to_list() == pytest.approx([sc["dino"] for sc in second])
         assert cat.select(pl.col("clip_t").is_not_null().all(), pl.col("clip_i").is_not_null().all()).row(0) == (True, True)
+
+        # the contact sheet frames the failed image in red and captions every image with its scores
+        key = runner.write_contact_sheet(store, "r-qc", replanned, image_keys=request.keys, cell=64)
+        sheet = Image.open(io.BytesIO(store.get(key))).convert("RGB")
+        notes = [runner.score_note(sc) for sc in second]
+        assert [n[1] for n in notes] == [d >= threshold for d in dino]
+        assert all(n[0].count(".") == 3 for n in notes) and sum("QC fail" in n[0] for n in notes) == 1
+        plain = runner.contact_sheet(refs, [Image.open(io.BytesIO(store.get(k))) for k in request.keys], cell=64,
+                                     label=f"{job.subject_id}: references | generated")
+        assert sheet.size == plain.size
+        red = [(x, y) for x in range(sheet.width) for y in range(sheet.height) if sheet.getpixel((x, y)) == (220, 0, 0)]
+        assert red and not [(x, y) for x in range(plain.width) for y in range(plain.height) if plain.getpixel((x, y)) == (220, 0, 0)]
     finally:
         runner.deactivate_lora(pipe, adapter)
