@@ -35,8 +35,10 @@ DEFAULT_WORDS = (
 def write_clip_tokenizer(path: str | Path, words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> Path:
     """Write a CLIP BPE tokenizer (vocab.json, merges.txt) generated locally.
 
-    The vocabulary holds every byte symbol (so any text tokenizes) plus one whole-word token for
-    each of ``words``, reached by left-to-right merges; nothing is downloaded.
+    The vocabulary holds every byte symbol (so any text tokenizes) plus a whole-word token for each
+    of ``words``, reached by left-to-right merges; nothing is downloaded. Merges are ranked in word
+    order, so a word whose pairs an earlier word already merged differently (e.g. "green" after
+    "red") may still split into a few tokens: the text is always encodable, not always one token a word.
     """
     from transformers import CLIPTokenizer
 
