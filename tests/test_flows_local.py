@@ -108,3 +108,11 @@ def test_prcore_run_user_errors_are_one_line_exit_2(tmp_path, tiny_sd_path):
 
     done = runner.invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tmp_path / "no-model")])
     assert done.exit_code == 2 and "--model" in done.stderr and "model_index.json" in done.stderr
+
+    # a hub id that does not resolve (no network here; HF_HUB_OFFLINE=1): one error before anything runs
+    good = write_local_manifest(tmp_path / "good", manifest_rows(1, prompts=1), subjects=1)
+    done = runner.invoke(app, ["run", str(good), "--output", str(out), "--model", "prcore-tests/no-such-model"])
+    assert done.exit_code == 2, done.output
+    assert done.stderr.startswith("error: --model") and "prcore-tests/no-such-model" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.output
+    assert not out.exists() or not any(out.rglob("*.png"))

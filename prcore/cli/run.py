@@ -105,8 +105,12 @@ class _ProgressHandler(logging.Handler):
                 self.console.print(f"[red]subject {event['subject_id']} failed at {event['step']}: {event['error']}[/red]")
 
 
-def preflight(manifest: str, output: str, model: str | None, cache_dir: str | None, check_images: bool) -> str:
-    """Check what the user gave before Prefect starts; returns the model to use."""
+def preflight(manifest: str, output: str, model: str | None, cache_dir: str | None, check_images: bool,
+              device: str | None = None, dtype: str | None = None) -> str:
+    """Check what the user gave before Prefect starts; returns the model to use.
+
+    A hub id is loaded here (into the per-process cache the in-process flow then reuses), so an id
+    that does not resolve is one clear error instead of a failure of every subject."""
     from prcore import runner
     from prcore.storage import StoreError, open_store
 
@@ -116,6 +120,13 @@ def preflight(manifest: str, output: str, model: str | None, cache_dir: str | No
         if looks_local and not (local / "model_index.json").is_file():
             raise UserError(f"--model {model}: not a diffusers pipeline folder (no model_index.json); give a folder "
                             "written by save_pretrained or a hub id")
+        if not looks_local:
+            from prcore.models import ModelNotFoundError, load_pipeline
+
+            try:
+                load_pipeline(model, device=device, dtype=dtype)
+            except ModelNotFoundError as exc:
+                raise UserError(f"--model: {exc}") from None
     else:
         model = runner.default_model_id()
         runner.resolve_model(model, cache_dir)  # builds the tiny pipeline once, before Prefect starts
@@ -138,8 +149,8 @@ def run_batch(manifest: str, output: str, *, model: str | None = None, params: d
 
     quiet_prefect(verbose)
     console = Console(stderr=True)
-    model = preflight(manifest, output, model, cache_dir, check_images)
     params = {k: v for k, v in (params or {}).items() if v is not None}
+    model = preflight(manifest, output, model, cache_dir, check_images, params.get("device"), params.get("dtype"))
     params.setdefault("use_gpu_limit", False)  # nothing defines the limit on an ephemeral API
 
     started = time.perf_counter()
