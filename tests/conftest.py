@@ -20,6 +20,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import torch  # noqa: E402
+from prefect_harness import free_port  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
 # Tiny models: one intra-op thread is faster than two fighting over the cores with the test's
 # own servers and workers (measured up to 75x on a loaded 2-core machine).
@@ -53,12 +54,6 @@ def tiny_sdxl(tiny_sdxl_path):
     from prcore.models import load_pipeline
 
     return load_pipeline(tiny_sdxl_path, device="cpu", dtype="float32")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
