@@ -679,12 +679,21 @@ def write_contact_sheet(store, run_id: str, job, *, image_keys: Sequence[str] | 
                         max_images: int = CONTACT_SHEET_MAX_IMAGES, cell: int = 128) -> str | None:
     """Write ``runs/{run_id}/contact_sheets/{subject_id}.png`` from the subject's reference images
     and its images (``image_keys``, default: every finished image, first ``max_images``)."""
+    from prcore.storage import KeyNotFoundError
     from prcore.uris import read_uri_bytes
 
-    if image_keys is None:
-        image_keys = [k for r in job.requests for k in r.keys if store.exists(sidecar_key_for(k))]
-    image_keys = list(image_keys)[:max_images]
-    if not image_keys:
+    # One read per shown image: its sidecar says it is finished (the commit marker) and carries its scores.
+    candidates = image_keys if image_keys is not None else [k for r in job.requests for k in r.keys]
+    shown: list[tuple[str, dict[str, Any]]] = []
+    for k in candidates:
+        if len(shown) == max_images:
+            break
+        try:
+            shown.append((k, json.loads(store.get(sidecar_key_for(k)))))
+        except KeyNotFoundError:
+            if image_keys is not None:
+                raise
+    if not shown:
         return None
     refs = []
     for uri in job.instance_images[:6]:
@@ -692,8 +701,8 @@ def write_contact_sheet(store, run_id: str, job, *, image_keys: Sequence[str] | 
             refs.append(Image.open(io.BytesIO(read_uri_bytes(uri))).convert("RGB"))
         except Exception:  # a broken reference does not stop the sheet
             continue
-    images = [Image.open(io.BytesIO(store.get(k))).convert("RGB") for k in image_keys]
-    notes = [score_note(json.loads(store.get(sidecar_key_for(k)))) for k in image_keys]
+    images = [Image.open(io.BytesIO(store.get(k))).convert("RGB") for k, _ in shown]
+    notes = [score_note(sidecar) for _, sidecar in shown]
     sheet = contact_sheet(refs, images, cell=cell, label=f"{job.subject_id}: references | generated", notes=notes)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
