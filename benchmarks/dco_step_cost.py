@@ -4,7 +4,7 @@ A DCO step adds one reference forward (the UNet with its LoRA off, on the base c
 to the forward + backward of a DreamBooth step, so its floor is about 4/3; the goal is <= 1.40.
 
 Both losses train the same subject, batch, resolution and rank through
-``prcore.training.train_subject_lora``; seconds per step cover only the optimisation loop
+``prcore.method.dco.train_subject_lora``; seconds per step cover only the optimisation loop
 (latents and caption embeddings are cached before it). Runs alternate DCO / DreamBooth, one
 warm-up run of each is discarded, and the ratio is median(DCO s/step) / median(DreamBooth s/step).
 On CPU the clock is the process CPU time (single-threaded torch), which a busy shared machine
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids contention on shared cores)")
     args = ap.parse_args(argv)
 
-    from prcore.models import build_tiny_pipeline, load_pipeline
-    from prcore.training import TrainConfig, train_subject_lora
+    from prcore.method.models import build_tiny_pipeline, load_pipeline
+    from prcore.method.dco import TrainConfig, train_subject_lora
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@
 On the tiny SD pipeline (built locally; nothing downloaded), with the same steps, size, batch and
 seeds, it times
 
-    ours      prcore.sampler.sample(guidance="parallel_rescaled"): one batched UNet forward of
+    ours      prcore.method.sampler.sample(guidance="parallel_rescaled"): one batched UNet forward of
               3 * batch rows per step, the LoRA routed to the personal rows only
     two-call  the same sampler with batch_mode="separate": a 2 * batch pretrained forward plus a
               1 * batch LoRA forward per step, as DCO's published sampler does
@@ -55,8 +55,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    from prcore.models import build_tiny_pipeline, load_pipeline
-    from prcore.sampler import image_seeds, sample
+    from prcore.method.models import build_tiny_pipeline, load_pipeline
+    from prcore.method.sampler import image_seeds, sample
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_pipeline(Path(tmp) / "tiny-sd", "sd", sample_size=args.size // 4)

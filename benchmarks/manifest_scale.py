@@ -23,8 +23,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prcore.manifest import load_manifest, plan, validate  # noqa: E402
-from prcore.storage import LocalStore  # noqa: E402
+from prcore.data.manifest import load_manifest, plan, validate  # noqa: E402
+from prcore.store.storage import LocalStore  # noqa: E402
 
 
 def build_manifest(path: Path, n_subjects: int, n_prompts: int) -> None:

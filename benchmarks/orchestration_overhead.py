@@ -72,7 +72,7 @@ def main() -> None:
         from prefect_harness import manifest_rows, upload_manifest
 
         from flows.nightly import nightly_batch
-        from prcore.models import build_tiny_pipeline
+        from prcore.method.models import build_tiny_pipeline
 
         dlogging.set_verbosity_error()
         t_imports = time.perf_counter() - t0

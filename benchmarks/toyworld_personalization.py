@@ -5,8 +5,8 @@
 
 Protocol: K subjects (prcore.toyworld.subjects, 4 references each) x P prompts (plain scenes and
 stylized, reported separately) x N seeds. Every subject gets two LoRAs trained through the product
-(:func:`prcore.training.train_subject_lora`): DreamBooth loss (``dco_beta=0``) and DCO. Methods,
-all sampled through :func:`prcore.sampler.sample` at the same CFG scale:
+(:func:`prcore.method.dco.train_subject_lora`): DreamBooth loss (``dco_beta=0``) and DCO. Methods,
+all sampled through :func:`prcore.method.sampler.sample` at the same CFG scale:
 
     pretrained      base model, class-noun prompt
     db_cfg          DreamBooth LoRA + CFG
@@ -244,10 +244,10 @@ def sample_sheet(rows: list[tuple[str, list]], refs: list, path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from prcore.models import load_pipeline
-    from prcore.sampler import sample
+    from prcore.method.models import load_pipeline
+    from prcore.method.sampler import sample
     from prcore.toyworld.instruments import ToyScorer
-    from prcore.training import TrainConfig, load_subject_lora, train_subject_lora, unload_subject_lora
+    from prcore.method.dco import TrainConfig, load_subject_lora, train_subject_lora, unload_subject_lora
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -398,7 +398,7 @@ def base_quality(args: argparse.Namespace) -> dict:
     import torch
     from PIL import Image
 
-    from prcore.models import load_pipeline
+    from prcore.method.models import load_pipeline
     from prcore.toyworld import world
     from prcore.toyworld.instruments import HEADS, ToyScorer
 

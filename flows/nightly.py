@@ -18,8 +18,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_run
 
 from flows.common import SubjectsFailed, progress_event
-from prcore import runner
-from prcore.storage import open_store
+from prcore.pipeline import runner
+from prcore.store.storage import open_store
 from tasks.plan import plan_task
 from tasks.report import Progress, publish_artifacts, read_shard_record_task, write_run_report_task
 

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.common import SubjectsFailed, gpu_slot, progress_event
-from prcore import runner
+from prcore.pipeline import runner
 from tasks.lora import ensure_lora_task, lora_fingerprint_task
 from tasks.outputs import contact_sheet_task, write_catalog_task
 from tasks.plan import plan_task
@@ -83,7 +83,7 @@ def _unload(model: str, cache_dir: str, lora_fp: str | None, subject_id: str, de
     """Drop the subject's adapter so the next subject of the shard starts from the bare base model."""
     if not lora_fp:
         return
-    from prcore.models import load_pipeline
+    from prcore.method.models import load_pipeline
 
     try:
         pipe = load_pipeline(runner.resolve_model(model, cache_dir), device=device, dtype=dtype)

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect.tasks import exponential_backoff
 
-from prcore.storage import is_transient
+from prcore.store.storage import is_transient
 
 STORAGE_RETRIES = 4
 STORAGE_BACKOFF = exponential_backoff(backoff_factor=2)  # 2, 4, 8, 16 s

@@ -2,7 +2,7 @@
 
 ``ensure_lora_task`` is cached by the LoRA fingerprint (and output root): an unchanged subject
 skips even the store lookup on a machine that ran it before; on any other machine
-``prcore.runner.ensure_lora`` finds ``loras/{subject_id}/{lora_fp}/`` in the store and downloads it.
+``prcore.pipeline.runner.ensure_lora`` finds ``loras/{subject_id}/{lora_fp}/`` in the store and downloads it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from prcore import runner
-from prcore.storage import open_store
+from prcore.pipeline import runner
+from prcore.store.storage import open_store
 from tasks.common import RETRY_OPTIONS
 
 
@@ -42,7 +42,7 @@ def ensure_lora_task(job: Any, output: str, model: str, lora_fp: str, cache_dir:
                      train: Mapping[str, Any] | None = None, device: str | None = None,
                      dtype: str | None = None) -> runner.LoraInfo:
     logger = get_run_logger()
-    from prcore.models import load_pipeline  # torch: imported where model work happens
+    from prcore.method.models import load_pipeline  # torch: imported where model work happens
 
     pipe = load_pipeline(runner.resolve_model(model, cache_dir), device=device, dtype=dtype)
     info = runner.ensure_lora(job, open_store(output), pipe, cache_dir=cache_dir, train_defaults=train, lora_fp=lora_fp,

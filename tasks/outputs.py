@@ -7,8 +7,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prcore import runner
-from prcore.storage import open_store
+from prcore.pipeline import runner
+from prcore.store.storage import open_store
 from tasks.common import RETRY_OPTIONS
 
 

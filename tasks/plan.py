@@ -8,8 +8,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from prcore import runner
-from prcore.storage import open_store
+from prcore.pipeline import runner
+from prcore.store.storage import open_store
 from tasks.common import RETRY_OPTIONS
 
 

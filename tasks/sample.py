@@ -8,8 +8,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from prcore import runner
-from prcore.storage import open_store
+from prcore.pipeline import runner
+from prcore.store.storage import open_store
 from tasks.common import RETRY_OPTIONS
 
 
@@ -22,7 +22,7 @@ def generate_request_task(job: Any, request: Any, output: str, model: str, lora:
     """Activate the subject's LoRA (download it if this machine lacks it), sample, write."""
     logger = get_run_logger()
     store = open_store(output)
-    from prcore.models import load_pipeline  # torch: imported where model work happens
+    from prcore.method.models import load_pipeline  # torch: imported where model work happens
 
     pipe = load_pipeline(runner.resolve_model(model, cache_dir), device=device, dtype=dtype)
     local = runner.materialize_lora(store, lora.subject_id, lora.lora_fp, cache_dir)

@@ -29,14 +29,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
-    from prcore.models import build_tiny_pipeline
+    from prcore.method.models import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", "sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory) -> Path:
-    from prcore.models import build_tiny_pipeline
+    from prcore.method.models import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
 
@@ -44,14 +44,14 @@ def tiny_sdxl_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd(tiny_sd_path):
     """The tiny SD pipeline loaded through the product's path (cached per process)."""
-    from prcore.models import load_pipeline
+    from prcore.method.models import load_pipeline
 
     return load_pipeline(tiny_sd_path, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_sdxl_path):
-    from prcore.models import load_pipeline
+    from prcore.method.models import load_pipeline
 
     return load_pipeline(tiny_sdxl_path, device="cpu", dtype="float32")
 

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from prcore.bench import BenchConfig, BenchError, load_protocol, parse_train_overrides, run_dreambench, summarize
-from prcore.metrics import Scorer
-from prcore.testing_models import build_tiny_clip, build_tiny_dino
+from prcore.quality.dreambench import BenchConfig, BenchError, load_protocol, parse_train_overrides, run_dreambench, summarize
+from prcore.quality.scorer import Scorer
+from prcore.quality.tiny import build_tiny_clip, build_tiny_dino
 
 SUBJECTS = [("red_toy", "toy", "object"), ("blue_dog", "dog", "live")]
 TRAIN = {"steps": 2, "rank": 2, "alpha": 2.0, "resolution": 32}
@@ -97,7 +97,7 @@ def test_dreambench_runner_produces_its_table(tiny_sd, tiny_sd_path, bench_score
     again = bench_scorer.score([Image.open(out / row["key"])], row["base_prompt"], refs)[0]
     assert again["dino"] == pytest.approx(row["dino"], abs=1e-5)
     # the pipeline is left without the bench adapters
-    from prcore.adapters import loaded_adapters
+    from prcore.method.adapters import loaded_adapters
 
     assert not any(name.startswith("bench") for name in loaded_adapters(tiny_sd))
 
@@ -119,7 +119,7 @@ class MeanColorScorer:
 
 @pytest.mark.slow
 def test_dreambench_accepts_any_scorer_and_s3_output(tiny_sd, tiny_sd_path, lora_dir, tmp_path, s3_bucket):
-    from prcore.storage import open_store
+    from prcore.store.storage import open_store
 
     data = make_dataset(tmp_path / "data")
     protocol = load_protocol(data, subjects=["red_toy"])

@@ -12,9 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from prcore.cli import build_app
-from prcore.manifest import GenerationDefaults, load_manifest, plan, validate
-from prcore.outputs import write_image
-from prcore.storage import LocalStore
+from prcore.data.manifest import GenerationDefaults, load_manifest, plan, validate
+from prcore.outputs.sidecar import write_image
+from prcore.store.storage import LocalStore
 
 REPO = Path(__file__).resolve().parents[1]
 

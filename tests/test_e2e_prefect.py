@@ -92,8 +92,8 @@ def latest_summary(s3, bucket: str, prefix: str) -> dict:
 
 
 def expected_images(manifest_uri: str, output: str, model: str) -> list[str]:
-    from prcore import runner
-    from prcore.storage import open_store
+    from prcore.pipeline import runner
+    from prcore.store.storage import open_store
 
     jobs = runner.plan_jobs(manifest_uri, open_store(output), model_id=model)
     return sorted(k for j in jobs for r in j.requests for k in r.keys)

@@ -1,4 +1,4 @@
-"""Properties of the guidance equations (prcore.guidance)."""
+"""Properties of the guidance equations (prcore.method.guidance)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prcore.guidance import TINY, consistency, decompose, parallel_fraction, parallel_rescaled
+from prcore.method.guidance import TINY, consistency, decompose, parallel_fraction, parallel_rescaled
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5))
 scales = st.floats(0.0, 12.0, allow_nan=False)

@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from prcore.fingerprint import image_seed
-from prcore.manifest import (
+from prcore.data.fingerprint import image_seed
+from prcore.data.manifest import (
     GUIDANCE_MODES,
     GenerationDefaults,
     ManifestInvalid,
@@ -18,8 +18,8 @@ from prcore.manifest import (
     plan,
     validate,
 )
-from prcore.outputs import image_key
-from prcore.storage import LocalStore
+from prcore.outputs.sidecar import image_key
+from prcore.store.storage import LocalStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,10 +72,10 @@ def test_valid_manifest_has_no_errors(tmp_path, images):
 
 
 def test_guidance_modes_match_guidance_module():
-    # read the constant from the source: importing prcore.guidance would import torch (slow)
+    # read the constant from the source: importing prcore.method.guidance would import torch (slow)
     import ast
 
-    tree = ast.parse((REPO / "prcore" / "guidance.py").read_text())
+    tree = ast.parse((REPO / "prcore" / "method" / "guidance.py").read_text())
     values = [
         ast.literal_eval(node.value)
         for node in ast.walk(tree)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from prcore.metrics import (
+from prcore.quality.scorer import (
     METRICS,
     ImageScorerProtocol,
     MetricModelError,
@@ -25,7 +25,7 @@ from prcore.metrics import (
     qc_pass,
     score_and_qc,
 )
-from prcore.testing_models import build_tiny_clip, build_tiny_dino
+from prcore.quality.tiny import build_tiny_clip, build_tiny_dino
 
 
 @pytest.fixture(scope="session")
@@ -251,10 +251,10 @@ def _png(im: Image.Image) -> bytes:
 
 def write_output_root(store, refs_dir, *, with_instance_images: bool = True) -> dict[str, Image.Image]:
     """Two subjects x two prompts x two images, written as the runner writes them
-    (prcore.outputs.write_image: PNG, then the sidecar with the run's record), plus one orphan PNG
+    (prcore.outputs.sidecar.write_image: PNG, then the sidecar with the run's record), plus one orphan PNG
     without its sidecar (not committed, must not be scored)."""
-    from prcore.manifest import ImageRequest
-    from prcore.outputs import image_key, write_image
+    from prcore.data.manifest import ImageRequest
+    from prcore.outputs.sidecar import image_key, write_image
 
     written = {}
     for s, (subject, noun) in enumerate((("dog1", "dog"), ("cat2", "cat"))):
@@ -281,7 +281,7 @@ def write_output_root(store, refs_dir, *, with_instance_images: bool = True) -> 
 
 
 def test_evaluate_outputs_updates_sidecars_and_writes_scores(scorer, tmp_path):
-    from prcore.storage import open_store
+    from prcore.store.storage import open_store
 
     root = tmp_path / "out"
     store = open_store(root)
@@ -309,7 +309,7 @@ def test_evaluate_outputs_updates_sidecars_and_writes_scores(scorer, tmp_path):
 
 
 def test_evaluate_outputs_on_s3(scorer, tmp_path, s3_bucket):
-    from prcore.storage import open_store
+    from prcore.store.storage import open_store
 
     store = open_store(f"s3://{s3_bucket}/root")
     write_output_root(store, tmp_path / "refs")
@@ -325,7 +325,7 @@ def test_prcore_eval_cli(tiny_clip_path, tiny_dino_path, tmp_path):
     from prcore.cli import build_app
 
     app = build_app("evaluate")
-    from prcore.storage import open_store
+    from prcore.store.storage import open_store
 
     root = tmp_path / "out"
     write_output_root(open_store(root), tmp_path / "refs", with_instance_images=False)
@@ -359,7 +359,7 @@ def test_prcore_eval_cli(tiny_clip_path, tiny_dino_path, tmp_path):
 
 
 def test_reference_uris_from_manifest_and_folder(tmp_path):
-    from prcore.metrics import reference_uris_from_folder, reference_uris_from_manifest
+    from prcore.quality.scorer import reference_uris_from_folder, reference_uris_from_manifest
 
     (tmp_path / "imgs").mkdir()
     for name in ("a.png", "b.png"):

@@ -11,10 +11,10 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from prcore.catalog import CATALOG_SCHEMA, read_catalog, write_catalog
-from prcore.fingerprint import sha256_bytes
-from prcore.manifest import GenerationDefaults, load_manifest, plan
-from prcore.outputs import (
+from prcore.outputs.catalog import CATALOG_SCHEMA, read_catalog, write_catalog
+from prcore.data.fingerprint import sha256_bytes
+from prcore.data.manifest import GenerationDefaults, load_manifest, plan
+from prcore.outputs.sidecar import (
     catalog_key,
     image_key,
     lora_prefix,
@@ -24,7 +24,7 @@ from prcore.outputs import (
     sidecar_key,
     write_image,
 )
-from prcore.storage import LocalStore, open_store
+from prcore.store.storage import LocalStore, open_store
 
 FP = "0123456789abcdef"
 

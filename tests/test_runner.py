@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from prefect_harness import manifest_rows, subject_image, write_local_manifest
 
-from prcore import runner
-from prcore.outputs import sidecar_key_for
-from prcore.storage import open_store
+from prcore.pipeline import runner
+from prcore.outputs.sidecar import sidecar_key_for
+from prcore.store.storage import open_store
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_catalog_and_contact_sheet_for_a_subject(setup, tmp_path):
     assert runner.write_subject_catalog(store, "2026-01-02", job, "r0") is None  # nothing finished yet
     assert runner.write_contact_sheet(store, "r0", job) is None
     # Two finished images written as a run would (sampling is tested above; any PIL image will do here).
-    from prcore.outputs import write_image
+    from prcore.outputs.sidecar import write_image
 
     request = job.requests[0]
     for i in range(2):
@@ -183,7 +183,7 @@ def test_unknown_generation_default_is_one_clear_error(setup, tmp_path):
 
 
 def test_scoring_is_skipped_without_models(caplog):
-    with caplog.at_level("INFO", logger="prcore.runner"):
+    with caplog.at_level("INFO", logger="prcore.pipeline.runner"):
         assert runner.make_scorer(None, None) is None
     assert "scoring skipped" in caplog.text
     assert runner.qc_thresholds({"clip_t": None}) is None
@@ -194,8 +194,8 @@ def test_scores_and_qc_land_in_sidecars_and_catalogue(setup, tmp_path_factory, t
     a threshold between two images' scores flags exactly the one below it."""
     import polars as pl
 
-    from prcore.catalog import read_catalog
-    from prcore.testing_models import build_tiny_clip, build_tiny_dino
+    from prcore.outputs.catalog import read_catalog
+    from prcore.quality.tiny import build_tiny_clip, build_tiny_dino
 
     models = tmp_path_factory.mktemp("metric-models")
     scorer = runner.make_scorer(str(build_tiny_clip(models / "clip")), str(build_tiny_dino(models / "dino")), device="cpu")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from prcore import adapters
-from prcore.models import load_pipeline
-from prcore.sampler import SamplerError, image_seeds, render_prompts, sample
-from prcore.schedulers import SCHEDULER_NAMES
+from prcore.method import adapters
+from prcore.method.models import load_pipeline
+from prcore.method.sampler import SamplerError, image_seeds, render_prompts, sample
+from prcore.method.schedulers import SCHEDULER_NAMES
 
 ADAPTER = "subj"
 ATOL = 1e-4
@@ -229,7 +229,7 @@ def test_schedulers(sd, name):
 
 
 def test_sdxl_empty_negative_prompt_is_zeros(sdxl):
-    from prcore.sampler import _encode
+    from prcore.method.sampler import _encode
 
     assert sdxl.config.force_zeros_for_empty_prompt
     zero = _encode(sdxl, "", adapters.BASE, 2, "cpu", zero=True)
@@ -277,6 +277,6 @@ def test_pretrained_mode_matches_diffusers_own_pipeline(kind, request):
 
 
 def test_int_seed_draws_what_a_manifest_row_with_that_seed_draws():
-    from prcore.fingerprint import image_seed
+    from prcore.data.fingerprint import image_seed
 
     assert image_seeds(1234, 3) == [image_seed(1234, i) for i in range(3)]

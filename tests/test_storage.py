@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from prcore.manifest import load_manifest, plan, validate
-from prcore.storage import (
+from prcore.data.manifest import load_manifest, plan, validate
+from prcore.store.storage import (
     KeyNotFoundError,
     LocalStore,
     S3Store,
@@ -24,7 +24,7 @@ from prcore.storage import (
     is_transient,
     open_store,
 )
-from prcore.uris import read_uri_bytes
+from prcore.store.uris import read_uri_bytes
 
 
 @pytest.fixture(params=["local", "s3"])

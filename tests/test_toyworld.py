@@ -70,7 +70,7 @@ def test_shipped_model_loads_through_load_pipeline_and_generates():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from prcore.models import load_pipeline
+    from prcore.method.models import load_pipeline
 
     folder = model_path()
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -127,7 +127,7 @@ def test_identity_embedding_separates_subjects(scorer):
 
 
 def test_scorer_has_the_product_scorer_interface(scorer):
-    from prcore.metrics import ImageScorerProtocol
+    from prcore.quality.scorer import ImageScorerProtocol
 
     assert isinstance(scorer, ImageScorerProtocol)
     img = world.render(world.Spec("circle", "red", "plain", "blue", "inverted", seed=1))

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from prcore import training as tr
-from prcore.images import ImageTooSmallError, NoImagesError, UnreadableImageError
-from prcore.training import (
+from prcore.method import dco as tr
+from prcore.data.images import ImageTooSmallError, NoImagesError, UnreadableImageError
+from prcore.method.dco import (
     LoraOverwriteError,
     TrainConfig,
     TrainingInputError,
@@ -50,7 +50,7 @@ FAST = TrainConfig(steps=16, resolution=RES, learning_rate=3e-3, rank=4, alpha=2
 
 def fixed_batch(pipe, images, prompt: str, seed: int = 123):
     """Latents of the images (posterior mean), fixed noise and mid-range timesteps, conditioning."""
-    from prcore.images import prepare_images
+    from prcore.data.images import prepare_images
 
     prepared = prepare_images(images, RES)
     cache = tr.encode_latents(pipe, [p.image for p in prepared], flips=False)
@@ -286,7 +286,7 @@ def test_load_subject_lora_missing_folder(tiny_sd, tmp_path):
 def vpred_sd(tiny_sd_path):
     from diffusers import DDIMScheduler
 
-    from prcore.models import load_pipeline
+    from prcore.method.models import load_pipeline
 
     pipe = load_pipeline(tiny_sd_path, device="cpu", dtype="float32", cache=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
@@ -318,7 +318,7 @@ def test_all_options_train_on_v_prediction_with_token_embedding(vpred_sd, tmp_pa
         ids = pipe.tokenizer("a <zq> dog").input_ids
         assert pipe.tokenizer.convert_tokens_to_ids("<zq>") in ids
         torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[-1], emb["<zq>"][0])
-        from prcore.sampler import sample
+        from prcore.method.sampler import sample
 
         out = sample(pipe, prompt="a {subject} on a hat", class_noun="dog", identifier="<zq>", adapter_name="zq",
                      num_inference_steps=2, height=RES, width=RES, output_type="np", progress=False)
@@ -481,7 +481,7 @@ def test_error_text_embedding_identifier_already_a_word(tiny_sd, tmp_path):
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_trained_lora_feeds_the_sampler(kind, trained):
-    from prcore.sampler import sample
+    from prcore.method.sampler import sample
 
     t = trained[kind]
     pipe = t["pipe"]
@@ -537,7 +537,7 @@ def test_training_with_another_subject_loaded_keeps_it(trained, tmp_path):
 
 
 def test_exif_orientation_rgba_and_center_crop():
-    from prcore.images import decode_image, prepare_images
+    from prcore.data.images import decode_image, prepare_images
 
     img = Image.new("RGB", (60, 40), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 30, 40))  # left half blue

@@ -36,7 +36,7 @@ def demo_command(
 ) -> None:
     """Run the demo batch (manifests/demo.parquet) into --output and show where everything went."""
     from prcore.cli.run import print_outcome, run_batch, silence_shutdown
-    from prcore.storage import StoreError
+    from prcore.store.storage import StoreError
 
     with user_errors(StoreError):
         manifest = demo_manifest()

@@ -13,13 +13,13 @@ DEFAULT_MODES = "parallel_rescaled,consistency,cfg"
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
-    from prcore.storage import StoreError
+    from prcore.store.storage import StoreError
 
     return (StoreError,)
 
 
 def _scorer(clip_model: str | None, dino_model: str | None, device: str | None, dtype: str | None, batch_size: int):
-    from prcore.metrics import Scorer
+    from prcore.quality.scorer import Scorer
 
     if not clip_model and not dino_model:
         raise UserError("no metric model configured: give --clip-model (CLIP-T, CLIP-I) and/or --dino-model (DINO)")
@@ -48,7 +48,7 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from prcore.metrics import (
+    from prcore.quality.scorer import (
         METRICS,
         MetricModelError,
         QCThresholds,
@@ -56,7 +56,7 @@ def eval_command(
         reference_uris_from_folder,
         reference_uris_from_manifest,
     )
-    from prcore.storage import open_store
+    from prcore.store.storage import open_store
 
     console = Console()
     with user_errors(MetricModelError, *_store_errors()):
@@ -125,10 +125,10 @@ def dreambench_command(
     """Run the DreamBench protocol for the guidance modes and write the paper-style table."""
     from rich.console import Console
 
-    from prcore.bench import BenchConfig, load_protocol, parse_train_overrides, run_dreambench
-    from prcore.metrics import MetricModelError
-    from prcore.models import ModelNotFoundError
-    from prcore.storage import open_store
+    from prcore.quality.dreambench import BenchConfig, load_protocol, parse_train_overrides, run_dreambench
+    from prcore.quality.scorer import MetricModelError
+    from prcore.method.models import ModelNotFoundError
+    from prcore.store.storage import open_store
 
     console = Console(stderr=True)
     with user_errors(MetricModelError, ModelNotFoundError, *_store_errors()):

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
-    from prcore.storage import StoreError
+    from prcore.store.storage import StoreError
 
     return (StoreError,)
 
@@ -36,7 +36,7 @@ def validate_cmd(
     max_errors: Annotated[int, typer.Option(help="Print at most this many errors (0: all)")] = 0,
 ) -> None:
     """Check a manifest. Exit 0 when valid; exit 2 with one line per error: row N (subject S), column C: message."""
-    from prcore.manifest import load_manifest, validate
+    from prcore.data.manifest import load_manifest, validate
 
     with user_errors(*_store_errors()):
         manifest = load_manifest(path)
@@ -61,8 +61,8 @@ def show_cmd(
     subjects: Annotated[int, typer.Option(help="List at most this many subjects")] = 20,
 ) -> None:
     """Subjects, requests, images, already done and to do."""
-    from prcore.manifest import load_manifest, plan
-    from prcore.storage import open_store
+    from prcore.data.manifest import load_manifest, plan
+    from prcore.store.storage import open_store
 
     with user_errors(*_store_errors()):
         manifest = load_manifest(path)
@@ -127,7 +127,7 @@ def init_cmd(
     """Write a manifest from a DreamBooth-style folder of subjects and a file of prompt templates."""
     import polars as pl
 
-    from prcore.manifest import is_safe_id, load_manifest, validate
+    from prcore.data.manifest import is_safe_id, load_manifest, validate
 
     with user_errors(*_store_errors()):
         if not subjects.is_dir():

@@ -111,8 +111,8 @@ def preflight(manifest: str, output: str, model: str | None, cache_dir: str | No
 
     A hub id is loaded here (into the per-process cache the in-process flow then reuses), so an id
     that does not resolve is one clear error instead of a failure of every subject."""
-    from prcore import runner
-    from prcore.storage import StoreError, open_store
+    from prcore.pipeline import runner
+    from prcore.store.storage import StoreError, open_store
 
     if model:
         local = Path(model).expanduser()
@@ -121,7 +121,7 @@ def preflight(manifest: str, output: str, model: str | None, cache_dir: str | No
             raise UserError(f"--model {model}: not a diffusers pipeline folder (no model_index.json); give a folder "
                             "written by save_pretrained or a hub id")
         if not looks_local:
-            from prcore.models import ModelNotFoundError, load_pipeline
+            from prcore.method.models import ModelNotFoundError, load_pipeline
 
             try:
                 load_pipeline(model, device=device, dtype=dtype)
@@ -236,7 +236,7 @@ def run_command(
               "train": {"steps": train_steps} if train_steps else None, "subjects_per_shard": subjects_per_shard,
               "max_subjects": max_subjects, "device": device, "dtype": dtype, "clip_model": clip_model,
               "dino_model": dino_model}
-    from prcore.storage import StoreError
+    from prcore.store.storage import StoreError
 
     with user_errors(StoreError):
         outcome = run_batch(manifest, output, model=model, params=params, cache_dir=cache_dir,

@@ -23,9 +23,9 @@ def adapter_name_for(lora_dir: Path) -> str:
 def _load_lora(pipe, lora_dir: Path) -> str:
     name = adapter_name_for(lora_dir)
     try:
-        from prcore.training import load_subject_lora
+        from prcore.method.dco import load_subject_lora
     except ImportError:  # training module absent: plain diffusers loading
-        from prcore.adapters import loaded_adapters
+        from prcore.method.adapters import loaded_adapters
 
         if name not in loaded_adapters(pipe):
             pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=name, use_safetensors=True)
@@ -79,10 +79,10 @@ def sample_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the steps."),
 ) -> None:
     """Sample a personalized subject with parallel-rescaled consistency guidance and write PNGs."""
-    from prcore.guidance import GUIDANCE_MODES
-    from prcore.models import ModelNotFoundError
-    from prcore.sampler import render_prompts
-    from prcore.schedulers import SCHEDULER_NAMES
+    from prcore.method.guidance import GUIDANCE_MODES
+    from prcore.method.models import ModelNotFoundError
+    from prcore.method.sampler import render_prompts
+    from prcore.method.schedulers import SCHEDULER_NAMES
 
     with user_errors(ModelNotFoundError):
         # Everything checkable without the model is checked before loading it.
@@ -104,8 +104,8 @@ def sample_command(
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder")
 
-        from prcore.models import load_pipeline
-        from prcore.sampler import sample
+        from prcore.method.models import load_pipeline
+        from prcore.method.sampler import sample
 
         pipe = load_pipeline(model, device=device, dtype=dtype)
         adapter = _load_lora(pipe, lora) if lora is not None else None

@@ -39,9 +39,9 @@ def train_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with the running loss."),
 ) -> None:
     """Fine-tune a LoRA on one subject with Direct Consistency Optimization (DCO)."""
-    from prcore.images import list_image_files
-    from prcore.models import ModelNotFoundError
-    from prcore.training import TrainConfig, check_subject, resolve_captions, train_subject_lora
+    from prcore.data.images import list_image_files
+    from prcore.method.models import ModelNotFoundError
+    from prcore.method.dco import TrainConfig, check_subject, resolve_captions, train_subject_lora
 
     with user_errors(ModelNotFoundError):
         # Everything checkable without the model is checked before loading it.
@@ -63,7 +63,7 @@ def train_command(
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder")
 
-        from prcore.models import load_pipeline
+        from prcore.method.models import load_pipeline
 
         pipe = load_pipeline(model, device=device, dtype=dtype)
         result = train_subject_lora(

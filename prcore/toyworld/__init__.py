@@ -1,7 +1,7 @@
 """The toy world: a procedural image world, a tiny text-to-image model trained on it, its subjects and
 measuring instruments. Everything here is real (trained on this machine) and ships with the package.
 
-    from prcore.models import load_pipeline
+    from prcore.method.models import load_pipeline
     from prcore.toyworld import model_path, subjects
     pipe = load_pipeline(model_path())            # a StableDiffusionPipeline, 32x32 pictures
     refs = subjects.references(subjects.SUBJECTS[0])

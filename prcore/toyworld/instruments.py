@@ -4,7 +4,7 @@
   scene, style, shape, color, pattern) and an identity head (a 64-d L2-normalised embedding trained
   contrastively: two views of the same two-tone object in different poses/backgrounds are positives,
   other objects in the batch negatives; InfoNCE with temperature ``tau``).
-* :class:`ToyScorer` — the product's scorer interface (``prcore.metrics.ImageScorerProtocol``):
+* :class:`ToyScorer` — the product's scorer interface (``prcore.quality.scorer.ImageScorerProtocol``):
 
       alignment(x, p) = mean_{a in A(p)} P_a(value_a(p) | x)
       fidelity(x, R)  = (1/|R|) * sum_{r in R} cos(e(x), e(r))

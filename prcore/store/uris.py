@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from prcore.storage import KeyNotFoundError, S3Options, StoreError, make_s3_client, parse_s3_uri, translate_s3_error
+from prcore.store.storage import KeyNotFoundError, S3Options, StoreError, make_s3_client, parse_s3_uri, translate_s3_error
 
 SUPPORTED_SCHEMES = ("", "file", "s3")
 

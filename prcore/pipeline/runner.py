@@ -2,7 +2,7 @@
 
 Per subject: :func:`ensure_lora` (fingerprint the subject; reuse ``loras/{subject_id}/{lora_fp}/``
 from the store when it is there, else train and upload it) and :func:`generate_request` (sample the
-pending images of one request and write PNG + sidecar through :mod:`prcore.outputs`). Per run:
+pending images of one request and write PNG + sidecar through :mod:`prcore.outputs.sidecar`). Per run:
 contact sheets (reference images beside a grid of new images), per-subject result records, shard
 records and the failure report under ``runs/{run_id}/``.
 
@@ -31,9 +31,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from prcore.outputs import lora_prefix, run_key, sidecar_key_for
+from prcore.outputs.sidecar import lora_prefix, run_key, sidecar_key_for
 
-log = logging.getLogger("prcore.runner")
+log = logging.getLogger("prcore.pipeline.runner")
 
 LORA_MARKER = "training.json"  # uploaded last: a LoRA folder in the store counts only when it exists
 CONTACT_SHEET_MAX_IMAGES = 16
@@ -124,7 +124,7 @@ def default_model(cache_dir: str | Path | None = None) -> str:
     path = _toyworld_path()
     if path is not None:
         return str(path)
-    from prcore.models import build_tiny_pipeline
+    from prcore.method.models import build_tiny_pipeline
 
     root = Path(cache_dir or os.environ.get("PRCORE_CACHE_DIR") or Path.home() / ".cache" / "prcore").expanduser()
     target = root / "models" / "tiny-sd"
@@ -310,10 +310,10 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults: Mapping[str,
               subject_ids: Iterable[str] | None = None, check_images: bool = False):
     """Load, validate and plan a manifest; keep only ``subject_ids`` when given (in that order).
 
-    Raises ``prcore.manifest.ManifestInvalid`` (a ValueError listing every problem) on a bad manifest.
+    Raises ``prcore.data.manifest.ManifestInvalid`` (a ValueError listing every problem) on a bad manifest.
     ``check_images=True`` also opens every instance image before anything runs.
     """
-    from prcore.manifest import ManifestInvalid, load_manifest, plan, validate
+    from prcore.data.manifest import ManifestInvalid, load_manifest, plan, validate
 
     manifest = load_manifest(manifest_uri)
     if check_images:
@@ -332,10 +332,10 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults: Mapping[str,
 
 
 def generation_defaults(defaults: Mapping[str, Any] | None):
-    """``prcore.manifest.GenerationDefaults`` with the given non-None overrides (unknown names are an error)."""
+    """``prcore.data.manifest.GenerationDefaults`` with the given non-None overrides (unknown names are an error)."""
     from dataclasses import fields as dc_fields
 
-    from prcore.manifest import GenerationDefaults
+    from prcore.data.manifest import GenerationDefaults
 
     overrides = {k: v for k, v in (defaults or {}).items() if v is not None}
     known = {f.name for f in dc_fields(GenerationDefaults)}
@@ -363,14 +363,14 @@ def job_model(job, model: str) -> str:
 
 
 def _instance_bytes(job) -> list[bytes]:
-    from prcore.uris import read_uri_bytes
+    from prcore.store.uris import read_uri_bytes
 
     return [read_uri_bytes(uri) for uri in job.instance_images]
 
 
 def train_config_for(job, train_defaults: Mapping[str, Any] | None = None):
     """``TrainConfig`` from flow-level defaults overlaid by the subject's manifest overrides."""
-    from prcore.training import TrainConfig
+    from prcore.method.dco import TrainConfig
 
     values = {k: v for k, v in (train_defaults or {}).items() if v is not None}
     values.update({k: v for k, v in (getattr(job, "train_overrides", None) or {}).items() if v is not None})
@@ -381,7 +381,7 @@ def train_config_for(job, train_defaults: Mapping[str, Any] | None = None):
 
 def subject_lora_fingerprint(job, *, base_model_id: str, train_defaults: Mapping[str, Any] | None = None,
                              images: Sequence[bytes] | None = None) -> str:
-    from prcore.training import lora_fingerprint
+    from prcore.method.dco import lora_fingerprint
 
     images = list(images) if images is not None else _instance_bytes(job)
     return lora_fingerprint(base_model_id=base_model_id, images=images, class_noun=job.class_noun,
@@ -464,7 +464,7 @@ def ensure_lora(job, store, pipe, *, cache_dir: str | Path, train_defaults: Mapp
             source = "store"
         return LoraInfo(job.subject_id, fp, prefix, str(local), source, seconds=time.perf_counter() - started)
 
-    from prcore.training import train_subject_lora
+    from prcore.method.dco import train_subject_lora
 
     _check_instance_images(job, images)
     config = train_config_for(job, train_defaults)
@@ -493,7 +493,7 @@ def ensure_lora(job, store, pipe, *, cache_dir: str | Path, train_defaults: Mapp
 
 def _check_instance_images(job, images: Sequence[bytes]) -> None:
     """Decode every instance image; a broken one fails the subject with a message naming its URI."""
-    from prcore.images import ImageInputError, decode_image
+    from prcore.data.images import ImageInputError, decode_image
 
     for i, (uri, data) in enumerate(zip(job.instance_images, images, strict=True)):
         try:
@@ -503,14 +503,14 @@ def _check_instance_images(job, images: Sequence[bytes]) -> None:
 
 
 def activate_lora(pipe, lora: LoraInfo | str | Path, adapter_name: str) -> None:
-    from prcore.training import load_subject_lora
+    from prcore.method.dco import load_subject_lora
 
     local = lora.local_dir if isinstance(lora, LoraInfo) else lora
     load_subject_lora(pipe, Path(local), adapter_name)
 
 
 def deactivate_lora(pipe, adapter_name: str) -> None:
-    from prcore.training import unload_subject_lora
+    from prcore.method.dco import unload_subject_lora
 
     try:
         unload_subject_lora(pipe, adapter_name)
@@ -526,10 +526,10 @@ _SAMPLE_ALIASES = {"guidance_scale": "cfg_scale"}
 
 
 def sample_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:  # noqa: D401
-    """The subset of a request's params that :func:`prcore.sampler.sample` takes (aliases mapped)."""
+    """The subset of a request's params that :func:`prcore.method.sampler.sample` takes (aliases mapped)."""
     import inspect
 
-    from prcore.sampler import sample
+    from prcore.method.sampler import sample
 
     accepted = set(inspect.signature(sample).parameters) - {"pipe", "prompt", "class_noun", "identifier", "adapter_name",
                                                             "seed", "num_images", "progress", "output_type"}
@@ -559,8 +559,8 @@ def generate_request(pipe, job, request, store, *, adapter_name: str | None, lor
     Images already done (sidecar present when planned) are skipped. When ``scorer`` is given,
     CLIP/DINO scores and the QC verdict go into each image's sidecar record.
     """
-    from prcore.outputs import write_image
-    from prcore.sampler import sample
+    from prcore.outputs.sidecar import write_image
+    from prcore.method.sampler import sample
 
     started = time.perf_counter()
     todo = pending_indices(request)
@@ -575,7 +575,7 @@ def generate_request(pipe, job, request, store, *, adapter_name: str | None, lor
     result.sample_seconds = float(out.seconds)
     scores: list[dict[str, Any]] = [{} for _ in todo]
     if scorer is not None:
-        from prcore.metrics import score_and_qc
+        from prcore.quality.scorer import score_and_qc
 
         scores = score_and_qc(scorer, out.images, prompt=out.base_prompt, references=references, thresholds=qc_thresholds)
     for n, (i, image) in enumerate(zip(todo, out.images, strict=True)):
@@ -611,7 +611,7 @@ def write_subject_catalog(store, run_date: str, job, run_id: str, *, generated: 
     the subject: one row per finished image of its requests (read from the sidecars, so images an
     interrupted earlier run made, whose catalogue file was never written, are listed too; each
     row's ``run_id`` is the run that made the image). Nothing generated: nothing written."""
-    from prcore.catalog import write_catalog
+    from prcore.outputs.catalog import write_catalog
 
     if generated <= 0:
         return None
@@ -679,8 +679,8 @@ def write_contact_sheet(store, run_id: str, job, *, image_keys: Sequence[str] | 
                         max_images: int = CONTACT_SHEET_MAX_IMAGES, cell: int = 128) -> str | None:
     """Write ``runs/{run_id}/contact_sheets/{subject_id}.png`` from the subject's reference images
     and its images (``image_keys``, default: every finished image, first ``max_images``)."""
-    from prcore.storage import KeyNotFoundError
-    from prcore.uris import read_uri_bytes
+    from prcore.store.storage import KeyNotFoundError
+    from prcore.store.uris import read_uri_bytes
 
     # One read per shown image: its sidecar says it is finished (the commit marker) and carries its scores.
     candidates = image_keys if image_keys is not None else [k for r in job.requests for k in r.keys]
@@ -738,11 +738,11 @@ def failures_markdown(run_id: str, failures: Sequence[Failure]) -> str:
 
 
 def make_scorer(clip_model: str | None, dino_model: str | None, device: str | None = None):
-    """A :class:`prcore.metrics.Scorer` when a metric model is configured, else None (one log line)."""
+    """A :class:`prcore.quality.scorer.Scorer` when a metric model is configured, else None (one log line)."""
     if not clip_model and not dino_model:
         log.info("scoring skipped: no CLIP/DINO model configured (set clip_model / dino_model to score images)")
         return None
-    from prcore.metrics import Scorer
+    from prcore.quality.scorer import Scorer
 
     return Scorer(clip_model=clip_model, dino_model=dino_model, device=device)
 
@@ -750,12 +750,12 @@ def make_scorer(clip_model: str | None, dino_model: str | None, device: str | No
 def qc_thresholds(values: Mapping[str, Any] | None):
     if not values or all(v is None for v in values.values()):
         return None
-    from prcore.metrics import QCThresholds
+    from prcore.quality.scorer import QCThresholds
 
     return QCThresholds(**{k: v for k, v in values.items() if v is not None})
 
 
 def reference_images(job) -> list[Image.Image]:
-    from prcore.uris import read_uri_bytes
+    from prcore.store.uris import read_uri_bytes
 
     return [Image.open(io.BytesIO(read_uri_bytes(u))).convert("RGB") for u in job.instance_images]

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prcore.fingerprint import fingerprint, sha256_bytes
-from prcore.images import ImageSource, PreparedImage, fingerprint_bytes, prepare_images
+from prcore.data.fingerprint import fingerprint, sha256_bytes
+from prcore.data.images import ImageSource, PreparedImage, fingerprint_bytes, prepare_images
 
 TRAINING_ALGORITHM_VERSION = 1
 TRAIN_ADAPTER_NAME = "prcore_train"
@@ -586,7 +586,7 @@ def train_subject_lora(
         raise TrainingInputError(f"config must be a TrainConfig, got {type(config).__name__}")
     check_subject(class_noun, identifier)
     if not images:
-        from prcore.images import NoImagesError
+        from prcore.data.images import NoImagesError
 
         raise NoImagesError("no instance images: give at least one image of the subject")
     templates = resolve_captions(captions, len(images))

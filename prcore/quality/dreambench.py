@@ -1,18 +1,18 @@
 """The DreamBench protocol (DreamBooth paper, Ruiz et al. 2023) over the product's guidance modes.
 
-For each subject: fine-tune its LoRA (:func:`prcore.training.train_subject_lora`), sample every
+For each subject: fine-tune its LoRA (:func:`prcore.method.dco.train_subject_lora`), sample every
 prompt template ``images_per_prompt`` times for each guidance mode, score each image with a
-scorer (:class:`prcore.metrics.Scorer`: DINO, CLIP-I, CLIP-T against the base prompt, or any
-:class:`prcore.metrics.ImageScorerProtocol`), and aggregate the paper-style table: per mode the
+scorer (:class:`prcore.quality.scorer.Scorer`: DINO, CLIP-I, CLIP-T against the base prompt, or any
+:class:`prcore.quality.scorer.ImageScorerProtocol`), and aggregate the paper-style table: per mode the
 mean of each metric over all images of all subjects.
 
 Data: ``data_dir`` is laid out like the google/dreambooth data set, one folder of reference
 images per subject (``data_dir/{subject_id}/*.jpg``). Subjects, classes and prompt templates come
 from ``dreambench_subjects.csv`` (subject_id, class_noun, kind) and
 ``dreambench_{object,live}_prompts.txt`` (one ``{subject}`` template per line): given explicitly,
-else found in ``data_dir``, else the copies shipped in ``prcore/data/`` or a checkout's ``manifests/``.
+else found in ``data_dir``, else the copies shipped in ``prcore/quality/protocols/`` or a checkout's ``manifests/``.
 
-Output (a folder or ``s3://`` prefix, written through :mod:`prcore.storage`)::
+Output (a folder or ``s3://`` prefix, written through :mod:`prcore.store.storage`)::
 
     bench.json                       the configuration (a re-run must match it)
     images/{subject_id}/{mode}/{prompt_index:02d}_{i}.png
@@ -40,7 +40,7 @@ from typing import Any
 import polars as pl
 from PIL import Image
 
-from prcore.metrics import ImageScorerProtocol
+from prcore.quality.scorer import ImageScorerProtocol
 
 DEFAULT_MODES: tuple[str, ...] = ("parallel_rescaled", "consistency", "cfg")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -96,7 +96,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.modes:
             raise BenchError("no guidance modes: give at least one of parallel_rescaled, consistency, cfg, pretrained")
-        from prcore.guidance import GUIDANCE_MODES
+        from prcore.method.guidance import GUIDANCE_MODES
 
         unknown = [m for m in self.modes if m not in GUIDANCE_MODES]
         if unknown:
@@ -138,7 +138,7 @@ def _protocol_file(name: str, explicit: str | Path | None, data_dir: Path) -> st
         return p.read_text()
     if (data_dir / name).is_file():
         return (data_dir / name).read_text()
-    shipped = resources.files("prcore").joinpath("data", name)
+    shipped = resources.files("prcore.quality").joinpath("protocols", name)
     if shipped.is_file():
         return shipped.read_text()
     checkout = Path(__file__).resolve().parent.parent / "manifests" / name  # a source checkout's copies
@@ -207,7 +207,7 @@ def load_protocol(
 
 
 def load_reference_images(subject: BenchSubject) -> list[Image.Image]:
-    from prcore.images import decode_image
+    from prcore.data.images import decode_image
 
     return [decode_image(p, i) for i, p in enumerate(subject.images)]
 
@@ -274,7 +274,7 @@ def _parquet(df: pl.DataFrame) -> bytes:
 
 
 def _train_config(overrides: Mapping[str, Any]):
-    from prcore.training import TrainConfig
+    from prcore.method.dco import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
@@ -307,13 +307,13 @@ def run_dreambench(
     """Run the protocol and write images, per-image scores and the table to ``output`` (URI or Store).
 
     ``pipe``: an already loaded pipeline (else ``config.model`` is loaded with
-    :func:`prcore.models.load_pipeline`). ``work_dir``: where LoRAs are trained (a temporary
+    :func:`prcore.method.models.load_pipeline`). ``work_dir``: where LoRAs are trained (a temporary
     folder by default; they are not part of the output).
     """
-    from prcore.models import load_pipeline
-    from prcore.sampler import sample
-    from prcore.storage import open_store
-    from prcore.training import load_subject_lora, train_subject_lora, unload_subject_lora
+    from prcore.method.models import load_pipeline
+    from prcore.method.sampler import sample
+    from prcore.store.storage import open_store
+    from prcore.method.dco import load_subject_lora, train_subject_lora, unload_subject_lora
 
     started = time.perf_counter()
     store = open_store(output) if isinstance(output, (str, Path)) else output

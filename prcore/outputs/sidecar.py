@@ -7,7 +7,7 @@ Layout under one root (a folder or ``s3://bucket/prefix``)::
     catalog/run_date=YYYY-MM-DD/...parquet   one row per image
     runs/{run_id}/                           summary.json, contact sheets, failure report
 
-Keys are built only from ids that pass :func:`prcore.manifest.is_safe_id` and from hex
+Keys are built only from ids that pass :func:`prcore.data.manifest.is_safe_id` and from hex
 fingerprints; anything else raises ``ValueError`` before a key exists.
 """
 
@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from prcore.fingerprint import canonical_json, sha256_bytes
+from prcore.data.fingerprint import canonical_json, sha256_bytes
 
 IMAGES_PREFIX = "images"
 LORAS_PREFIX = "loras"
@@ -33,7 +33,7 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def _safe(kind: str, value: str) -> str:
-    from prcore.manifest import is_safe_id
+    from prcore.data.manifest import is_safe_id
 
     if not is_safe_id(value):
         raise ValueError(f"{kind} {value!r} is not a safe id (letters, digits, '.', '_', '-'; no '..'); no key was built")
@@ -131,7 +131,7 @@ _FORBIDDEN_RECORD_KEYS = re.compile(r"(secret|password|token|credential|access_k
 
 
 def write_image(store: Any, request: Any, index: int, image: Any, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write image ``index`` of ``request`` (an :class:`prcore.manifest.ImageRequest`): PNG first, then
+    """Write image ``index`` of ``request`` (an :class:`prcore.data.manifest.ImageRequest`): PNG first, then
     the JSON sidecar, which is the commit marker. Returns the sidecar dict.
 
     ``record`` adds fields to the sidecar (prompts as rendered, model ids, lora_fp, timings, ...);

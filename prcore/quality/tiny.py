@@ -1,7 +1,7 @@
 """Tiny, randomly initialised CLIP and ViT (DINO-style) model folders for tests and demos.
 
 They are written with ``save_pretrained`` (safetensors) together with their tokenizer and image
-processor, so :class:`prcore.metrics.Scorer` loads them through exactly the path it uses for
+processor, so :class:`prcore.quality.scorer.Scorer` loads them through exactly the path it uses for
 ``openai/clip-vit-large-patch14`` or ``facebook/dino-vits16``. Nothing is downloaded.
 """
 
@@ -16,7 +16,7 @@ def build_tiny_clip(path: str | Path, *, seed: int = 0, image_size: int = 32) ->
     """Write a tiny ``CLIPModel`` folder (model, CLIP tokenizer, ``CLIPImageProcessor``)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from prcore.models import write_clip_tokenizer
+    from prcore.method.models import write_clip_tokenizer
 
     path = Path(path)
     write_clip_tokenizer(path)

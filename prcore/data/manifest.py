@@ -10,7 +10,7 @@ per row. :class:`SubjectJob` keeps its requests in columnar form and builds the
 :class:`ImageRequest` objects when ``job.requests`` is first read (per subject, by whoever
 processes it).
 
-Fingerprints (see ``prcore.fingerprint`` for ``mix64``)::
+Fingerprints (see ``prcore.data.fingerprint`` for ``mix64``)::
 
     subject_fp = fingerprint("subject-spec", 1, {base_model, instance_images (URIs), class_noun,
                                                  identifier, instance_prompts, train_overrides})
@@ -20,7 +20,7 @@ Fingerprints (see ``prcore.fingerprint`` for ``mix64``)::
     req_fp     = hex(mix64(mix64(u64(subject_fp), u64(spec_fp)), seed if given else 2**64-1))
 
 Image bytes are not read at plan time: replacing an image's bytes under the same URI does not
-change ``req_fp``. The LoRA fingerprint (``prcore.training.lora_fingerprint``) hashes the bytes at
+change ``req_fp``. The LoRA fingerprint (``prcore.method.dco.lora_fingerprint``) hashes the bytes at
 training time. ``num_images`` is not part of ``req_fp``: raising it adds images, keeping the done ones.
 """
 
@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from prcore.fingerprint import SEED_MASK, fingerprint, image_seed, mix64, sha256_u64
-from prcore.uris import resolve_uri
+from prcore.data.fingerprint import SEED_MASK, fingerprint, image_seed, mix64, sha256_u64
+from prcore.store.uris import resolve_uri
 
 __all__ = [
     "COLUMNS",
@@ -63,7 +63,7 @@ __all__ = [
     "validate",
 ]
 
-# Kept equal to prcore.guidance.GUIDANCE_MODES (a test checks); not imported, so that reading a
+# Kept equal to prcore.method.guidance.GUIDANCE_MODES (a test checks); not imported, so that reading a
 # manifest does not import torch.
 GUIDANCE_MODES: tuple[str, ...] = ("parallel_rescaled", "consistency", "cfg", "pretrained")
 
@@ -126,7 +126,7 @@ COLUMNS: dict[str, ColumnSpec] = {
 }
 QC_COLUMNS = ("qc_clip_t", "qc_clip_i", "qc_dino")
 
-# TrainConfig fields (docs/INTERFACES.md, prcore.training) that a manifest may override as
+# TrainConfig fields (docs/INTERFACES.md, prcore.method.dco) that a manifest may override as
 # ``train_<field>`` columns, with their kinds.
 TRAIN_FIELDS: dict[str, str] = {
     "steps": INT,
@@ -250,7 +250,7 @@ class Manifest:
 
 def _list_manifest_files(uri: str) -> list[str]:
     if uri.startswith("s3://"):
-        from prcore.storage import S3Store
+        from prcore.store.storage import S3Store
 
         store = S3Store(uri)
         if uri.endswith(".parquet"):
@@ -280,7 +280,7 @@ def _list_manifest_files(uri: str) -> list[str]:
 
 def _read_parquet(uri: str) -> pl.DataFrame:
     if uri.startswith("s3://"):
-        from prcore.uris import read_uri_bytes
+        from prcore.store.uris import read_uri_bytes
 
         data = read_uri_bytes(uri)
         return pl.read_parquet(io.BytesIO(data))
@@ -663,7 +663,7 @@ def _validate_uris(c: _Collector, m: Manifest, *, check_images: bool, workers: i
         resolved = [m.resolve(u, f) for u, f in to_check]
         client = None
         if any(u.startswith("s3://") for u in resolved):  # one client (thread-safe) for all S3 reads
-            from prcore.storage import make_s3_client
+            from prcore.store.storage import make_s3_client
 
             client = make_s3_client()
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -689,8 +689,8 @@ def _image_problem(uri: str, client: Any = None) -> str | None:
     """None when ``uri`` holds a decodable image, else what is wrong."""
     from PIL import Image
 
-    from prcore.storage import StoreError
-    from prcore.uris import read_uri_bytes
+    from prcore.store.storage import StoreError
+    from prcore.store.uris import read_uri_bytes
 
     try:
         data = read_uri_bytes(uri, client=client)
@@ -781,7 +781,7 @@ class ImageRequest:
         return [i for i, d in enumerate(self.done) if not d]
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``prcore.sampler.sample`` (guidance_scale -> cfg_scale)."""
+        """Keyword arguments for ``prcore.method.sampler.sample`` (guidance_scale -> cfg_scale)."""
         p = self.params
         return {
             "guidance": p["guidance"],
@@ -839,7 +839,7 @@ class SubjectJob:
 
 def _build_requests(job: SubjectJob) -> list[ImageRequest]:
     """ImageRequest objects from the job's planned columns (ids were validated by :func:`plan`)."""
-    from prcore.outputs import IMAGES_PREFIX
+    from prcore.outputs.sidecar import IMAGES_PREFIX
 
     if job._rows is None or job.n_requests == 0:
         return []
@@ -875,7 +875,7 @@ def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int 
     Lists ``images/{subject_id}/`` per subject when there are few subjects, else ``images/`` once;
     a PNG without its JSON sidecar is not done.
     """
-    from prcore.outputs import IMAGES_PREFIX
+    from prcore.outputs.sidecar import IMAGES_PREFIX
 
     if len(subject_ids) <= per_subject_limit:
         keys: list[str] = []

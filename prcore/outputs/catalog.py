@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from prcore.outputs import CATALOG_PREFIX, catalog_key
+from prcore.outputs.sidecar import CATALOG_PREFIX, catalog_key
 
 CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String(),
@@ -51,7 +51,7 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "lora_fp": pl.String(),
     "code_version": pl.String(),
     "seconds": pl.Float64(),
-    # quality scores (prcore.metrics) and the QC verdict; null when no scoring model is configured
+    # quality scores (prcore.quality.scorer) and the QC verdict; null when no scoring model is configured
     "clip_t": pl.Float64(),
     "clip_i": pl.Float64(),
     "dino": pl.Float64(),

@@ -1,7 +1,7 @@
 """Personalized sampling with parallel-rescaled consistency guidance on SD 1.x/2.x and SDXL pipelines.
 
 The denoising loop is assembled from the pipeline's public parts (``encode_prompt``, its UNet,
-VAE and ``image_processor``) and a fresh scheduler (:mod:`prcore.schedulers`). At every step the
+VAE and ``image_processor``) and a fresh scheduler (:mod:`prcore.method.schedulers`). At every step the
 three noise predictions of the method
 
     e_u   pretrained model (LoRA off), negative prompt
@@ -9,8 +9,8 @@ three noise predictions of the method
     e_p   fine-tuned model (LoRA on),  personal prompt  (template with {subject} -> identifier + class noun)
 
 come from ONE batched UNet forward over rows [e_u, e_c, e_p] (3 * num_images rows); the LoRA is
-routed to the e_p rows only (:func:`prcore.adapters.per_sample_adapters`). They are combined by
-:mod:`prcore.guidance`:
+routed to the e_p rows only (:func:`prcore.method.adapters.per_sample_adapters`). They are combined by
+:mod:`prcore.method.guidance`:
 
     e_hat = e_u + w_cfg * g_cfg + w_cg * (g_ort + eta * g_par),   g_cfg = e_c - e_u,  g_cg = e_p - e_c
 """
@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from prcore import guidance as G
-from prcore.adapters import (
+from prcore.method import guidance as G
+from prcore.method.adapters import (
     BASE,
     adapter_names_of,
     adapter_state_preserved,
@@ -39,8 +39,8 @@ from prcore.adapters import (
     per_sample_adapters,
     use_adapter,
 )
-from prcore.fingerprint import image_seed
-from prcore.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
+from prcore.data.fingerprint import image_seed
+from prcore.method.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
 
 BatchMode = Literal["auto", "batched", "separate"]
 SEED_MAX = 2**63 - 1
@@ -90,7 +90,7 @@ def render_prompts(template: str, class_noun: str, identifier: str) -> tuple[str
 
 
 def image_seeds(seed: int | Sequence[int], num_images: int) -> list[int]:
-    """Per-image seeds: ``seeds[i]`` as given, or ``prcore.fingerprint.image_seed(seed, i)`` for an int.
+    """Per-image seeds: ``seeds[i]`` as given, or ``prcore.data.fingerprint.image_seed(seed, i)`` for an int.
 
     Image i's noise depends on its seed only, so it is the same whatever ``num_images`` is, and
     ``prcore sample --seed S`` draws what a manifest row with ``seed = S`` draws.

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prcore.models import default_device, resolve_dtype
+from prcore.method.models import default_device, resolve_dtype
 
 METRICS: tuple[str, ...] = ("clip_t", "clip_i", "dino")
 """Every metric name :class:`Scorer` can produce (and the catalogue/sidecar field names)."""
@@ -76,7 +76,7 @@ class ImageScorerProtocol(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
-# model loading (cached per process, like prcore.models.load_pipeline)
+# model loading (cached per process, like prcore.method.models.load_pipeline)
 
 
 @dataclass(frozen=True)
@@ -555,7 +555,7 @@ def _base_prompt(sidecar: Mapping[str, Any]) -> str | None:
 def _reference_images(subject_id: str, sidecar: Mapping[str, Any], reference_uris: Mapping[str, Sequence[str]] | None) -> list[bytes] | None:
     """A subject's reference image bytes: ``reference_uris[subject_id]`` when given, else the
     sidecar's ``instance_images`` URIs (file paths, file://, s3://)."""
-    from prcore.uris import read_uri_bytes
+    from prcore.store.uris import read_uri_bytes
 
     uris = (reference_uris or {}).get(subject_id) or sidecar.get("instance_images")
     if not uris:
@@ -576,7 +576,7 @@ def reference_uris_from_folder(folder: str | Path) -> dict[str, list[str]]:
 
 def reference_uris_from_manifest(uri: str | Path) -> dict[str, list[str]]:
     """``{subject_id: [resolved instance image URIs]}`` from a manifest (file, folder or s3 prefix)."""
-    from prcore.manifest import load_manifest
+    from prcore.data.manifest import load_manifest
 
     manifest = load_manifest(str(uri))
     out: dict[str, list[str]] = {}
