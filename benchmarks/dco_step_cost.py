@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids contention on shared cores)")
     args = ap.parse_args(argv)
 
-    from prcore.method.models import build_tiny_pipeline, load_pipeline
-    from prcore.method.dco import TrainConfig, train_subject_lora
+    from prcore.data.schema import TrainConfig
+    from prcore.method.dco import train_subject_lora
+    from prcore.method.models import load_pipeline
+    from prcore.method.tiny import build_tiny_pipeline
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)

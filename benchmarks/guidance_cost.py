@@ -55,8 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    from prcore.method.models import build_tiny_pipeline, load_pipeline
+    from prcore.method.models import load_pipeline
     from prcore.method.sampler import image_seeds, sample
+    from prcore.method.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_pipeline(Path(tmp) / "tiny-sd", "sd", sample_size=args.size // 4)

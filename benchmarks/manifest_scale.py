@@ -23,7 +23,9 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prcore.data.manifest import load_manifest, plan, validate  # noqa: E402
+from prcore.data.load import load_manifest
+from prcore.data.plan import plan
+from prcore.data.validate import validate  # noqa: E402
 from prcore.store.storage import LocalStore  # noqa: E402
 
 

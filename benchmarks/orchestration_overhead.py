@@ -72,7 +72,7 @@ def main() -> None:
         from prefect_harness import manifest_rows, upload_manifest
 
         from flows.nightly import nightly_batch
-        from prcore.method.models import build_tiny_pipeline
+        from prcore.method.tiny import build_tiny_pipeline
 
         dlogging.set_verbosity_error()
         t_imports = time.perf_counter() - t0
@@ -90,9 +90,12 @@ def main() -> None:
         t_api = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        state = nightly_batch(manifest=manifest, output="s3://bench/out", model=model, train={"steps": args.train_steps},
-                              device="cpu", dtype="float32", subjects_per_shard=args.subjects_per_shard,
-                              cache_dir=str(tmp / "cache"), use_gpu_limit=False, return_state=True)
+        from prcore.pipeline.settings import FanOut, RunSettings
+
+        settings = RunSettings.model_validate({"model": model, "train": {"steps": args.train_steps}, "cache_dir": str(tmp / "cache"),
+                                               "placement": {"device": "cpu", "dtype": "float32"}})
+        state = nightly_batch(manifest=manifest, output="s3://bench/out", settings=settings,
+                              fan_out=FanOut(subjects_per_shard=args.subjects_per_shard, use_gpu_limit=False), return_state=True)
         wall = time.perf_counter() - t0
         if not state.is_completed():
             raise SystemExit(f"the flow did not complete: {state}")

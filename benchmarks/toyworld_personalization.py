@@ -244,10 +244,12 @@ def sample_sheet(rows: list[tuple[str, list]], refs: list, path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from prcore.data.schema import TrainConfig
+    from prcore.method.dco import train_subject_lora
+    from prcore.method.lora_io import load_subject_lora, unload_subject_lora
     from prcore.method.models import load_pipeline
     from prcore.method.sampler import sample
     from prcore.toyworld.instruments import ToyScorer
-    from prcore.method.dco import TrainConfig, load_subject_lora, train_subject_lora, unload_subject_lora
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -283,7 +285,7 @@ def run(args: argparse.Namespace) -> dict:
             for st in plan:
                 o = sample(pipe, prompt=template, class_noun=s.class_noun, identifier=IDENTIFIER,
                            adapter_name=adapters[st.lora] if st.lora else None, guidance=st.guidance,
-                           cfg_scale=args.cfg_scale, consistency_scale=st.consistency_scale or 0.0,
+                           guidance_scale=args.guidance_scale, consistency_scale=st.consistency_scale or 0.0,
                            parallel_scale=st.parallel_scale, num_inference_steps=args.steps, seed=seeds,
                            num_images=len(seeds), progress=False)
                 scores = scorer.score(o.images, o.base_prompt, ref_emb)
@@ -291,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
                     rows.append({"subject": s.subject_id, "prompt_id": pid, "prompt": template, "kind": kind,
                                  "setting": st.label, "method": st.method, "guidance": st.guidance,
                                  "consistency_scale": st.consistency_scale, "parallel_scale": st.parallel_scale,
-                                 "cfg_scale": args.cfg_scale, "seed": seed, **sc})
+                                 "guidance_scale": args.guidance_scale, "seed": seed, **sc})
                 if pid in sheet_prompts and st.label in args.sheet_settings:
                     sheet_rows.append((f"{st.label} p{pid}", o.images))
         if sheet_rows:
@@ -316,7 +318,7 @@ def write_results(out: Path, rows: list[dict], args: argparse.Namespace, plan: l
     summary = {
         "command": " ".join(["python", "benchmarks/toyworld_personalization.py", *sys.argv[1:]]),
         "model": str(args.model), "subjects": subjects_done, "subjects_planned": args.subjects, "prompts": n_prompts,
-        "seeds": args.seeds, "settings": [st.label for st in plan], "images": scores.height, "cfg_scale": args.cfg_scale,
+        "seeds": args.seeds, "settings": [st.label for st in plan], "images": scores.height, "guidance_scale": args.guidance_scale,
         "steps": args.steps, "lora": {"steps": args.lora_steps, "lr": args.lora_lr, "rank": args.lora_rank,
                                        "batch": args.lora_batch, "dco_beta": args.dco_beta},
         "seconds_total": seconds, "seconds_training": train_seconds,
@@ -365,7 +367,7 @@ def report_markdown(table: pl.DataFrame, summary: dict, scores: pl.DataFrame | N
         "",
         f"Model: `{summary['model']}`; {summary['subjects']} subjects (of {summary['subjects_planned']} planned) x {summary['prompts']} prompts x {summary['seeds']} seeds "
         f"= {summary['subjects'] * summary['prompts'] * summary['seeds']} images per setting, {summary['images']} in all; "
-        f"CFG {summary['cfg_scale']}, {summary['steps']} DDIM steps; LoRA {summary['lora']}. "
+        f"CFG {summary['guidance_scale']}, {summary['steps']} DDIM steps; LoRA {summary['lora']}. "
         f"Run time {summary['seconds_total']:.0f} s (LoRA training {summary['seconds_training']:.0f} s).",
         "",
         "Alignment = mean classifier probability of the prompt's background/scene and style; fidelity = mean identity-embedding "
@@ -394,7 +396,7 @@ def report_markdown(table: pl.DataFrame, summary: dict, scores: pl.DataFrame | N
 
 def base_quality(args: argparse.Namespace) -> dict:
     """Text-to-image quality of the base model on fresh world captions: classifier accuracy per
-    attribute of pictures generated at ``--cfg-scale`` (DDIM, ``--steps``), against chance."""
+    attribute of pictures generated at ``--guidance-scale`` (DDIM, ``--steps``), against chance."""
     import torch
     from PIL import Image
 
@@ -414,12 +416,12 @@ def base_quality(args: argparse.Namespace) -> dict:
     t0 = time.time()
     for i in range(0, len(caps), 50):
         g = [torch.Generator().manual_seed(1000 + j) for j in range(i, min(i + 50, len(caps)))]
-        images += pipe(caps[i : i + 50], num_inference_steps=args.steps, guidance_scale=args.cfg_scale, generator=g).images
+        images += pipe(caps[i : i + 50], num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=g).images
     preds = scorer.classify(images)
     acc = {k: float(np.mean([p[k] == getattr(s, k) for p, s in zip(preds, specs, strict=True)])) for k in HEADS}
     chance = {k: 1.0 / len(v) for k, v in HEADS.items()}
     result = {"command": " ".join(["python", "benchmarks/toyworld_personalization.py", *sys.argv[1:]]),
-              "prompts": len(caps), "cfg_scale": args.cfg_scale, "steps": args.steps, "accuracy": acc, "chance": chance,
+              "prompts": len(caps), "guidance_scale": args.guidance_scale, "steps": args.steps, "accuracy": acc, "chance": chance,
               "seconds": time.time() - t0}
     (out / "toyworld_base_quality.json").write_text(json.dumps(result, indent=2))
     cols = 8
@@ -442,7 +444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompts-per-kind", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--cfg-scale", type=float, default=5.0)
+    ap.add_argument("--guidance-scale", type=float, default=5.0)
     ap.add_argument("--consistency-scales", type=float, nargs="+", default=[1.0, 3.0])
     ap.add_argument("--parallel-scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     ap.add_argument("--lora-steps", type=int, default=80)

@@ -7,16 +7,16 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prcore.pipeline import runner
-from prcore.store.storage import open_store
+from prcore.outputs.sidecar import ImageRecord
+from prcore.pipeline.subject import RunContext, SubjectInputs, write_subject_catalog, write_subject_contact_sheet
 from tasks.common import RETRY_OPTIONS
 
 
 @task(name="write-catalog", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
-def write_catalog_task(job: Any, output: str, run_date: str, run_id: str, generated: int) -> str | None:
-    return runner.write_subject_catalog(open_store(output), run_date, job, run_id, generated=generated)
+def write_catalog_task(store: Any, run: RunContext, inputs: SubjectInputs, records: list[ImageRecord], generated: int) -> str | None:
+    return write_subject_catalog(store, run, inputs.job, records, generated=generated)
 
 
 @task(name="contact-sheet", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
-def contact_sheet_task(job: Any, output: str, run_id: str) -> str | None:
-    return runner.write_contact_sheet(open_store(output), run_id, job)
+def contact_sheet_task(store: Any, run: RunContext, inputs: SubjectInputs, records: list[ImageRecord]) -> str | None:
+    return write_subject_contact_sheet(store, run, inputs, records)

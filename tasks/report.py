@@ -15,8 +15,8 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from prcore.pipeline import runner
-from prcore.store.storage import open_store
+from prcore.outputs import reports
+from prcore.store.keys import shard_record_key
 from tasks.common import RETRY_OPTIONS
 
 
@@ -28,41 +28,38 @@ def artifact_key(*parts: str) -> str:
 
 
 @task(name="write-shard-record", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
-def write_shard_record_task(output: str, record: runner.ShardRecord) -> str:
-    key = runner.shard_record_key(record.run_id, record.shard)
-    open_store(output).put(key, record.to_json(), content_type="application/json")
+def write_shard_record_task(store: Any, record: reports.ShardRecord) -> str:
+    key = shard_record_key(record.run_id, record.shard)
+    store.put(key, record.to_json(), content_type="application/json")
     return key
 
 
 @task(name="read-shard-record", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
-def read_shard_record_task(output: str, run_id: str, shard_index: int) -> runner.ShardRecord | None:
-    store = open_store(output)
-    key = runner.shard_record_key(run_id, shard_index)
+def read_shard_record_task(store: Any, run_id: str, shard_index: int) -> reports.ShardRecord | None:
+    key = shard_record_key(run_id, shard_index)
     if not store.exists(key):
         return None
-    return runner.ShardRecord.from_json(store.get(key))
+    return reports.ShardRecord.from_json(store.get(key))
 
 
 @task(name="write-run-report", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
-def write_run_report_task(output: str, run_id: str, summary: dict[str, Any],
-                          failures: Sequence[runner.Failure]) -> dict[str, str]:
-    store = open_store(output)
+def write_run_report_task(store: Any, run_id: str, summary: dict[str, Any],
+                          failures: Sequence[reports.Failure]) -> dict[str, str]:
     return {
-        "summary": runner.write_summary(store, run_id, summary),
-        "failures": runner.write_failure_report(store, run_id, failures),
+        "summary": reports.write_summary(store, run_id, summary),
+        "failures": reports.write_failure_report(store, run_id, failures),
     }
 
 
-def publish_artifacts(output: str, run_id: str, results: Sequence[runner.SubjectResult],
-                      failures: Sequence[runner.Failure]) -> None:
+def publish_artifacts(store: Any, run_id: str, results: Sequence[reports.SubjectResult],
+                      failures: Sequence[reports.Failure]) -> None:
     """Table (one row per subject), contact sheets (markdown, S3 links presigned), failures."""
-    create_table_artifact(table=runner.table_rows(results), key="nightly-batch-subjects",
+    create_table_artifact(table=reports.table_rows(results), key="nightly-batch-subjects",
                           description=f"Run {run_id}: one row per subject")
-    store = open_store(output)
-    create_markdown_artifact(markdown=runner.contact_sheets_markdown(store, run_id, results),
+    create_markdown_artifact(markdown=reports.contact_sheets_markdown(store, run_id, results),
                              key="nightly-batch-contact-sheets", description=f"Run {run_id}: contact sheets")
     if failures:
-        create_markdown_artifact(markdown=runner.failures_markdown(run_id, failures), key="nightly-batch-failures",
+        create_markdown_artifact(markdown=reports.failures_markdown(run_id, failures), key="nightly-batch-failures",
                                  description=f"Run {run_id}: failed subjects")
 
 

@@ -29,14 +29,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
-    from prcore.method.models import build_tiny_pipeline
+    from prcore.method.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", "sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory) -> Path:
-    from prcore.method.models import build_tiny_pipeline
+    from prcore.method.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
 

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from prcore.quality.dreambench import BenchConfig, BenchError, load_protocol, parse_train_overrides, run_dreambench, summarize
+from prcore.quality.dreambench import (
+    BenchConfig,
+    BenchError,
+    load_protocol,
+    parse_train_overrides,
+    run_dreambench,
+    summarize,
+)
 from prcore.quality.scorer import Scorer
 from prcore.quality.tiny import build_tiny_clip, build_tiny_dino
 
@@ -113,6 +120,9 @@ class MeanColorScorer:
 
     metrics = ("redness",)
 
+    def embed_references(self, references):
+        return references
+
     def score(self, images, prompt, references):
         return [{"redness": float(np.asarray(im, dtype=np.float32)[..., 0].mean() / 255.0)} for im in images]
 
@@ -145,7 +155,7 @@ def test_prcore_bench_dreambench_cli(tiny_sd, tiny_sd_path, bench_scorer, lora_d
     out = tmp_path / "bench-cli"
     args = ["bench", "dreambench", "--data", str(data), "--model", str(tiny_sd_path), "--output", str(out),
             "--clip-model", bench_scorer.clip_model, "--dino-model", bench_scorer.dino_model, "--device", "cpu",
-            "--subjects", "red_toy", "--prompts-per-subject", "2", "--images-per-prompt", "1", "--steps", "2",
+            "--subjects", "red_toy", "--prompts-per-subject", "2", "--images-per-prompt", "1", "--num-inference-steps", "2",
             "--modes", "parallel_rescaled,cfg", "--height", str(SIZE), "--width", str(SIZE), "--work-dir", str(lora_dir),
             "--train-steps", "2", "--train", "rank=2", "--train", "alpha=2.0", "--train", "resolution=32"]
     res = CliRunner().invoke(app, args)

@@ -9,10 +9,14 @@ import polars as pl
 import pytest
 import typer
 from PIL import Image
+from prcore_testing import record_for
 from typer.testing import CliRunner
 
 from prcore.cli import build_app
-from prcore.data.manifest import GenerationDefaults, load_manifest, plan, validate
+from prcore.data.load import load_manifest
+from prcore.data.plan import plan
+from prcore.data.schema import GenerationDefaults
+from prcore.data.validate import validate
 from prcore.outputs.sidecar import write_image
 from prcore.store.storage import LocalStore
 
@@ -69,7 +73,7 @@ def test_show_counts_done(run, tmp_path):
     out = tmp_path / "out"
     manifest = load_manifest(REPO / "manifests" / "demo.parquet")
     job = plan(manifest, store=LocalStore(out), defaults=GenerationDefaults())[0]
-    write_image(LocalStore(out), job.requests[0], 0, Image.new("RGB", (8, 8)))
+    write_image(LocalStore(out), record_for(job.requests[0], 0), Image.new("RGB", (8, 8)))
     res = run("show", REPO / "manifests" / "demo.parquet", "--output", out)
     assert res.exit_code == 0, res.output
     n_images = int(manifest.df["num_images"].sum())

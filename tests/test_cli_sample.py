@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import typer
 from PIL import Image
@@ -38,7 +39,7 @@ def invoke(app, *args):
 
 def base_args(model, lora, out):
     return ["--model", model, "--lora", lora, "--prompt", "a {subject} in the snow", "--class-noun", "dog",
-            "--identifier", "sks", "--out", out, "--steps", 2, "--height", 32, "--width", 32, "--no-progress"]
+            "--identifier", "sks", "--out", out, "--num-inference-steps", 2, "--height", 32, "--width", 32, "--no-progress"]
 
 
 def test_writes_pngs_and_never_overwrites(app, model_and_lora, tmp_path):
@@ -54,6 +55,10 @@ def test_writes_pngs_and_never_overwrites(app, model_and_lora, tmp_path):
         record = json.loads(p.with_suffix(".json").read_text())
         assert record["personal_prompt"] == "a sks dog in the snow" and record["parallel_scale"] == 0.3
         assert record["unet_batching"] == "batched"
+        from prcore.outputs.sidecar import ImageRecord
+
+        assert ImageRecord.from_dict(record).to_dict() == record  # the flow's sidecar schema
+        assert (record["class_noun"], record["identifier"], record["height"]) == ("dog", "sks", 32) and record["scheduler"]
     before = [p.read_bytes() for p in pngs]
     again = invoke(app, *base_args(model, lora, out), "--num-images", 2, "--seed", 4)
     assert again.exit_code == 2
@@ -62,7 +67,8 @@ def test_writes_pngs_and_never_overwrites(app, model_and_lora, tmp_path):
     # the same request into another folder gives the same pixels
     twin = invoke(app, *base_args(model, lora, tmp_path / "twin"), "--num-images", 2, "--seed", 4, "--parallel-scale", 0.3)
     assert twin.exit_code == 0
-    assert [p.read_bytes() for p in sorted((tmp_path / "twin").glob("*.png"))] == before
+    pixels = lambda paths: [np.asarray(Image.open(p)) for p in paths]  # noqa: E731 (the text chunk has a timestamp)
+    assert all((a == b).all() for a, b in zip(pixels(sorted((tmp_path / "twin").glob("*.png"))), pixels(pngs), strict=True))
 
 
 def test_pretrained_needs_no_lora(app, model_and_lora, tmp_path):
@@ -81,7 +87,7 @@ def test_pretrained_needs_no_lora(app, model_and_lora, tmp_path):
         ({"--prompt": "a dog in the snow"}, "no {subject} placeholder"),
         ({"--guidance": "magic"}, "--guidance 'magic' is not one of"),
         ({"--scheduler": "warp"}, "--scheduler 'warp' is unknown; choose one of: ddim"),
-        ({"--cfg-scale": -1}, "--cfg-scale must be >= 0"),
+        ({"--guidance-scale": -1}, "--guidance-scale must be >= 0"),
         ({"--parallel-scale": -0.5}, "--parallel-scale must be >= 0"),
         ({"--lora": "MISSING"}, "no such folder"),
         ({"--lora": "EMPTY"}, "pytorch_lora_weights.safetensors is missing"),

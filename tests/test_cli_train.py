@@ -32,7 +32,7 @@ def invoke(app, *args):
 
 def base_args(model, images, out):
     return ["--model", model, "--images", images, "--class-noun", "dog", "--identifier", "sks", "--out", out,
-            "--steps", 2, "--rank", 2, "--alpha", 1, "--resolution", 32, "--device", "cpu", "--dtype", "float32",
+            "--train-steps", 2, "--rank", 2, "--alpha", 1, "--resolution", 32, "--device", "cpu", "--dtype", "float32",
             "--no-progress"]
 
 
@@ -51,7 +51,7 @@ def test_trains_then_reuses(app, tiny_sd_path, image_dir, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"--steps": 0}, "steps must be a positive integer"),
+    ({"--train-steps": 0}, "steps must be a positive integer"),
     ({"--rank": -1}, "rank must be a positive integer"),
     ({"--identifier": "dog"}, "collides with the class noun"),
     ({"--images": "EMPTY"}, "no instance images found"),

@@ -60,10 +60,11 @@ def bucket(s3):
     return name
 
 
-def run_nightly(cluster, *, manifest: str, output: str, watch: bool = True, **params) -> tuple[int, str]:
+def run_nightly(cluster, *, manifest: str, output: str, watch: bool = True, subjects_per_shard: int = 1) -> tuple[int, str]:
     """`prefect deployment run 'nightly-batch/nightly' --params JSON [--watch]`: (exit code, output)."""
-    all_params = {"manifest": manifest, "output": output, "model": cluster["model"], "fan_out": "deployment",
-                  "subjects_per_shard": 1, "train": TRAIN, "device": "cpu", "dtype": "float32", **params}
+    settings = {"model": cluster["model"], "train": TRAIN, "placement": {"device": "cpu", "dtype": "float32"}}
+    all_params = {"manifest": manifest, "output": output, "settings": settings,
+                  "fan_out": {"mode": "deployment", "subjects_per_shard": subjects_per_shard}}
     args = ["deployment", "run", "nightly-batch/nightly", "--params", json.dumps(all_params)]
     if watch:
         args += ["--watch", "--watch-timeout", "600"]
@@ -92,10 +93,11 @@ def latest_summary(s3, bucket: str, prefix: str) -> dict:
 
 
 def expected_images(manifest_uri: str, output: str, model: str) -> list[str]:
-    from prcore.pipeline import runner
+    from prcore.data.schema import GenerationDefaults
+    from prcore.pipeline.subject import plan_jobs
     from prcore.store.storage import open_store
 
-    jobs = runner.plan_jobs(manifest_uri, open_store(output), model_id=model)
+    jobs = plan_jobs(manifest_uri, open_store(output), model_id=model, defaults=GenerationDefaults())
     return sorted(k for j in jobs for r in j.requests for k in r.keys)
 
 

@@ -24,10 +24,12 @@ def prefect_api():
 
 def run_flow(manifest: Path, output: Path, model: str, cache: Path, **params):
     from flows.nightly import nightly_batch
+    from prcore.pipeline.settings import FanOut, RunSettings
 
-    params = {"subjects_per_shard": 1, **params}
-    return nightly_batch(manifest=str(manifest), output=str(output), model=model, train=TRAIN, device="cpu",
-                         dtype="float32", cache_dir=str(cache), return_state=True, **params)
+    settings = RunSettings.model_validate({"model": model, "train": TRAIN, "placement": {"device": "cpu", "dtype": "float32"},
+                                           "cache_dir": str(cache)})
+    fan_out = FanOut(subjects_per_shard=params.pop("subjects_per_shard", 1), **params)
+    return nightly_batch(manifest=str(manifest), output=str(output), settings=settings, fan_out=fan_out, return_state=True)
 
 
 def read_artifacts(flow_run_id) -> dict[str, object]:
@@ -56,6 +58,16 @@ def test_local_fan_out_runs_every_subject_then_rerun_does_nothing(prefect_api, t
     rid = summary["run_id"]
     assert sorted(p.name for p in (out / "runs" / rid / "contact_sheets").glob("*.png")) == ["s0.png", "s1.png"]
     assert len(list((out / "catalog").rglob("*.parquet"))) == 2
+    # every descriptive catalogue column is filled for a flow-made image (scores aside: no scorer ran)
+    import polars as pl
+
+    cat = pl.read_parquet(str(out / "catalog" / "**" / "*.parquet"), hive_partitioning=True)
+    empty = [c for c in cat.columns if cat[c].null_count() == cat.height and c not in ("clip_t", "clip_i", "dino", "qc_pass")]
+    assert cat.height == 2 and empty == []
+    assert set(cat["class_noun"]) == {"dog", "toy"} and set(cat["identifier"]) == {"sks"} and cat["seconds"].min() > 0
+    assert cat["scheduler"].to_list() == ["DDIMScheduler"] * 2 and set(cat["device"]) == {"cpu"} and set(cat["dtype"]) == {"float32"}
+    extra = json.loads(cat["extra_json"][0])
+    assert extra["worker"]["pid"] > 0
     assert json.loads((out / "runs" / rid / "failures.json").read_text())["failures"] == []
 
     arts = read_artifacts(state.state_details.flow_run_id)

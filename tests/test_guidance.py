@@ -64,17 +64,17 @@ def test_zero_direction_gives_zero_parallel_and_no_nan(shape, seed, dtype):
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), w_cfg=scales, w_cg=scales)
 def test_parallel_scale_one_is_dco_consistency_guidance(shape, seed, w_cfg, w_cg):
     e_u, e_c, e_p = _tensors(seed, shape, 3, torch.float64)
-    ours = parallel_rescaled(e_u, e_c, e_p, cfg_scale=w_cfg, consistency_scale=w_cg, parallel_scale=1.0)
+    ours = parallel_rescaled(e_u, e_c, e_p, guidance_scale=w_cfg, consistency_scale=w_cg, parallel_scale=1.0)
     dco = e_u + w_cfg * (e_c - e_u) + w_cg * (e_p - e_c)
     torch.testing.assert_close(ours, dco, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(consistency(e_u, e_c, e_p, cfg_scale=w_cfg, consistency_scale=w_cg), dco)
+    torch.testing.assert_close(consistency(e_u, e_c, e_p, guidance_scale=w_cfg, consistency_scale=w_cg), dco)
 
 
 @settings(max_examples=40, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**31 - 1), w_cfg=scales, eta=st.floats(0, 2))
 def test_zero_consistency_scale_is_plain_cfg(shape, seed, w_cfg, eta):
     e_u, e_c, e_p = _tensors(seed, shape, 3, torch.float64)
-    ours = parallel_rescaled(e_u, e_c, e_p, cfg_scale=w_cfg, consistency_scale=0.0, parallel_scale=eta)
+    ours = parallel_rescaled(e_u, e_c, e_p, guidance_scale=w_cfg, consistency_scale=0.0, parallel_scale=eta)
     torch.testing.assert_close(ours, e_u + w_cfg * (e_c - e_u), rtol=1e-9, atol=1e-9)
 
 
@@ -83,7 +83,7 @@ def test_zero_consistency_scale_is_plain_cfg(shape, seed, w_cfg, eta):
 def test_parallel_rescaled_matches_equation(shape, seed, w_cfg, w_cg, eta):
     """Reference written out independently, per sample with flattened vectors."""
     e_u, e_c, e_p = _tensors(seed, shape, 3, torch.float64)
-    out = parallel_rescaled(e_u, e_c, e_p, cfg_scale=w_cfg, consistency_scale=w_cg, parallel_scale=eta)
+    out = parallel_rescaled(e_u, e_c, e_p, guidance_scale=w_cfg, consistency_scale=w_cg, parallel_scale=eta)
     for b in range(shape[0]):
         u, c, p = e_u[b].flatten(), e_c[b].flatten(), e_p[b].flatten()
         gcfg, gcg = c - u, p - c
@@ -97,8 +97,8 @@ def test_parallel_rescaled_matches_equation(shape, seed, w_cfg, w_cg, eta):
 def test_eta_only_changes_the_parallel_part(shape, seed, eta):
     """e_hat(eta) - e_hat(1) = w_cg (eta - 1) g_par, i.e. lies along g_cfg."""
     e_u, e_c, e_p = _tensors(seed, shape, 3, torch.float64)
-    a = parallel_rescaled(e_u, e_c, e_p, cfg_scale=5.0, consistency_scale=2.0, parallel_scale=eta)
-    b = parallel_rescaled(e_u, e_c, e_p, cfg_scale=5.0, consistency_scale=2.0, parallel_scale=1.0)
+    a = parallel_rescaled(e_u, e_c, e_p, guidance_scale=5.0, consistency_scale=2.0, parallel_scale=eta)
+    b = parallel_rescaled(e_u, e_c, e_p, guidance_scale=5.0, consistency_scale=2.0, parallel_scale=1.0)
     diff = (a - b).flatten(1)
     g_cfg = (e_c - e_u).flatten(1)
     cos = torch.nn.functional.cosine_similarity(diff, g_cfg, dim=1).abs()
@@ -112,9 +112,9 @@ def test_low_precision_inputs_accumulate_in_float32(seed, dtype):
     """fp16/bf16 in, same dtype out, and the value equals the float32 computation of the same inputs."""
     shape = (2, 4, 16, 16)
     e_u, e_c, e_p = _tensors(seed, shape, 3, dtype, 60.0)  # large values: fp16 dot products would overflow
-    out = parallel_rescaled(e_u, e_c, e_p, cfg_scale=7.5, consistency_scale=3.0, parallel_scale=0.5)
+    out = parallel_rescaled(e_u, e_c, e_p, guidance_scale=7.5, consistency_scale=3.0, parallel_scale=0.5)
     assert out.dtype == dtype
-    ref = parallel_rescaled(e_u.float(), e_c.float(), e_p.float(), cfg_scale=7.5, consistency_scale=3.0, parallel_scale=0.5)
+    ref = parallel_rescaled(e_u.float(), e_c.float(), e_p.float(), guidance_scale=7.5, consistency_scale=3.0, parallel_scale=0.5)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
     p, o = decompose(e_p - e_c, e_c - e_u)

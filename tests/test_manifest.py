@@ -9,16 +9,11 @@ import pytest
 from PIL import Image
 
 from prcore.data.fingerprint import image_seed
-from prcore.data.manifest import (
-    GUIDANCE_MODES,
-    GenerationDefaults,
-    ManifestInvalid,
-    default_prompt_id,
-    load_manifest,
-    plan,
-    validate,
-)
-from prcore.outputs.sidecar import image_key
+from prcore.data.load import default_prompt_id, load_manifest
+from prcore.data.plan import plan
+from prcore.data.schema import GUIDANCE_MODES, GenerationDefaults, ManifestInvalid
+from prcore.data.validate import validate
+from prcore.store.keys import image_key
 from prcore.store.storage import LocalStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,21 +66,13 @@ def test_valid_manifest_has_no_errors(tmp_path, images):
     assert errors_for(tmp_path, rows(images)) == []
 
 
-def test_guidance_modes_match_guidance_module():
-    # read the constant from the source: importing prcore.method.guidance would import torch (slow)
-    import ast
+def test_guidance_modes_have_one_owner():
+    """The schema names the modes; the guidance module implements exactly those (nothing else lists them)."""
+    from prcore.method.guidance import MODES
 
-    tree = ast.parse((REPO / "prcore" / "method" / "guidance.py").read_text())
-    values = [
-        ast.literal_eval(node.value)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.AnnAssign | ast.Assign)
-        and "GUIDANCE_MODES" in [getattr(t, "id", None) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
-    ]
-    assert values == [GUIDANCE_MODES]
-
-
-# ---- one test per validation rule ----------------------------------------------------------------
+    assert tuple(MODES) == GUIDANCE_MODES
+    hits = [p for p in (REPO / "prcore").rglob("*.py") if '"parallel_rescaled", "consistency", "cfg"' in p.read_text()]
+    assert [p.relative_to(REPO).as_posix() for p in hits] == ["prcore/data/schema.py"]
 
 
 def test_missing_required_column(tmp_path, images):

@@ -12,19 +12,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from prcore.quality.scorer import (
+from prcore.quality.evaluate import evaluate_outputs
+from prcore.quality.qc import (
     METRICS,
     ImageScorerProtocol,
-    MetricModelError,
     QCConfigError,
     QCThresholds,
-    RefEmbeddings,
-    Scorer,
-    evaluate_outputs,
     failed_metrics,
     qc_pass,
     score_and_qc,
 )
+from prcore.quality.scorer import MetricModelError, RefEmbeddings, Scorer
 from prcore.quality.tiny import build_tiny_clip, build_tiny_dino
 
 
@@ -253,8 +251,12 @@ def write_output_root(store, refs_dir, *, with_instance_images: bool = True) -> 
     """Two subjects x two prompts x two images, written as the runner writes them
     (prcore.outputs.sidecar.write_image: PNG, then the sidecar with the run's record), plus one orphan PNG
     without its sidecar (not committed, must not be scored)."""
-    from prcore.data.manifest import ImageRequest
-    from prcore.outputs.sidecar import image_key, write_image
+    from prcore_testing import record_for
+
+    from prcore.data.plan import ImageRequest
+    from prcore.data.schema import GenerationDefaults
+    from prcore.outputs.sidecar import write_image
+    from prcore.store.keys import image_key
 
     written = {}
     for s, (subject, noun) in enumerate((("dog1", "dog"), ("cat2", "cat"))):
@@ -266,15 +268,19 @@ def write_output_root(store, refs_dir, *, with_instance_images: bool = True) -> 
             ref_uris.append(str(ref_folder / f"{j}.png"))
         for p, (prompt_id, template) in enumerate((("p0", "a {subject} on the beach"), ("p1", "a {subject} in the snow"))):
             fp = f"{s}{p}" * 8
-            params = {"guidance": "parallel_rescaled", "guidance_scale": 7.5, "qc_dino": 0.0 if subject == "cat2" else None}
+            d = GenerationDefaults()
+            params = {k: getattr(d, k) for k in ("guidance", "guidance_scale", "consistency_scale", "parallel_scale",
+                                                  "num_inference_steps", "negative_prompt", "scheduler")}
             request = ImageRequest(subject, prompt_id, template, params, fp, seeds=[1, 2], done=[False, False],
                                    keys=[image_key(subject, prompt_id, fp, i) for i in range(2)])
             for i, im in enumerate(images(2, seed=200 + 10 * s + p)):
-                record = {"run_id": "run-a" if subject == "dog1" else "run-b", "base_prompt": template.format(subject=noun),
-                          "personal_prompt": template.format(subject=f"sks {noun}")}
+                extra = {"qc_dino": 0.0} if subject == "cat2" else {}
                 if with_instance_images:
-                    record["instance_images"] = ref_uris
-                write_image(store, request, i, im, record)
+                    extra["instance_images"] = ref_uris
+                record = record_for(request, i, run_id="run-a" if subject == "dog1" else "run-b", class_noun=noun,
+                                    base_prompt=template.format(subject=noun), personal_prompt=template.format(subject=f"sks {noun}"),
+                                    width=im.width, height=im.height, extra=extra)
+                write_image(store, record, im)
                 written[request.keys[i]] = im
     store.put("images/dog1/p0/" + "f" * 16 + "/0.png", _png(images(1, seed=999)[0]))  # orphan
     return written
@@ -340,7 +346,7 @@ def test_prcore_eval_cli(tiny_clip_path, tiny_dino_path, tmp_path):
     assert res.exit_code == 0, res.output
     assert "no reference images known" in res.output
     scored = [json.loads(p.read_text()) for p in root.glob("images/dog1/*/*/*.json")]
-    assert len(scored) == 4 and all("clip_t" in s and "clip_i" not in s for s in scored)
+    assert len(scored) == 4 and all(s["clip_t"] is not None and s["clip_i"] is None for s in scored)
     # references from a folder with one sub-folder per subject
     res = runner.invoke(app, ["eval", str(root), "--clip-model", str(tiny_clip_path), "--dino-model", str(tiny_dino_path),
                               "--device", "cpu", "--qc-dino", "1.0", "--references", str(tmp_path / "refs")])
@@ -359,7 +365,7 @@ def test_prcore_eval_cli(tiny_clip_path, tiny_dino_path, tmp_path):
 
 
 def test_reference_uris_from_manifest_and_folder(tmp_path):
-    from prcore.quality.scorer import reference_uris_from_folder, reference_uris_from_manifest
+    from prcore.quality.evaluate import reference_uris_from_folder, reference_uris_from_manifest
 
     (tmp_path / "imgs").mkdir()
     for name in ("a.png", "b.png"):

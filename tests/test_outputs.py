@@ -10,20 +10,15 @@ import polars as pl
 import pyarrow.dataset as pads
 import pytest
 from PIL import Image
+from prcore_testing import record_for
 
-from prcore.outputs.catalog import CATALOG_SCHEMA, read_catalog, write_catalog
 from prcore.data.fingerprint import sha256_bytes
-from prcore.data.manifest import GenerationDefaults, load_manifest, plan
-from prcore.outputs.sidecar import (
-    catalog_key,
-    image_key,
-    lora_prefix,
-    read_png_parameters,
-    read_sidecar,
-    run_key,
-    sidecar_key,
-    write_image,
-)
+from prcore.data.load import load_manifest
+from prcore.data.plan import plan
+from prcore.data.schema import GenerationDefaults
+from prcore.outputs.catalog import CATALOG_SCHEMA, read_catalog, write_catalog
+from prcore.outputs.sidecar import ImageRecord, read_png_parameters, read_sidecar, write_image
+from prcore.store.keys import catalog_key, image_key, lora_prefix, parse_image_key, run_key, sidecar_key
 from prcore.store.storage import LocalStore, open_store
 
 FP = "0123456789abcdef"
@@ -35,6 +30,16 @@ def test_keys_follow_the_layout():
     assert lora_prefix("dog1", FP) == f"loras/dog1/{FP}/"
     assert run_key("20260101T000000Z", "summary.json") == "runs/20260101T000000Z/summary.json"
     assert catalog_key("2026-01-02", "dog1", "r1") == "catalog/run_date=2026-01-02/r1--dog1.parquet"
+
+
+def test_every_image_key_parses_back_and_nothing_else_does():
+    for ext, build in (("png", image_key), ("json", sidecar_key)):
+        parsed = parse_image_key(build("dog1", "beach-1", FP, 12))
+        assert (parsed.subject_id, parsed.prompt_id, parsed.req_fp, parsed.index, parsed.ext) == ("dog1", "beach-1", FP, 12, ext)
+        assert parsed.png == image_key("dog1", "beach-1", FP, 12) and parsed.sidecar == sidecar_key("dog1", "beach-1", FP, 12)
+    for key in (f"images/dog1/beach/{FP}/x.png", f"images/dog1/{FP}/0.png", f"loras/dog1/{FP}/training.json",
+                f"images/../beach/{FP}/0.png", f"images/dog1/beach/{FP}/0.txt"):
+        assert parse_image_key(key) is None
 
 
 @pytest.mark.parametrize(
@@ -85,16 +90,18 @@ def test_write_image_png_chunk_and_sidecar_last(tmp_path, planned):
     store = RecordingStore(tmp_path / "out")
     req = plan(planned, store=store, defaults=GenerationDefaults(num_images=2))[0].requests[0]
     image = Image.new("RGB", (16, 16), (10, 20, 30))
-    side = write_image(store, req, 1, image, {"personal_prompt": "a sks dog on the beach", "lora_fp": FP, "seconds": 0.5})
+    side = write_image(store, record_for(req, 1, personal_prompt="a sks dog on the beach", lora_fp=FP, seconds=0.5,
+                                         width=16, height=16), image)
     assert store.puts == [req.keys[1], req.keys[1][:-4] + ".json"]  # sidecar is the last write
     png = store.get(req.keys[1])
-    assert side["sha256"] == sha256_bytes(png) and side["bytes"] == len(png)
-    assert side["seed"] == req.seeds[1] and side["req_fp"] == req.req_fp and side["index"] == 1
-    assert (side["width"], side["height"]) == (16, 16)
+    assert side.sha256 == sha256_bytes(png) and side.bytes == len(png)
+    assert side.seed == req.seeds[1] and side.req_fp == req.req_fp and side.index == 1
+    assert (side.width, side.height) == (16, 16)
     embedded = read_png_parameters(png)
     assert embedded["seed"] == req.seeds[1] and embedded["guidance_scale"] == 7.5
-    assert embedded["personal_prompt"] == "a sks dog on the beach"
-    assert read_sidecar(store, req.keys[1]) == json.loads(json.dumps(side))
+    assert embedded["personal_prompt"] == "a sks dog on the beach" and (embedded["width"], embedded["height"]) == (16, 16)
+    assert "sha256" not in embedded and read_sidecar(store, req.keys[1]) == side
+    assert ImageRecord.from_dict(json.loads(store.get(req.keys[1][:-4] + ".json"))) == side
     with Image.open(tmp_path / "out" / req.keys[1]) as im:
         assert im.size == (16, 16)
 
@@ -103,7 +110,7 @@ def test_write_image_refuses_credentials(tmp_path, planned):
     store = LocalStore(tmp_path / "out")
     req = plan(planned, store=store)[0].requests[0]
     with pytest.raises(ValueError, match="credential"):
-        write_image(store, req, 0, Image.new("RGB", (8, 8)), {"aws_secret_access_key": "x"})
+        write_image(store, record_for(req, 0, extra={"aws_secret_access_key": "x"}), Image.new("RGB", (8, 8)))
     assert list(store.list("")) == []
 
 
@@ -113,7 +120,7 @@ def test_rerun_skips_done_and_half_written_is_redone(tmp_path, planned):
     jobs = plan(planned, store=store, defaults=defaults)
     assert sum(j.n_done for j in jobs) == 0
     req = jobs[0].requests[0]
-    write_image(store, req, 0, Image.new("RGB", (8, 8)))
+    write_image(store, record_for(req, 0), Image.new("RGB", (8, 8)))
     store.put(req.keys[1], b"crashed before the sidecar")  # half-written: PNG only
     again = plan(planned, store=store, defaults=defaults)
     assert again[0].requests[0].done == [True, False]
@@ -127,19 +134,22 @@ def test_rerun_skips_done_and_half_written_is_redone(tmp_path, planned):
 def test_write_image_on_s3(s3_bucket, planned):
     store = open_store(f"s3://{s3_bucket}/run")
     req = plan(planned, store=store)[1].requests[0]
-    side = write_image(store, req, 0, Image.new("RGB", (8, 8), (255, 0, 0)))
+    side = write_image(store, record_for(req, 0), Image.new("RGB", (8, 8), (255, 0, 0)))
     assert store.exists(req.keys[0][:-4] + ".json")
-    assert sha256_bytes(store.get(req.keys[0])) == side["sha256"]
+    assert sha256_bytes(store.get(req.keys[0])) == side.sha256
     assert plan(planned, store=store)[1].requests[0].done[0] is True
 
 
 def _rows(subject, n, run_date):
-    return [
-        {"subject_id": subject, "prompt_id": "beach", "req_fp": FP, "index": i, "key": image_key(subject, "beach", FP, i),
-         "sha256": "ab" * 32, "bytes": 100 + i, "width": 64, "height": 64, "seed": 10 + i, "guidance_scale": 7.5,
-         "prompt_template": "a {subject} on the beach", "sample_seconds": 1.5, "clip_t": 0.3}
-        for i in range(n)
-    ]
+    from types import SimpleNamespace
+
+    request = SimpleNamespace(subject_id=subject, prompt_id="beach", req_fp=FP, prompt="a {subject} on the beach",
+                              keys=[image_key(subject, "beach", FP, i) for i in range(n)], seeds=[10 + i for i in range(n)],
+                              params={**{k: getattr(GenerationDefaults(), k) for k in ("guidance", "guidance_scale",
+                                      "consistency_scale", "parallel_scale", "num_inference_steps", "negative_prompt")},
+                                      "scheduler": None})
+    return [record_for(request, i, sha256="ab" * 32, bytes=100 + i, width=64, height=64, seconds=1.5, clip_t=0.3,
+                       run_date=run_date, extra={"meta_sku": "x"}) for i in range(n)]
 
 
 def test_catalog_readable_by_polars_pyarrow_duckdb(tmp_path):
@@ -154,7 +164,7 @@ def test_catalog_readable_by_polars_pyarrow_duckdb(tmp_path):
     assert df.height == 6 and set(df["run_date"].cast(pl.String)) == {"2026-01-01", "2026-01-02"}
     assert set(CATALOG_SCHEMA) <= set(df.columns)
     s2 = df.filter(pl.col("subject_id") == "s2")
-    assert json.loads(s2["extra_json"][0]) == {"sample_seconds": 1.5}
+    assert json.loads(s2["extra_json"][0])["meta_sku"] == "x" and s2["seconds"].to_list() == [1.5] * 3
     assert s2["clip_t"].to_list() == [0.3] * 3 and s2["dino"].null_count() == 3  # scores are columns
 
     table = pads.dataset(str(root), format="parquet", partitioning="hive").to_table()

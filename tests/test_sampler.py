@@ -154,11 +154,11 @@ def _reference_dco(pipe, *, personal, base, seed, steps, w_cfg, w_cg):
 
 
 def test_parallel_scale_one_reproduces_reference_dco_loop(sd):
-    out = run(sd, guidance="parallel_rescaled", parallel_scale=1.0, cfg_scale=5.0, consistency_scale=2.0, num_inference_steps=3, seed=11)
+    out = run(sd, guidance="parallel_rescaled", parallel_scale=1.0, guidance_scale=5.0, consistency_scale=2.0, num_inference_steps=3, seed=11)
     ref = _reference_dco(sd, personal=out.personal_prompt, base=out.base_prompt, seed=out.seeds[0], steps=3, w_cfg=5.0, w_cg=2.0)
-    assert (out.images - run(sd, guidance="pretrained", cfg_scale=5.0, num_inference_steps=3, seed=11).images).abs().max() > 0.05
+    assert (out.images - run(sd, guidance="pretrained", guidance_scale=5.0, num_inference_steps=3, seed=11).images).abs().max() > 0.05
     torch.testing.assert_close(out.images, ref, atol=ATOL, rtol=0)
-    dco = run(sd, guidance="consistency", cfg_scale=5.0, consistency_scale=2.0, num_inference_steps=3, seed=11)
+    dco = run(sd, guidance="consistency", guidance_scale=5.0, consistency_scale=2.0, num_inference_steps=3, seed=11)
     torch.testing.assert_close(out.images, dco.images, atol=ATOL, rtol=0)
 
 
@@ -229,10 +229,12 @@ def test_schedulers(sd, name):
 
 
 def test_sdxl_empty_negative_prompt_is_zeros(sdxl):
+    from prcore.method.families import family_of
     from prcore.method.sampler import _encode
 
-    assert sdxl.config.force_zeros_for_empty_prompt
-    zero = _encode(sdxl, "", adapters.BASE, 2, "cpu", zero=True)
+    family = family_of(sdxl)
+    assert family.name == "sdxl" and family.zero_negative(sdxl, "") and not family.zero_negative(sdxl, "blue")
+    zero = _encode(sdxl, family, "", adapters.BASE, 2, "cpu", zero=True).text
     assert zero.embeds.abs().max() == 0 and zero.pooled.abs().max() == 0 and zero.embeds.shape[0] == 2
     # a non-empty negative prompt is encoded normally
     neg = run(sdxl, negative_prompt="blue", seed=4).images
@@ -246,7 +248,7 @@ def test_sdxl_empty_negative_prompt_is_zeros(sdxl):
         ({"adapter_name": "nope"}, r"unknown adapter 'nope'.*loaded into this pipeline: subj"),
         ({"adapter_name": None}, "needs adapter_name"),
         ({"scheduler": "warp"}, r"unknown scheduler 'warp'; choose one of: ddim, euler, euler_ancestral, dpmpp_2m"),
-        ({"cfg_scale": -1.0}, "cfg_scale must be a number >= 0"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
         ({"consistency_scale": -0.5}, "consistency_scale must be a number >= 0"),
         ({"parallel_scale": -0.1}, "parallel_scale must be a number >= 0"),
         ({"height": 30}, "height=30 must be a positive multiple of the VAE factor 4"),
@@ -269,7 +271,7 @@ def test_pretrained_mode_matches_diffusers_own_pipeline(kind, request):
     """guidance='pretrained' is CFG of the base model: the same pixels as the pipeline's own __call__."""
     pipe = request.getfixturevalue(f"tiny_{kind}")  # the shared pipeline, no adapters; read-only use
     ours = sample(pipe, prompt=PROMPT, class_noun="dog", identifier="sks", adapter_name=None, guidance="pretrained",
-                  cfg_scale=6.0, num_inference_steps=4, height=SIZE, width=SIZE, seed=8, num_images=2, output_type="np", progress=False)
+                  guidance_scale=6.0, num_inference_steps=4, height=SIZE, width=SIZE, seed=8, num_images=2, output_type="np", progress=False)
     theirs = pipe(ours.base_prompt, num_inference_steps=4, guidance_scale=6.0, height=SIZE, width=SIZE, num_images_per_prompt=2,
                   generator=[torch.Generator().manual_seed(s) for s in ours.seeds], output_type="np").images
     assert np.abs(ours.images - ours.images.mean()).max() > 0.05

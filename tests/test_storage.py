@@ -13,7 +13,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from prcore.data.manifest import load_manifest, plan, validate
+from prcore.data.load import load_manifest
+from prcore.data.plan import plan
+from prcore.data.validate import validate
 from prcore.store.storage import (
     KeyNotFoundError,
     LocalStore,

@@ -127,7 +127,7 @@ def test_identity_embedding_separates_subjects(scorer):
 
 
 def test_scorer_has_the_product_scorer_interface(scorer):
-    from prcore.quality.scorer import ImageScorerProtocol
+    from prcore.quality.qc import ImageScorerProtocol
 
     assert isinstance(scorer, ImageScorerProtocol)
     img = world.render(world.Spec("circle", "red", "plain", "blue", "inverted", seed=1))

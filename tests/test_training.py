@@ -14,18 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from prcore.method import dco as tr
 from prcore.data.images import ImageTooSmallError, NoImagesError, UnreadableImageError
-from prcore.method.dco import (
-    LoraOverwriteError,
-    TrainConfig,
-    TrainingInputError,
-    dco_loss,
-    load_subject_lora,
-    lora_fingerprint,
-    train_subject_lora,
-    unload_subject_lora,
-)
+from prcore.data.schema import TrainConfig, TrainingInputError
+from prcore.method import dco as tr
+from prcore.method.dco import LoraOverwriteError, dco_loss, lora_fingerprint, train_subject_lora
+from prcore.method.families import family_of
+from prcore.method.lora_io import load_subject_lora, save_lora, unload_subject_lora
 
 RES = 32  # training resolution in the tests: 8x8 latents
 
@@ -61,15 +55,15 @@ def fixed_batch(pipe, images, prompt: str, seed: int = 123):
     sched = tr._noise_scheduler(pipe)
     noisy = sched.add_noise(latents, noise, t)
     with torch.no_grad():
-        cond = tr.encode_text(pipe, [prompt] * len(images), "cpu")
-    time_ids = tr._time_ids(prepared, RES)
+        cond = family_of(pipe).encode(pipe, [prompt] * len(images), "cpu")
+    time_ids = family_of(pipe).time_ids(pipe, tr._image_sizes(prepared, RES), dtype=torch.float32, device="cpu")
     return noisy, t, cond, time_ids, noise
 
 
 def unet_out(pipe, batch) -> torch.Tensor:
     noisy, t, cond, time_ids, _ = batch
     with torch.no_grad():
-        return tr._unet_pred(pipe, noisy, t, cond, time_ids)
+        return family_of(pipe).unet_pred(pipe, noisy, t, cond, time_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,10 +109,10 @@ def test_dco_loss_at_lora_init_is_exactly_log2(kind, tiny_sd, tiny_sdxl):
     try:
         tr.add_training_adapter(pipe.unet, TrainConfig(rank=4, alpha=8.0))
         noisy, t, cond, time_ids, noise = batch
-        model_pred = tr._unet_pred(pipe, noisy, t, cond, time_ids)
+        model_pred = family_of(pipe).unet_pred(pipe, noisy, t, cond, time_ids)
         pipe.unet.disable_adapters()
         with torch.no_grad():
-            ref_pred = tr._unet_pred(pipe, noisy, t, cond, time_ids)
+            ref_pred = family_of(pipe).unet_pred(pipe, noisy, t, cond, time_ids)
         pipe.unet.enable_adapters()
         assert torch.equal(model_pred.detach(), ref_pred)
         assert torch.equal(ref_pred, base)
@@ -186,7 +180,7 @@ def test_lora_folder_layout_and_training_json(kind, trained):
     assert rec["fingerprint"] == result.fingerprint
     assert rec["losses"] == result.losses
     assert rec["config"] == FAST.to_dict()
-    assert rec["model_kind"] == kind and rec["base_model_id"] == trained[kind]["pipe"]._prcore_model_id
+    assert rec["model_family"] == kind and rec["base_model_id"] == trained[kind]["pipe"]._prcore_model_id
     assert rec["personal_captions"] == ["a photo of a sks dog"] * 3 and rec["base_captions"] == ["a photo of a dog"] * 3
     assert rec["seconds_per_step"] > 0 and rec["cpu_seconds_per_step"] > 0 and rec["peak_memory_bytes"] > 0
     assert {"torch", "diffusers", "peft", "transformers"} <= set(rec["library_versions"])
@@ -241,7 +235,7 @@ def test_saved_lora_reloads_to_same_unet_output(kind, tiny_sd, tiny_sdxl, tmp_pa
             if "lora_B" in n:
                 p.data = 0.2 * torch.randn(p.shape, generator=g)
         in_memory = unet_out(pipe, batch)
-        tr.save_lora(pipe, tmp_path)
+        save_lora(pipe, tmp_path, tr.TRAIN_ADAPTER_NAME)
     finally:
         tr._remove_training_adapter(pipe)
     assert not torch.allclose(in_memory, base, atol=1e-3)

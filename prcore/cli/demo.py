@@ -31,20 +31,20 @@ def demo_command(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder to write the demo run into."),
     model: str | None = typer.Option(None, "--model", help="Base model (default: the embedded model)."),
     train_steps: int = typer.Option(DEMO_TRAIN_STEPS, "--train-steps", help="LoRA training steps per subject."),
-    steps: int = typer.Option(DEMO_INFERENCE_STEPS, "--steps", help="Denoising steps per image."),
+    num_inference_steps: int = typer.Option(DEMO_INFERENCE_STEPS, "--num-inference-steps", help="Denoising steps per image."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:
     """Run the demo batch (manifests/demo.parquet) into --output and show where everything went."""
-    from prcore.cli.run import print_outcome, run_batch, silence_shutdown
+    from prcore.cli.run import print_outcome, run_batch, settings_from_options, silence_shutdown
     from prcore.store.storage import StoreError
 
     with user_errors(StoreError):
         manifest = demo_manifest()
         out = output.expanduser().resolve()
         out.mkdir(parents=True, exist_ok=True)
-        outcome = run_batch(str(manifest), str(out), model=model, verbose=verbose,
-                            params={"train": {"steps": train_steps}, "num_inference_steps": steps,
-                                    "subjects_per_shard": 4})
+        settings = settings_from_options(model=model, train={"steps": train_steps},
+                                         generation={"num_inference_steps": num_inference_steps})
+        outcome = run_batch(str(manifest), str(out), settings, verbose=verbose)
     print_outcome(outcome)
     if outcome.ok and outcome.run_id:
         sheets = sorted((out / "runs" / outcome.run_id / "contact_sheets").glob("*.png"))

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from prcore.cli.errors import UserError, user_errors
+from prcore.data.schema import DEFAULT_IDENTIFIER
 
 DEFAULT_MODES = "parallel_rescaled,consistency,cfg"
 
@@ -48,14 +49,9 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from prcore.quality.scorer import (
-        METRICS,
-        MetricModelError,
-        QCThresholds,
-        evaluate_outputs,
-        reference_uris_from_folder,
-        reference_uris_from_manifest,
-    )
+    from prcore.quality.evaluate import evaluate_outputs, reference_uris_from_folder, reference_uris_from_manifest
+    from prcore.quality.qc import METRICS, QCThresholds
+    from prcore.quality.scorer import MetricModelError
     from prcore.store.storage import open_store
 
     console = Console()
@@ -103,14 +99,14 @@ def dreambench_command(
     prompts_per_subject: Annotated[int | None, typer.Option("--prompts-per-subject", min=1, help="First N templates per subject (default: all 25).")] = None,
     images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", min=1)] = 4,
     modes: Annotated[str, typer.Option("--modes", help="Comma-separated guidance modes.")] = DEFAULT_MODES,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps per image.")] = 50,
-    cfg_scale: Annotated[float, typer.Option("--cfg-scale")] = 7.5,
+    num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", min=1, help="Denoising steps per image.")] = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale")] = 7.5,
     consistency_scale: Annotated[float, typer.Option("--consistency-scale")] = 3.0,
     parallel_scale: Annotated[float, typer.Option("--parallel-scale")] = 0.5,
     height: Annotated[int | None, typer.Option("--height")] = None,
     width: Annotated[int | None, typer.Option("--width")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
-    identifier: Annotated[str, typer.Option("--identifier")] = "sks",
+    identifier: Annotated[str, typer.Option("--identifier")] = DEFAULT_IDENTIFIER,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     train_steps: Annotated[int | None, typer.Option("--train-steps", min=1, help="LoRA training steps (TrainConfig.steps).")] = None,
     train: Annotated[list[str] | None, typer.Option("--train", help="Training override KEY=VALUE (a TrainConfig field), repeatable.")] = None,
@@ -125,9 +121,9 @@ def dreambench_command(
     """Run the DreamBench protocol for the guidance modes and write the paper-style table."""
     from rich.console import Console
 
+    from prcore.method.models import ModelNotFoundError
     from prcore.quality.dreambench import BenchConfig, load_protocol, parse_train_overrides, run_dreambench
     from prcore.quality.scorer import MetricModelError
-    from prcore.method.models import ModelNotFoundError
     from prcore.store.storage import open_store
 
     console = Console(stderr=True)
@@ -138,8 +134,8 @@ def dreambench_command(
         chosen = tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None
         config = BenchConfig(
             model=model, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), subjects=chosen,
-            prompts_per_subject=prompts_per_subject, images_per_prompt=images_per_prompt, num_inference_steps=steps,
-            cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale,
+            prompts_per_subject=prompts_per_subject, images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale,
             height=height, width=width, scheduler=scheduler, identifier=identifier, seed=seed, train_overrides=overrides,
         )
         protocol = load_protocol(data, subjects=chosen, subjects_csv=subjects_csv, object_prompts=object_prompts, live_prompts=live_prompts)

@@ -13,8 +13,7 @@ from typing import Annotated
 import typer
 
 from prcore.cli.errors import USER_ERROR_EXIT, UserError, user_errors
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+from prcore.data.schema import IMAGE_SUFFIXES
 
 manifest_app = typer.Typer(help="Check, summarise and create Parquet manifests (schema: manifests/README.md).", no_args_is_help=True)
 
@@ -36,7 +35,8 @@ def validate_cmd(
     max_errors: Annotated[int, typer.Option(help="Print at most this many errors (0: all)")] = 0,
 ) -> None:
     """Check a manifest. Exit 0 when valid; exit 2 with one line per error: row N (subject S), column C: message."""
-    from prcore.data.manifest import load_manifest, validate
+    from prcore.data.load import load_manifest
+    from prcore.data.validate import validate
 
     with user_errors(*_store_errors()):
         manifest = load_manifest(path)
@@ -61,7 +61,8 @@ def show_cmd(
     subjects: Annotated[int, typer.Option(help="List at most this many subjects")] = 20,
 ) -> None:
     """Subjects, requests, images, already done and to do."""
-    from prcore.data.manifest import load_manifest, plan
+    from prcore.data.load import load_manifest
+    from prcore.data.plan import plan
     from prcore.store.storage import open_store
 
     with user_errors(*_store_errors()):
@@ -127,7 +128,9 @@ def init_cmd(
     """Write a manifest from a DreamBooth-style folder of subjects and a file of prompt templates."""
     import polars as pl
 
-    from prcore.data.manifest import is_safe_id, load_manifest, validate
+    from prcore.data.load import load_manifest
+    from prcore.data.validate import validate
+    from prcore.store.keys import is_safe_id
 
     with user_errors(*_store_errors()):
         if not subjects.is_dir():

@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from prcore.cli.errors import UserError, user_errors
+from prcore.pipeline.settings import FanOut, RunSettings
 
 QUIET_PREFECT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -105,15 +106,19 @@ class _ProgressHandler(logging.Handler):
                 self.console.print(f"[red]subject {event['subject_id']} failed at {event['step']}: {event['error']}[/red]")
 
 
-def preflight(manifest: str, output: str, model: str | None, cache_dir: str | None, check_images: bool,
-              device: str | None = None, dtype: str | None = None) -> str:
-    """Check what the user gave before Prefect starts; returns the model to use.
+def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
+    """Check what the user gave before Prefect starts; returns the settings with the model filled in.
 
     A hub id is loaded here (into the per-process cache the in-process flow then reuses), so an id
-    that does not resolve is one clear error instead of a failure of every subject."""
-    from prcore.pipeline import runner
+    that does not resolve is one clear error instead of a failure of every subject. The manifest is
+    validated here; the flow plans it (once)."""
+    from prcore.data.load import load_manifest
+    from prcore.data.schema import ManifestInvalid
+    from prcore.data.validate import validate
+    from prcore.pipeline.models import default_model_id, resolve_model
     from prcore.store.storage import StoreError, open_store
 
+    model = settings.model
     if model:
         local = Path(model).expanduser()
         looks_local = local.exists() or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
@@ -124,34 +129,35 @@ def preflight(manifest: str, output: str, model: str | None, cache_dir: str | No
             from prcore.method.models import ModelNotFoundError, load_pipeline
 
             try:
-                load_pipeline(model, device=device, dtype=dtype)
+                load_pipeline(model, device=settings.placement.device, dtype=settings.placement.dtype)
             except ModelNotFoundError as exc:
                 raise UserError(f"--model: {exc}") from None
     else:
-        model = runner.default_model_id()
-        runner.resolve_model(model, cache_dir)  # builds the tiny pipeline once, before Prefect starts
+        model = default_model_id()
+        resolve_model(model, settings.cache_path())  # builds the tiny pipeline once, before Prefect starts
     try:
         store = open_store(output)
         if hasattr(store, "check"):
             store.check()
     except StoreError as exc:
         raise UserError(f"--output {output}: {exc}") from None
-    runner.plan_jobs(manifest, store, model_id=model, check_images=check_images)  # raises ManifestInvalid (ValueError)
-    return model
+    loaded = load_manifest(manifest)
+    errors = validate(loaded, check_images=settings.check_images)
+    if errors:
+        raise ManifestInvalid(errors, loaded.source)
+    return settings.model_copy(update={"model": model, "check_images": False})  # images checked: once is enough
 
 
-def run_batch(manifest: str, output: str, *, model: str | None = None, params: dict[str, Any] | None = None,
-              cache_dir: str | None = None, check_images: bool = False, verbose: bool = False,
-              show_progress: bool = True) -> RunOutcome:
+def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut | None = None, *,
+              verbose: bool = False, show_progress: bool = True) -> RunOutcome:
     """Validate, then run ``nightly-batch`` in-process with a live display; never raises on subject failures."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     quiet_prefect(verbose)
     console = Console(stderr=True)
-    params = {k: v for k, v in (params or {}).items() if v is not None}
-    model = preflight(manifest, output, model, cache_dir, check_images, params.get("device"), params.get("dtype"))
-    params.setdefault("use_gpu_limit", False)  # nothing defines the limit on an ephemeral API
+    settings = preflight(manifest, output, settings)
+    fan_out = fan_out or FanOut(use_gpu_limit=False)  # nothing defines the limit on an ephemeral API
 
     started = time.perf_counter()
     from flows.nightly import nightly_batch  # imports Prefect: after quiet_prefect()
@@ -175,8 +181,7 @@ def run_batch(manifest: str, output: str, *, model: str | None = None, params: d
     plog.addHandler(finished)
     try:
         with progress:
-            state = nightly_batch(manifest=manifest, output=output, model=model, cache_dir=cache_dir,
-                                  check_images=False, return_state=True, **params)
+            state = nightly_batch(manifest=manifest, output=output, settings=settings, fan_out=fan_out, return_state=True)
     finally:
         plog.removeHandler(handler)
         plog.removeHandler(finished)
@@ -212,8 +217,8 @@ def run_command(
     output: str = typer.Option(..., "--output", "-o", help="Output root: a folder or s3://bucket/prefix."),
     model: str | None = typer.Option(None, "--model", help="Base model: a diffusers folder or hub id (default: the embedded model)."),
     num_images: int | None = typer.Option(None, "--num-images", help="Images per prompt where the manifest leaves it empty."),
-    steps: int | None = typer.Option(None, "--steps", help="Denoising steps where the manifest leaves it empty."),
-    guidance: str | None = typer.Option(None, "--guidance", help="parallel_rescaled | consistency | cfg (manifest default)."),
+    num_inference_steps: int | None = typer.Option(None, "--num-inference-steps", help="Denoising steps where the manifest leaves it empty."),
+    guidance: str | None = typer.Option(None, "--guidance", help="parallel_rescaled | consistency | cfg | pretrained (manifest default)."),
     guidance_scale: float | None = typer.Option(None, "--guidance-scale", help="w_cfg default."),
     consistency_scale: float | None = typer.Option(None, "--consistency-scale", help="w_cg default."),
     parallel_scale: float | None = typer.Option(None, "--parallel-scale", help="eta default."),
@@ -230,20 +235,41 @@ def run_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:
     """Run the nightly batch on MANIFEST into --output, here (Prefect's ephemeral API), with live progress."""
-    params = {"num_images": num_images, "num_inference_steps": steps, "guidance": guidance,
-              "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
-              "parallel_scale": parallel_scale, "identifier": identifier,
-              "train": {"steps": train_steps} if train_steps else None, "subjects_per_shard": subjects_per_shard,
-              "max_subjects": max_subjects, "device": device, "dtype": dtype, "clip_model": clip_model,
-              "dino_model": dino_model}
     from prcore.store.storage import StoreError
 
+    generation = {"num_images": num_images, "num_inference_steps": num_inference_steps, "guidance": guidance,
+                  "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
+                  "parallel_scale": parallel_scale, "identifier": identifier}
     with user_errors(StoreError):
-        outcome = run_batch(manifest, output, model=model, params=params, cache_dir=cache_dir,
-                            check_images=check_images, verbose=verbose)
+        settings = settings_from_options(
+            model=model, generation=generation, train={"steps": train_steps}, device=device, dtype=dtype,
+            clip_model=clip_model, dino_model=dino_model, cache_dir=cache_dir, check_images=check_images)
+        fan_out = FanOut(subjects_per_shard=subjects_per_shard, max_subjects=max_subjects, use_gpu_limit=False)
+        outcome = run_batch(manifest, output, settings, fan_out, verbose=verbose)
     print_outcome(outcome)
     silence_shutdown()
     raise typer.Exit(0 if outcome.ok else 1)
+
+
+def settings_from_options(*, model: str | None = None, generation: dict[str, Any] | None = None,
+                          train: dict[str, Any] | None = None, device: str | None = None, dtype: str | None = None,
+                          clip_model: str | None = None, dino_model: str | None = None, cache_dir: str | None = None,
+                          check_images: bool = False) -> RunSettings:
+    """:class:`RunSettings` from command-line options (None: the default); invalid values are one
+    clear error, like a bad manifest cell."""
+    from pydantic import ValidationError
+
+    drop = lambda d: {k: v for k, v in (d or {}).items() if v is not None}  # noqa: E731
+    raw = {"model": model, "generation": drop(generation), "train": drop(train),
+           "placement": drop({"device": device, "dtype": dtype}),
+           "scoring": drop({"clip_model": clip_model, "dino_model": dino_model}),
+           "cache_dir": cache_dir, "check_images": check_images}
+    try:
+        return RunSettings.model_validate(drop(raw))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"invalid option {where}: {first['msg']}") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,25 +10,19 @@ from pathlib import Path
 import typer
 
 from prcore.cli.errors import UserError, user_errors
+from prcore.data.schema import DEFAULT_IDENTIFIER
+from prcore.store.keys import LORA_WEIGHTS_FILE
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
-
-def adapter_name_for(lora_dir: Path) -> str:
+def _adapter_name(lora_dir: Path) -> str:
     """A stable adapter name per LoRA folder, so loading the same folder twice is a no-op."""
     return "subject-" + hashlib.sha256(str(lora_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def _load_lora(pipe, lora_dir: Path) -> str:
-    name = adapter_name_for(lora_dir)
-    try:
-        from prcore.method.dco import load_subject_lora
-    except ImportError:  # training module absent: plain diffusers loading
-        from prcore.method.adapters import loaded_adapters
+    from prcore.method.lora_io import load_subject_lora
 
-        if name not in loaded_adapters(pipe):
-            pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=name, use_safetensors=True)
-        return name
+    name = _adapter_name(lora_dir)
     load_subject_lora(pipe, lora_dir, name)
     return name
 
@@ -40,9 +33,9 @@ def _check_lora_dir(lora: Path | None, guidance: str) -> None:
             raise UserError(f"--lora DIR is required for --guidance {guidance} (only --guidance pretrained runs without a LoRA)")
         return
     if not lora.is_dir():
-        raise UserError(f"--lora {lora}: no such folder (give the folder holding {LORA_WEIGHT_NAME})")
-    if not (lora / LORA_WEIGHT_NAME).is_file():
-        raise UserError(f"--lora {lora}: {LORA_WEIGHT_NAME} is missing; point --lora at a LoRA folder in diffusers format")
+        raise UserError(f"--lora {lora}: no such folder (give the folder holding {LORA_WEIGHTS_FILE})")
+    if not (lora / LORA_WEIGHTS_FILE).is_file():
+        raise UserError(f"--lora {lora}: {LORA_WEIGHTS_FILE} is missing; point --lora at a LoRA folder in diffusers format")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -62,12 +55,12 @@ def sample_command(
     class_noun: str = typer.Option(..., "--class-noun", help="The subject's class, e.g. dog."),
     out: Path = typer.Option(..., "--out", help="Folder to write the PNGs (and a JSON sidecar per image) into."),
     lora: Path | None = typer.Option(None, "--lora", help="The subject's LoRA folder (diffusers format). Optional only with --guidance pretrained."),
-    identifier: str = typer.Option("sks", "--identifier", help="The subject's rare identifier token."),
+    identifier: str = typer.Option(DEFAULT_IDENTIFIER, "--identifier", help="The subject's rare identifier token."),
     guidance: str = typer.Option("parallel_rescaled", "--guidance", help="parallel_rescaled | consistency | cfg | pretrained."),
-    cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="w_cfg: classifier-free guidance weight."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="w_cfg: classifier-free guidance weight."),
     consistency_scale: float = typer.Option(3.0, "--consistency-scale", help="w_cg: consistency guidance weight."),
     parallel_scale: float = typer.Option(0.5, "--parallel-scale", help="eta: weight of the part of g_cg parallel to g_cfg (1 = DCO)."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    num_inference_steps: int = typer.Option(50, "--num-inference-steps", help="Denoising steps."),
     seed: int = typer.Option(0, "--seed", help="Request seed; image i uses a generator seeded from (seed, i)."),
     num_images: int = typer.Option(1, "--num-images", help="How many images."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (empty by default)."),
@@ -79,7 +72,7 @@ def sample_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the steps."),
 ) -> None:
     """Sample a personalized subject with parallel-rescaled consistency guidance and write PNGs."""
-    from prcore.method.guidance import GUIDANCE_MODES
+    from prcore.data.schema import GUIDANCE_MODES
     from prcore.method.models import ModelNotFoundError
     from prcore.method.sampler import render_prompts
     from prcore.method.schedulers import SCHEDULER_NAMES
@@ -89,13 +82,13 @@ def sample_command(
         render_prompts(prompt, class_noun, identifier)
         if guidance not in GUIDANCE_MODES:
             raise UserError(f"--guidance {guidance!r} is not one of: {', '.join(GUIDANCE_MODES)}")
-        for flag, value in (("--cfg-scale", cfg_scale), ("--consistency-scale", consistency_scale), ("--parallel-scale", parallel_scale)):
+        for flag, value in (("--guidance-scale", guidance_scale), ("--consistency-scale", consistency_scale), ("--parallel-scale", parallel_scale)):
             if value < 0:
                 raise UserError(f"{flag} must be >= 0, got {value}")
         if scheduler is not None and scheduler.lower().replace("-", "_") not in SCHEDULER_NAMES:
             raise UserError(f"--scheduler {scheduler!r} is unknown; choose one of: {', '.join(SCHEDULER_NAMES)}")
-        if steps < 1 or num_images < 1 or seed < 0:
-            raise UserError("--steps and --num-images must be >= 1 and --seed >= 0")
+        if num_inference_steps < 1 or num_images < 1 or seed < 0:
+            raise UserError("--num-inference-steps and --num-images must be >= 1 and --seed >= 0")
         _check_lora_dir(lora, guidance)
         names = [f"{guidance}-seed{seed}-{i:03d}" for i in range(num_images)]
         existing = [n + ".png" for n in names if (out / f"{n}.png").exists()]
@@ -111,28 +104,34 @@ def sample_command(
         adapter = _load_lora(pipe, lora) if lora is not None else None
         result = sample(
             pipe, prompt=prompt, class_noun=class_noun, identifier=identifier, adapter_name=adapter,
-            negative_prompt=negative_prompt, guidance=guidance, cfg_scale=cfg_scale,
-            consistency_scale=consistency_scale, parallel_scale=parallel_scale, num_inference_steps=steps,
+            negative_prompt=negative_prompt, guidance=guidance, guidance_scale=guidance_scale,
+            consistency_scale=consistency_scale, parallel_scale=parallel_scale, num_inference_steps=num_inference_steps,
             height=height, width=width, seed=seed, num_images=num_images, scheduler=scheduler,
             output_type="pil", progress=progress,
         )
-    out.mkdir(parents=True, exist_ok=True)
-    import io
+    from prcore.data.fingerprint import fingerprint
+    from prcore.data.load import default_prompt_id
+    from prcore.outputs.sidecar import ImageRecord, encode_image, sidecar_bytes
 
+    params = {"guidance": guidance, "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
+              "parallel_scale": parallel_scale, "num_inference_steps": num_inference_steps,
+              "negative_prompt": negative_prompt}
+    req_fp = fingerprint("sample-cli", 1, {"model": str(model), "lora": str(lora) if lora else None, "prompt": prompt,
+                                          "seed": seed, "scheduler": scheduler, "height": height, "width": width, **params})
+    out.mkdir(parents=True, exist_ok=True)
     for i, (name, image) in enumerate(zip(names, result.images, strict=True)):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        record = {
-            "model": str(model), "lora": str(lora) if lora else None, "prompt": prompt,
-            "personal_prompt": result.personal_prompt, "base_prompt": result.base_prompt,
-            "negative_prompt": negative_prompt, "class_noun": class_noun, "identifier": identifier,
-            "guidance": guidance, "cfg_scale": cfg_scale, "consistency_scale": consistency_scale,
-            "parallel_scale": parallel_scale, "steps": steps, "scheduler": result.scheduler,
-            "seed": seed, "index": i, "image_seed": result.seeds[i], "size": list(image.size),
-            "unet_batching": result.batch_mode,
-        }
-        _write_atomic(out / f"{name}.png", buf.getvalue())
-        _write_atomic(out / f"{name}.json", (json.dumps(record, indent=2) + "\n").encode())
+        record = ImageRecord(
+            subject_id=class_noun.replace(" ", "_"), prompt_id=default_prompt_id(prompt), req_fp=req_fp, index=i,
+            key=f"{name}.png", seed=result.seeds[i], prompt_template=prompt, personal_prompt=result.personal_prompt,
+            base_prompt=result.base_prompt, class_noun=class_noun, identifier=identifier, **params,
+            scheduler=result.scheduler, height=image.height, width=image.width, base_model=str(model),
+            lora_fp=None, device=str(pipe.unet.device), dtype=str(pipe.unet.dtype).removeprefix("torch."),
+            seconds=round(result.seconds / num_images, 4),
+            extra={"lora": str(lora) if lora else None, "request_seed": seed, "unet_batching": result.batch_mode},
+        )
+        data, record = encode_image(record, image)
+        _write_atomic(out / f"{name}.png", data)
+        _write_atomic(out / f"{name}.json", sidecar_bytes(record))
         typer.echo(str(out / f"{name}.png"))
     typer.echo(f"wrote {num_images} image(s) to {out} in {result.seconds:.1f}s", err=True)
 

@@ -7,16 +7,17 @@ from pathlib import Path
 import typer
 
 from prcore.cli.errors import UserError, user_errors
+from prcore.data.schema import DEFAULT_IDENTIFIER
 
 
 def train_command(
     model: str = typer.Option(..., "--model", help="Base pipeline: a local diffusers folder or a hub id (SD 1.x/2.x or SDXL)."),
     images: list[Path] = typer.Option(..., "--images", help="Instance images: a folder (its image files) or files; repeat the option for several."),
     class_noun: str = typer.Option(..., "--class-noun", help="The subject's class, e.g. dog."),
-    identifier: str = typer.Option("sks", "--identifier", help="Rare identifier word for the subject (not the class noun)."),
+    identifier: str = typer.Option(DEFAULT_IDENTIFIER, "--identifier", help="Rare identifier word for the subject (not the class noun)."),
     out: Path = typer.Option(..., "--out", help="LoRA folder to create (pytorch_lora_weights.safetensors + training.json)."),
     caption: list[str] | None = typer.Option(None, "--caption", help='Caption template with {subject}: once for all images, or once per image in order. Default "a photo of a {subject}".'),
-    steps: int = typer.Option(400, "--steps", help="Optimizer steps."),
+    steps: int = typer.Option(400, "--train-steps", help="Optimizer steps (the manifest column train_steps)."),
     learning_rate: float = typer.Option(1e-4, "--learning-rate", "--lr", help="AdamW learning rate."),
     rank: int = typer.Option(8, "--rank", help="LoRA rank r."),
     alpha: float = typer.Option(8.0, "--alpha", help="LoRA alpha (scaling alpha/r)."),
@@ -40,8 +41,9 @@ def train_command(
 ) -> None:
     """Fine-tune a LoRA on one subject with Direct Consistency Optimization (DCO)."""
     from prcore.data.images import list_image_files
+    from prcore.data.schema import TrainConfig
+    from prcore.method.dco import check_subject, resolve_captions, train_subject_lora
     from prcore.method.models import ModelNotFoundError
-    from prcore.method.dco import TrainConfig, check_subject, resolve_captions, train_subject_lora
 
     with user_errors(ModelNotFoundError):
         # Everything checkable without the model is checked before loading it.

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
+
+from prcore.data.schema import SEED_MAX
 
 FP_LENGTH = 16  # hex chars used in keys (64 bits)
 
@@ -41,15 +43,6 @@ def fingerprint(kind: str, version: int | str, payload: Mapping[str, Any], *, le
     return hashlib.sha256(doc.encode()).hexdigest()[:length]
 
 
-def hash_many(chunks: Iterable[bytes]) -> str:
-    """sha256 over a sequence of byte strings, each length-prefixed so boundaries count."""
-    h = hashlib.sha256()
-    for chunk in chunks:
-        h.update(len(chunk).to_bytes(8, "big"))
-        h.update(chunk)
-    return h.hexdigest()
-
-
 # --- 64-bit mixing for seeds and request fingerprints at manifest scale ---------------------------
 #
 # Planning a 1,000,000-row manifest cannot afford one sha256 per row in Python. Every input is hashed
@@ -65,7 +58,6 @@ def hash_many(chunks: Iterable[bytes]) -> str:
 # For a fixed ``b``, ``mix64(., b)`` is a bijection (and vice versa), so two different subjects never
 # collide on the same request spec and one subject's different specs never collide with each other.
 
-SEED_MASK = (1 << 63) - 1  # seeds are non-negative int64, accepted by torch.Generator.manual_seed
 _M64 = (1 << 64) - 1
 
 
@@ -107,24 +99,5 @@ def mix64(a: Any, b: Any) -> Any:
 
 
 def image_seed(seed: int, index: int) -> int:
-    """Seed of image ``index`` of a request whose row gives ``seed``: ``mix64(seed, index) & SEED_MASK``."""
-    return mix64(int(seed), int(index)) & SEED_MASK
-
-
-def derived_base_seed(subject_id: str, prompt_id: str) -> int:
-    """Base seed of a request whose row gives no seed: ``mix64(sha256_u64(subject_id), sha256_u64(prompt_id))``.
-
-    Image ``i`` then uses ``image_seed(base, i)``; the seed does not depend on sampling parameters, so
-    changing a guidance scale re-renders the same noise.
-    """
-    return int(mix64(sha256_u64("subject:" + subject_id), sha256_u64("prompt:" + prompt_id))) & SEED_MASK
-
-
-def fp_to_u64(fp: str) -> int:
-    """A hex fingerprint's first 64 bits as an unsigned integer."""
-    return int(fp[:16], 16)
-
-
-def u64_to_fp(value: int) -> str:
-    """The inverse of :func:`fp_to_u64` for 16-hex-char fingerprints."""
-    return f"{int(value) & _M64:016x}"
+    """Seed of image ``index`` of a request whose row gives ``seed``: ``mix64(seed, index) & SEED_MAX``."""
+    return mix64(int(seed), int(index)) & SEED_MAX

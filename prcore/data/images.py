@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from prcore.data.schema import IMAGE_SUFFIXES
+
 ImageSource = Image.Image | bytes | str | Path
 
 
@@ -128,7 +130,6 @@ def prepare_images(sources: Sequence[ImageSource], resolution: int) -> list[Prep
     return prepared
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def list_image_files(paths: Sequence[str | Path]) -> list[Path]:

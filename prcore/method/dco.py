@@ -26,7 +26,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,113 +36,18 @@ import torch.nn.functional as F
 
 from prcore.data.fingerprint import fingerprint, sha256_bytes
 from prcore.data.images import ImageSource, PreparedImage, fingerprint_bytes, prepare_images
+from prcore.data.schema import DEFAULT_CAPTION, SUBJECT_PLACEHOLDER, TrainConfig, TrainingInputError
+from prcore.method.families import ModelFamily, TextCond, family_of
+from prcore.method.lora_io import read_training_record, save_embeddings, save_lora
+from prcore.store.keys import LORA_RECORD_FILE, LORA_WEIGHTS_FILE
 
 TRAINING_ALGORITHM_VERSION = 1
 TRAIN_ADAPTER_NAME = "prcore_train"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-EMBEDDINGS_WEIGHT_NAME = "learned_embeds.safetensors"
-TRAINING_JSON = "training.json"
-DEFAULT_CAPTION = "a photo of a {subject}"
-SUBJECT_PLACEHOLDER = "{subject}"
 CLASS_IMAGE_STEPS = 25  # denoising steps for prior-preservation class images
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-class TrainingInputError(ValueError):
-    """A training input the user can fix (config, identifier, captions, output folder)."""
 
 
 class LoraOverwriteError(TrainingInputError):
     """The output folder holds a different subject's LoRA."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training parameters. Field names are fixed: manifest columns ``train_<field>`` map onto them."""
-
-    steps: int = 400
-    learning_rate: float = 1e-4
-    rank: int = 8
-    alpha: float = 8.0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    resolution: int | None = None  # None: the model's default (unet sample_size * vae scale factor)
-    batch_size: int = 1
-    dco_beta: float = 1000.0  # <= 0: plain DreamBooth loss
-    seed: int = 0
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (CUDA only; CPU always trains in fp32)
-    gradient_checkpointing: bool = False
-    train_text_embeddings: bool = False  # also learn an embedding for the identifier token
-    prior_preservation: bool = False
-    num_class_images: int = 50
-    prior_loss_weight: float = 1.0
-    offset_noise: float = 0.0
-    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); None: off
-    random_flip: bool = True
-
-    def __post_init__(self) -> None:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            tm = tuple(m.strip() for m in tm.split(",") if m.strip())
-        object.__setattr__(self, "target_modules", tuple(str(m) for m in tm))
-        problems = self._coerce_numbers()
-        if not isinstance(self.steps, (int, np.integer)) or self.steps <= 0:
-            problems.append(f"steps must be a positive integer, got {self.steps!r}")
-        if not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
-            problems.append(f"rank must be a positive integer, got {self.rank!r}")
-        if not self.learning_rate > 0:
-            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not self.alpha > 0:
-            problems.append(f"alpha must be > 0, got {self.alpha!r}")
-        if not self.target_modules:
-            problems.append("target_modules must name at least one module (e.g. to_q,to_k,to_v,to_out.0)")
-        if self.resolution is not None and (not isinstance(self.resolution, (int, np.integer)) or self.resolution < 8):
-            problems.append(f"resolution must be None or an integer >= 8, got {self.resolution!r}")
-        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
-            problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            problems.append(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if self.prior_preservation and self.num_class_images < 1:
-            problems.append(f"num_class_images must be >= 1 with prior_preservation, got {self.num_class_images!r}")
-        if self.offset_noise < 0:
-            problems.append(f"offset_noise must be >= 0, got {self.offset_noise!r}")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            problems.append(f"snr_gamma must be None or > 0, got {self.snr_gamma!r}")
-        if problems:
-            raise TrainingInputError("invalid training config: " + "; ".join(problems))
-
-    def _coerce_numbers(self) -> list[str]:
-        """Canonical Python types (8 and 8.0 must fingerprint alike; manifests give numpy/float values)."""
-        problems = []
-        for name in ("learning_rate", "alpha", "dco_beta", "prior_loss_weight", "offset_noise", "snr_gamma"):
-            value = getattr(self, name)
-            if value is None and name == "snr_gamma":
-                continue
-            try:
-                object.__setattr__(self, name, float(value))
-            except (TypeError, ValueError):
-                problems.append(f"{name} must be a number, got {value!r}")
-        for name in ("steps", "rank", "batch_size", "seed", "num_class_images", "resolution"):
-            value = getattr(self, name)
-            if value is None and name == "resolution":
-                continue
-            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-                object.__setattr__(self, name, int(value))
-            elif isinstance(value, (float, np.floating)) and float(value).is_integer():
-                object.__setattr__(self, name, int(value))
-            else:
-                problems.append(f"{name} must be an integer, got {value!r}")
-        for name in ("gradient_checkpointing", "train_text_embeddings", "prior_preservation", "random_flip"):
-            object.__setattr__(self, name, bool(getattr(self, name)))
-        return problems
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 @dataclass
@@ -268,34 +173,12 @@ def lora_fingerprint(
     return fingerprint("lora", TRAINING_ALGORITHM_VERSION, payload)
 
 
-def pipeline_kind(pipe) -> str:
-    kind = getattr(pipe, "_prcore_kind", None)
-    if kind:
-        return kind
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
-
-
 def base_model_id_of(pipe) -> str:
     return str(getattr(pipe, "_prcore_model_id", None) or getattr(pipe.config, "_name_or_path", "") or "unknown")
 
 
-def default_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
-def _resolution_multiple(pipe) -> int:
-    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Output folder: reuse, refuse, atomic publish
-
-
-def read_training_record(lora_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(lora_dir) / TRAINING_JSON
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
 
 
 def _existing_result(out_dir: Path, fp: str) -> TrainResult | None:
@@ -308,7 +191,7 @@ def _existing_result(out_dir: Path, fp: str) -> TrainResult | None:
     if record is None:
         if any(out_dir.iterdir()):
             raise LoraOverwriteError(
-                f"output folder {out_dir} is not empty and holds no {TRAINING_JSON}: refusing to overwrite it; "
+                f"output folder {out_dir} is not empty and holds no {LORA_RECORD_FILE}: refusing to overwrite it; "
                 "choose an empty or new folder"
             )
         return None
@@ -342,18 +225,15 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 # Pipeline state: what training changes and must put back
 
 
-def _text_pairs(pipe) -> list[tuple[Any, Any]]:
-    """(tokenizer, text_encoder) pairs of a pipeline: one for SD, two for SDXL."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs
+def _trained_modules(pipe) -> list[torch.nn.Module]:
+    """The networks whose state training touches: UNet, VAE and the family's text encoders."""
+    return [pipe.unet, pipe.vae, *family_of(pipe).text_encoders(pipe)]
 
 
 @contextlib.contextmanager
 def _preserved_pipeline_state(pipe) -> Iterator[None]:
     """Restore requires_grad flags, train/eval modes, gradient checkpointing and active adapters."""
-    modules = [m for m in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+    modules = _trained_modules(pipe)
     grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     modes = [(m, m.training) for m in modules]
     checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
@@ -406,33 +286,9 @@ def add_training_adapter(unet, config: TrainConfig, adapter_name: str = TRAIN_AD
 # Conditioning
 
 
-@dataclass
-class TextCond:
-    embeds: torch.Tensor  # (n, seq, dim)
-    pooled: torch.Tensor | None = None  # SDXL: (n, dim2)
-
-
-def encode_text(pipe, prompts: list[str], device) -> TextCond:
-    """Text-encoder hidden states exactly as the pipeline computes them for sampling (no CFG)."""
-    if pipeline_kind(pipe) == "sdxl":
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return TextCond(embeds, pooled)
-    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
-    return TextCond(embeds)
-
-
-def _time_ids(prepared: Sequence[PreparedImage], resolution: int) -> torch.Tensor:
-    """SDXL micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
-    return torch.tensor(
-        [[*p.original_size, *p.crop_top_left, resolution, resolution] for p in prepared], dtype=torch.float32
-    )
-
-
-def _unet_pred(pipe, noisy, timesteps, cond: TextCond, time_ids: torch.Tensor | None) -> torch.Tensor:
-    added = None
-    if cond.pooled is not None:
-        added = {"text_embeds": cond.pooled, "time_ids": time_ids.to(cond.pooled.dtype)}
-    return pipe.unet(noisy, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
+def _image_sizes(prepared: Sequence[PreparedImage], resolution: int) -> list[tuple[int, ...]]:
+    """Per image: original (h, w), crop (top, left), target (h, w) (what SDXL's micro-conditioning reads)."""
+    return [(*p.original_size, *p.crop_top_left, resolution, resolution) for p in prepared]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,14 +460,14 @@ def train_subject_lora(
     if existing is not None:
         return existing
 
-    kind = pipeline_kind(pipe)
-    resolution = int(config.resolution or default_resolution(pipe))
-    multiple = _resolution_multiple(pipe)
+    family = family_of(pipe)
+    resolution = int(config.resolution or family.default_resolution(pipe))
+    multiple = family.resolution_multiple(pipe)
     if resolution % multiple:
         raise TrainingInputError(f"resolution {resolution} must be a multiple of {multiple} for this model")
     prepared = prepare_images(images, resolution)
     if config.train_text_embeddings:
-        for tok, _ in _text_pairs(pipe):
+        for tok, _ in family.text_pairs(pipe):
             _check_new_token(tok, identifier)
 
     device = pipe.unet.device
@@ -626,9 +482,8 @@ def train_subject_lora(
     added_tokens: list[tuple[Any, Any]] = []
     try:
         with _preserved_pipeline_state(pipe):
-            for m in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
-                if m is not None:
-                    m.requires_grad_(False)
+            for m in _trained_modules(pipe):
+                m.requires_grad_(False)
             class_images = []
             if config.prior_preservation:
                 class_images = generate_class_images(
@@ -637,16 +492,16 @@ def train_subject_lora(
             cache = encode_latents(pipe, [p.image for p in prepared], flips=config.random_flip)
             class_cache = encode_latents(pipe, class_images, flips=False) if class_images else None
             with torch.no_grad():
-                base_cond = encode_text(pipe, base, device)
-                personal_cond = None if config.train_text_embeddings else encode_text(pipe, personal, device)
-                class_cond = encode_text(pipe, [render_caption(DEFAULT_CAPTION, class_noun)], device) if class_images else None
-            time_ids = _time_ids(prepared, resolution).to(device)
+                base_cond = family.encode(pipe, base, device)
+                personal_cond = None if config.train_text_embeddings else family.encode(pipe, personal, device)
+                class_cond = family.encode(pipe, [render_caption(DEFAULT_CAPTION, class_noun)], device) if class_images else None
+            time_ids = family.time_ids(pipe, _image_sizes(prepared, resolution), dtype=torch.float32, device=device)
 
             lora_params = add_training_adapter(pipe.unet, config)
             param_groups: list[dict[str, Any]] = [{"params": lora_params, "weight_decay": 1e-2}]
             token_rows: list[tuple[torch.nn.Parameter, int]] = []
             if config.train_text_embeddings:
-                for tok, te in _text_pairs(pipe):
+                for tok, te in family.text_pairs(pipe):
                     token_id = _add_identifier_token(tok, te, identifier, class_noun)
                     added_tokens.append((tok, te))
                     weight = te.get_input_embeddings().weight
@@ -667,8 +522,8 @@ def train_subject_lora(
                 desc=f"train {identifier} {class_noun}",
             )
             tmp_dir.mkdir(parents=True)
-            save_lora(pipe, tmp_dir)
-            learned = _save_embeddings(pipe, tmp_dir, token_rows, identifier) if token_rows else None
+            save_lora(pipe, tmp_dir, TRAIN_ADAPTER_NAME)
+            learned = save_embeddings(family, tmp_dir, [w[tid] for w, tid in token_rows], identifier) if token_rows else None
         peak, peak_kind = _peak_memory(device)
         seconds_per_step = loop_seconds / config.steps
         seconds_total = time.perf_counter() - t_start
@@ -676,7 +531,7 @@ def train_subject_lora(
             "fingerprint": fp,
             "training_algorithm_version": TRAINING_ALGORITHM_VERSION,
             "base_model_id": base_model_id,
-            "model_kind": kind,
+            "model_family": family.name,
             "class_noun": class_noun,
             "identifier": identifier,
             "captions": templates,
@@ -688,7 +543,7 @@ def train_subject_lora(
             "resolution": resolution,
             "mixed_precision_used": mixed,
             "loss": "dco" if config.dco_beta > 0 else "dreambooth",
-            "adapter": {"weight_name": LORA_WEIGHT_NAME, "rank": int(config.rank), "alpha": float(config.alpha)},
+            "adapter": {"weight_name": LORA_WEIGHTS_FILE, "rank": int(config.rank), "alpha": float(config.alpha)},
             "learned_embeddings": learned,
             "losses": losses,
             "seconds_total": seconds_total,
@@ -701,7 +556,7 @@ def train_subject_lora(
             "library_versions": _library_versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp_dir / TRAINING_JSON).write_text(json.dumps(record, indent=2, sort_keys=True))
+        (tmp_dir / LORA_RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
         if out_dir.exists():  # another process finished the same subject meanwhile: keep its result
             concurrent = _existing_result(out_dir, fp)
             if concurrent is not None:
@@ -762,13 +617,8 @@ def _draw_step(gen, config, order: list[int], cache: LatentCache, class_cache: L
     return _Draw(idx, latents, noise, timesteps)
 
 
-def _rows(cond: TextCond, idx: torch.Tensor) -> TextCond:
-    idx = idx.to(cond.embeds.device)
-    return TextCond(cond.embeds[idx], None if cond.pooled is None else cond.pooled[idx])
-
-
 @torch.no_grad()
-def _reference_predictions(pipe, scheduler, draws: list[_Draw], b: int, base_cond: TextCond, time_ids, autocast) -> list[torch.Tensor]:
+def _reference_predictions(pipe, family: ModelFamily, scheduler, draws: list[_Draw], b: int, base_cond: TextCond, time_ids, autocast) -> list[torch.Tensor]:
     """eps_ref for the instance rows of several steps: the frozen UNet (LoRA off) on the base caption.
 
     The reference depends only on frozen weights and on each step's random draw, never on the LoRA
@@ -781,15 +631,16 @@ def _reference_predictions(pipe, scheduler, draws: list[_Draw], b: int, base_con
     t = torch.cat([d.timesteps[:b] for d in draws]).to(device)
     idx = torch.cat([d.idx for d in draws])
     noisy = scheduler.add_noise(lat, noise, t).to(dtype)
-    cond = _rows(base_cond, idx)
-    tids = time_ids[idx.to(time_ids.device)]
+    cond = base_cond.rows(idx)
+    tids = None if time_ids is None else time_ids[idx.to(time_ids.device)]
     outs = []
     pipe.unet.disable_adapters()
     try:
         with autocast():
             for s in range(0, len(idx), REF_MAX_ROWS):
-                part = TextCond(cond.embeds[s : s + REF_MAX_ROWS], None if cond.pooled is None else cond.pooled[s : s + REF_MAX_ROWS])
-                outs.append(_unet_pred(pipe, noisy[s : s + REF_MAX_ROWS], t[s : s + REF_MAX_ROWS], part, tids[s : s + REF_MAX_ROWS]))
+                rows = slice(s, s + REF_MAX_ROWS)
+                part_tids = None if tids is None else tids[rows]
+                outs.append(family.unet_pred(pipe, noisy[rows], t[rows], cond.slice(s, s + REF_MAX_ROWS), part_tids))
     finally:
         pipe.unet.enable_adapters()
     return list(torch.cat(outs).split(b))
@@ -798,7 +649,7 @@ def _reference_predictions(pipe, scheduler, draws: list[_Draw], b: int, base_con
 def _train_loop(
     pipe, config, optimizer, trainable, cache: LatentCache, class_cache: LatentCache | None,
     base_cond: TextCond, personal_cond: TextCond | None, personal_prompts: list[str], class_cond: TextCond | None,
-    time_ids: torch.Tensor, resolution: int, mixed: str, progress: bool, desc: str,
+    time_ids: torch.Tensor | None, resolution: int, mixed: str, progress: bool, desc: str,
 ) -> tuple[list[float], float, float]:
     from tqdm.auto import tqdm
 
@@ -806,15 +657,13 @@ def _train_loop(
     unet_dtype = pipe.unet.dtype
     scheduler = _noise_scheduler(pipe)
     num_t = int(scheduler.config.num_train_timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise TrainingInputError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
     gen = torch.Generator("cpu").manual_seed(int(config.seed))
     b = int(config.batch_size)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if mixed == "fp16" else _NullScaler()
-    class_time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32, device=device)
+    family = family_of(pipe)
+    class_time_ids = family.time_ids(pipe, [(resolution, resolution, 0, 0, resolution, resolution)], dtype=torch.float32, device=device)
     use_dco = config.dco_beta > 0
     order: list[int] = []
     losses: list[float] = []
@@ -824,23 +673,20 @@ def _train_loop(
     while len(losses) < config.steps:
         chunk = min(REF_CHUNK_STEPS, config.steps - len(losses))
         draws = [_draw_step(gen, config, order, cache, class_cache, num_t) for _ in range(chunk)]
-        refs = _reference_predictions(pipe, scheduler, draws, b, base_cond, time_ids, autocast) if use_dco else [None] * chunk
+        refs = _reference_predictions(pipe, family, scheduler, draws, b, base_cond, time_ids, autocast) if use_dco else [None] * chunk
         for d, ref in zip(draws, refs, strict=True):
-            cond_p = personal_cond if personal_cond is not None else encode_text(pipe, personal_prompts, device)
-            cond = _rows(cond_p, d.idx)
-            tids = time_ids[d.idx.to(device)]
+            cond_p = personal_cond if personal_cond is not None else family.encode(pipe, personal_prompts, device)
+            cond = cond_p.rows(d.idx)
+            tids = None if time_ids is None else time_ids[d.idx.to(device)]
             if class_cache is not None:
-                cond = TextCond(
-                    torch.cat([cond.embeds, class_cond.embeds.expand(b, -1, -1)]),
-                    None if cond.pooled is None else torch.cat([cond.pooled, class_cond.pooled.expand(b, -1)]),
-                )
-                tids = torch.cat([tids, class_time_ids.expand(b, -1)])
+                cond = TextCond.cat([cond, class_cond.repeat(b)])
+                tids = None if tids is None else torch.cat([tids, class_time_ids.expand(b, -1)])
             latents, noise, timesteps = d.latents.to(device), d.noise.to(device), d.timesteps.to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            target = family.training_target(scheduler, latents, noise, timesteps)
             weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
             with autocast():
-                pred = _unet_pred(pipe, noisy.to(unet_dtype), timesteps, cond, tids)
+                pred = family.unet_pred(pipe, noisy.to(unet_dtype), timesteps, cond, tids)
             w_inst = None if weights is None else weights[:b]
             if use_dco:
                 loss = dco_loss(pred[:b], ref, target[:b], config.dco_beta, w_inst)
@@ -863,101 +709,3 @@ def _train_loop(
             bar.set_postfix(loss=f"{running:.4f}")
     bar.close()
     return losses, time.perf_counter() - t0, time.process_time() - c0
-
-
-# ----------------------------------------------------------------------------------------------
-# Save / load / unload
-
-
-def lora_state_dict(unet, adapter_name: str = TRAIN_ADAPTER_NAME) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key layout (fp32, CPU, contiguous)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-
-
-def save_lora(pipe, folder: str | Path, adapter_name: str = TRAIN_ADAPTER_NAME) -> None:
-    """Write the UNet adapter as ``pytorch_lora_weights.safetensors`` with its LoRA config as metadata."""
-    metadata = pipe.unet.peft_config[adapter_name].to_dict()
-    metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
-    type(pipe).save_lora_weights(
-        folder,
-        unet_lora_layers=lora_state_dict(pipe.unet, adapter_name),
-        unet_lora_adapter_metadata=metadata,
-        weight_name=LORA_WEIGHT_NAME,
-        safe_serialization=True,
-    )
-
-
-def _save_embeddings(pipe, folder: Path, token_rows, identifier: str) -> dict[str, Any]:
-    """Learned identifier embeddings in diffusers' textual-inversion layout.
-
-    SD: ``{identifier: (1, dim)}`` (loadable by ``pipe.load_textual_inversion(file)``).
-    SDXL: ``{"clip_l": (1, d1), "clip_g": (1, d2)}`` (load each into its encoder, as diffusers documents).
-    """
-    from safetensors.torch import save_file
-
-    rows = [w[tid].detach().to("cpu", torch.float32).reshape(1, -1).contiguous() for w, tid in token_rows]
-    tensors = {identifier: rows[0]} if len(rows) == 1 else {"clip_l": rows[0], "clip_g": rows[1]}
-    save_file(tensors, str(folder / EMBEDDINGS_WEIGHT_NAME), metadata={"token": identifier})
-    return {"file": EMBEDDINGS_WEIGHT_NAME, "tokens": [identifier], "layout": "sd" if len(rows) == 1 else "sdxl"}
-
-
-def _loaded_tokens(pipe) -> dict[str, list[str]]:
-    registry = getattr(pipe, "_prcore_lora_tokens", None)
-    if registry is None:
-        registry = {}
-        pipe._prcore_lora_tokens = registry
-    return registry
-
-
-def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
-    """Load a trained subject LoRA (and its learned token embeddings, if any) as ``adapter_name``.
-
-    Does nothing if an adapter of that name is already loaded. Weights load from safetensors only.
-    """
-    lora_dir = Path(lora_dir)
-    unet = pipe.unet
-    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
-        return
-    weights = lora_dir / LORA_WEIGHT_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"no LoRA at {lora_dir}: {LORA_WEIGHT_NAME} is missing (train the subject first)")
-    record = read_training_record(lora_dir) or {}
-    learned = record.get("learned_embeddings")
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": we train the UNet only
-    try:
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name, use_safetensors=True)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    if learned:
-        from safetensors.torch import load_file
-
-        tokens = list(learned["tokens"])
-        state = load_file(str(lora_dir / learned["file"]))
-        try:
-            if learned.get("layout") == "sdxl":
-                pipe.load_textual_inversion(state["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-                pipe.load_textual_inversion(state["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-            else:
-                pipe.load_textual_inversion(state[tokens[0]], token=tokens[0])
-        except ValueError:
-            pipe.delete_adapters(adapter_name)
-            raise
-        _loaded_tokens(pipe)[adapter_name] = tokens
-
-
-def unload_subject_lora(pipe, adapter_name: str) -> None:
-    """Remove a subject's adapter and its added tokens, leaving the base pipeline as before loading."""
-    unet = pipe.unet
-    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
-        pipe.delete_adapters(adapter_name)
-    tokens = _loaded_tokens(pipe).pop(adapter_name, [])
-    if tokens:
-        for tok, te in _text_pairs(pipe):
-            pipe.unload_textual_inversion(tokens=tokens, tokenizer=tok, text_encoder=te)

@@ -11,17 +11,21 @@ Three noise predictions at the same latent x_t and timestep t:
     g_par = <g_cg, g_cfg> / (||g_cfg||^2 + tiny) * g_cfg      (per sample)
     g_ort = g_cg - g_par
     e_hat = e_u + w_cfg * g_cfg + w_cg * (g_ort + eta * g_par)
+
+Each mode of ``prcore.data.schema.GUIDANCE_MODES`` is a :class:`Mode` in :data:`MODES`: the UNet
+rows it needs and the pure function that combines their predictions. A new mode is one function
+and one entry here (and its name in the schema).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-GuidanceMode = Literal["parallel_rescaled", "consistency", "cfg", "pretrained"]
-GUIDANCE_MODES: tuple[str, ...] = ("parallel_rescaled", "consistency", "cfg", "pretrained")
+from prcore.data.schema import GUIDANCE_MODES
 
 # Added to ||direction||^2 so a zero direction yields a zero parallel part instead of NaN.
 TINY = 1e-12
@@ -53,9 +57,9 @@ def decompose(g: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
     return parallel.to(g.dtype), orthogonal.to(g.dtype)
 
 
-def cfg(eps_uncond: Tensor, eps_cond: Tensor, *, cfg_scale: float) -> Tensor:
+def cfg(eps_uncond: Tensor, eps_cond: Tensor, *, guidance_scale: float) -> Tensor:
     """Classifier-free guidance: ``e_u + w_cfg * (e_c - e_u)``."""
-    return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 def parallel_rescaled(
@@ -63,7 +67,7 @@ def parallel_rescaled(
     eps_cond: Tensor,
     eps_personal: Tensor,
     *,
-    cfg_scale: float,
+    guidance_scale: float,
     consistency_scale: float,
     parallel_scale: float,
 ) -> Tensor:
@@ -72,7 +76,7 @@ def parallel_rescaled(
         g_cfg = e_c - e_u,  g_cg = e_p - e_c,  (g_par, g_ort) = decompose(g_cg, g_cfg)
         e_hat = e_u + w_cfg * g_cfg + w_cg * (g_ort + eta * g_par)
 
-    with ``w_cfg = cfg_scale``, ``w_cg = consistency_scale`` and ``eta = parallel_scale``.
+    with ``w_cfg = guidance_scale``, ``w_cg = consistency_scale`` and ``eta = parallel_scale``.
     ``parallel_scale = 1`` is DCO's consistency guidance, ``consistency_scale = 0`` plain CFG.
     Computed in float32 (or wider); returned in the inputs' dtype.
     """
@@ -81,15 +85,15 @@ def parallel_rescaled(
     g_cfg = e_c - e_u
     g_cg = e_p - e_c
     g_par, g_ort = decompose(g_cg, g_cfg)
-    e_hat = e_u + cfg_scale * g_cfg + consistency_scale * (g_ort + parallel_scale * g_par)
+    e_hat = e_u + guidance_scale * g_cfg + consistency_scale * (g_ort + parallel_scale * g_par)
     return e_hat.to(eps_uncond.dtype)
 
 
-def consistency(eps_uncond: Tensor, eps_cond: Tensor, eps_personal: Tensor, *, cfg_scale: float, consistency_scale: float) -> Tensor:
+def consistency(eps_uncond: Tensor, eps_cond: Tensor, eps_personal: Tensor, *, guidance_scale: float, consistency_scale: float) -> Tensor:
     """DCO consistency guidance: ``e_u + w_cfg * (e_c - e_u) + w_cg * (e_p - e_c)``."""
     acc = _accumulation_dtype(eps_uncond.dtype)
     e_u, e_c, e_p = (e.to(acc) for e in (eps_uncond, eps_cond, eps_personal))
-    return (e_u + cfg_scale * (e_c - e_u) + consistency_scale * (e_p - e_c)).to(eps_uncond.dtype)
+    return (e_u + guidance_scale * (e_c - e_u) + consistency_scale * (e_p - e_c)).to(eps_uncond.dtype)
 
 
 def parallel_fraction(eps_uncond: Tensor, eps_cond: Tensor, eps_personal: Tensor) -> Tensor:
@@ -101,3 +105,33 @@ def parallel_fraction(eps_uncond: Tensor, eps_cond: Tensor, eps_personal: Tensor
     g_cfg = (eps_cond.to(acc) - eps_uncond.to(acc)).flatten(1)
     g_cg = (eps_personal.to(acc) - eps_cond.to(acc)).flatten(1)
     return torch.nn.functional.cosine_similarity(g_cg, g_cfg, dim=1, eps=1e-12)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A guidance mode: the UNet rows of each step and how their predictions combine.
+
+    ``rows``: (prompt, LoRA on) per row group, prompt one of "negative", "base", "personal".
+    ``combine(*predictions, guidance_scale=, consistency_scale=, parallel_scale=)``: the noise estimate.
+    """
+
+    rows: tuple[tuple[str, bool], ...]
+    combine: Callable[..., Tensor]
+
+
+def _cfg_rows(e_uncond: Tensor, e_cond: Tensor, *, guidance_scale: float, **_: float) -> Tensor:
+    return cfg(e_uncond, e_cond, guidance_scale=guidance_scale)
+
+
+def _consistency_rows(e_u: Tensor, e_c: Tensor, e_p: Tensor, *, guidance_scale: float, consistency_scale: float, **_: float) -> Tensor:
+    return consistency(e_u, e_c, e_p, guidance_scale=guidance_scale, consistency_scale=consistency_scale)
+
+
+_THREE = (("negative", False), ("base", False), ("personal", True))
+MODES: dict[str, Mode] = {
+    "parallel_rescaled": Mode(_THREE, parallel_rescaled),
+    "consistency": Mode(_THREE, _consistency_rows),
+    "cfg": Mode((("negative", True), ("personal", True)), _cfg_rows),  # the fine-tuned model alone: DreamBooth
+    "pretrained": Mode((("negative", False), ("base", False)), _cfg_rows),  # the base model, no subject
+}
+assert tuple(MODES) == GUIDANCE_MODES, "prcore.data.schema.GUIDANCE_MODES and guidance.MODES must name the same modes"

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from prcore.data.fingerprint import image_seed
+from prcore.data.schema import SEED_MAX
 from prcore.method import guidance as G
 from prcore.method.adapters import (
     BASE,
@@ -39,11 +41,11 @@ from prcore.method.adapters import (
     per_sample_adapters,
     use_adapter,
 )
-from prcore.data.fingerprint import image_seed
+from prcore.method.families import ModelFamily, TextCond, UnsupportedModelError, family_of
 from prcore.method.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
 
 BatchMode = Literal["auto", "batched", "separate"]
-SEED_MAX = 2**63 - 1
+
 
 
 class SamplerError(ValueError):
@@ -114,48 +116,18 @@ def image_seeds(seed: int | Sequence[int], num_images: int) -> list[int]:
 class _Cond:
     """Text conditioning of one row group (num_images rows), and which adapter its UNet rows use."""
 
-    embeds: Tensor
-    pooled: Tensor | None
+    text: TextCond
     adapter: str
 
 
-def _is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "tokenizer_2", None) is not None
-
-
-def _text_encoders(pipe) -> list:
-    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
-
-
-def _encode(pipe, text: str, adapter: str, n: int, device, *, zero: bool) -> _Cond:
+def _encode(pipe, family: ModelFamily, text: str, adapter: str, n: int, device, *, zero: bool) -> _Cond:
     """Encode one prompt with the text encoders' LoRA (if any) set to ``adapter``; repeat n times."""
-    encoders = _text_encoders(pipe)
-    for enc in encoders:
+    for enc in family.text_encoders(pipe):
         use_adapter(enc, adapter if adapter in adapter_names_of(enc) else BASE)
-    if _is_sdxl(pipe):
-        embeds, _, pooled, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    else:
-        embeds, _ = pipe.encode_prompt(text, device, 1, False)
-        pooled = None
-    if zero:  # SDXL's force_zeros_for_empty_prompt: the empty negative prompt is all zeros
-        embeds = torch.zeros_like(embeds)
-        pooled = torch.zeros_like(pooled) if pooled is not None else None
-    embeds = embeds.repeat(n, 1, 1)
-    pooled = pooled.repeat(n, 1) if pooled is not None else None
-    return _Cond(embeds, pooled, adapter)
-
-
-def _time_ids(pipe, height: int, width: int, n_rows: int, dtype, device) -> Tensor:
-    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w), no crop."""
-    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
-    expected = pipe.unet.add_embedding.linear_1.in_features
-    te2 = getattr(pipe, "text_encoder_2", None)
-    proj = te2.config.projection_dim if te2 is not None else None
-    if proj is not None and pipe.unet.config.addition_time_embed_dim * ids.shape[1] + proj != expected:
-        raise SamplerError(
-            "this SDXL UNet expects different micro-conditioning (e.g. an aesthetic-score refiner); only base SDXL models are supported"
-        )
-    return ids.repeat(n_rows, 1)
+    cond = family.encode(pipe, text, device)
+    if zero:  # e.g. SDXL's force_zeros_for_empty_prompt: the empty negative prompt is all zeros
+        cond = cond.zeros_like()
+    return _Cond(cond.repeat(n), adapter)
 
 
 def _check_scales(**scales: float) -> None:
@@ -184,8 +156,9 @@ class _UNetRows:
     The conditioning is concatenated once here, not at every step.
     """
 
-    def __init__(self, pipe, conds: list[_Cond], time_ids: Tensor | None, mode: str):
-        self.unet = pipe.unet
+    def __init__(self, pipe, family: ModelFamily, conds: list[_Cond], time_ids: Tensor | None, mode: str):
+        self.pipe = pipe
+        self.family = family
         self.k = len(conds)
         self.mode = mode
         adapters = [c.adapter for c in conds]
@@ -195,34 +168,26 @@ class _UNetRows:
             groups = [list(range(self.k))]
         self.calls = []
         for idx in groups:
-            sub = [conds[i] for i in idx]
-            embeds = torch.cat([c.embeds for c in sub])
-            added = None
-            if time_ids is not None:
-                added = {"text_embeds": torch.cat([c.pooled for c in sub]), "time_ids": time_ids[: embeds.shape[0]]}
-            self.calls.append((idx, sub[0].adapter, embeds, added))
+            text = TextCond.cat([conds[i].text for i in idx])
+            tids = None if time_ids is None else time_ids[: text.embeds.shape[0]]
+            self.calls.append((idx, conds[idx[0]].adapter, text, tids))
 
     def __call__(self, x: Tensor, t) -> list[Tensor]:
         out: list[Tensor] = [x] * self.k
-        for idx, adapter, embeds, added in self.calls:
+        for idx, adapter, text, tids in self.calls:
             if self.mode == "separate":
-                use_adapter(self.unet, adapter)
+                use_adapter(self.pipe.unet, adapter)
             x_in = torch.cat([x] * len(idx)) if len(idx) > 1 else x
-            pred = self.unet(x_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+            pred = self.family.unet_pred(self.pipe, x_in, t, text, tids)
             for i, p in zip(idx, pred.chunk(len(idx)), strict=True):
                 out[i] = p
         return out
 
 
-def _step(sched, unet_rows: _UNetRows, latents: Tensor, t, guidance: str, step_kwargs: dict, cfg_scale: float, consistency_scale: float, parallel_scale: float) -> Tensor:
+def _step(sched, unet_rows: _UNetRows, latents: Tensor, t, mode: G.Mode, step_kwargs: dict, scales: dict[str, float]) -> Tensor:
     """One denoising step: predictions at x_t, guided noise estimate, scheduler update to x_{t-1}."""
     preds = unet_rows(sched.scale_model_input(latents, t), t)
-    if guidance == "parallel_rescaled":
-        eps = G.parallel_rescaled(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
-    elif guidance == "consistency":
-        eps = G.consistency(*preds, cfg_scale=cfg_scale, consistency_scale=consistency_scale)
-    else:
-        eps = G.cfg(*preds, cfg_scale=cfg_scale)
+    eps = mode.combine(*preds, **scales)
     return sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
 
 
@@ -261,7 +226,7 @@ def sample(
     adapter_name: str | None,
     negative_prompt: str = "",
     guidance: str = "parallel_rescaled",
-    cfg_scale: float = 7.5,
+    guidance_scale: float = 7.5,
     consistency_scale: float = 3.0,
     parallel_scale: float = 0.5,
     num_inference_steps: int = 50,
@@ -291,9 +256,9 @@ def sample(
     """
     started = time.perf_counter()
     personal, base = render_prompts(prompt, class_noun, identifier)
-    if guidance not in G.GUIDANCE_MODES:
-        raise SamplerError(f"unknown guidance {guidance!r}; choose one of: {', '.join(G.GUIDANCE_MODES)}")
-    _check_scales(cfg_scale=cfg_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
+    if guidance not in G.MODES:
+        raise SamplerError(f"unknown guidance {guidance!r}; choose one of: {', '.join(G.MODES)}")
+    _check_scales(guidance_scale=guidance_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise SamplerError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -320,21 +285,15 @@ def sample(
     unet = pipe.unet
     dtype = unet.dtype
     n = num_images
-    sdxl = _is_sdxl(pipe)
-    zero_negative = sdxl and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)) and negative_prompt == ""
+    family = family_of(pipe)
+    zero_negative = family.zero_negative(pipe, negative_prompt)
 
-    with adapter_state_preserved(unet, *_text_encoders(pipe)):
+    with adapter_state_preserved(unet, *family.text_encoders(pipe)):
         lora = adapter_name if adapter_name is not None else BASE
-        if guidance in ("parallel_rescaled", "consistency"):
-            conds = [
-                _encode(pipe, negative_prompt, BASE, n, device, zero=zero_negative),
-                _encode(pipe, base, BASE, n, device, zero=False),
-                _encode(pipe, personal, lora, n, device, zero=False),
-            ]
-        elif guidance == "cfg":
-            conds = [_encode(pipe, negative_prompt, lora, n, device, zero=zero_negative), _encode(pipe, personal, lora, n, device, zero=False)]
-        else:
-            conds = [_encode(pipe, negative_prompt, BASE, n, device, zero=zero_negative), _encode(pipe, base, BASE, n, device, zero=False)]
+        mode_spec = G.MODES[guidance]
+        texts = {"negative": negative_prompt, "base": base, "personal": personal}
+        conds = [_encode(pipe, family, texts[p], lora if on else BASE, n, device, zero=zero_negative and p == "negative")
+                 for p, on in mode_spec.rows]
 
         distinct = {c.adapter for c in conds}
         if len(distinct) == 1 or not lora_layers(unet):
@@ -345,7 +304,10 @@ def sample(
                 raise SamplerError(f"batch_mode='batched' is impossible here: {blocker}; use batch_mode='auto' or 'separate'")
             mode = "separate" if (batch_mode == "separate" or blocker) else "batched"
 
-        time_ids = _time_ids(pipe, height, width, len(conds) * n, conds[0].embeds.dtype, device) if sdxl else None
+        try:
+            time_ids = family.time_ids(pipe, [(height, width, 0, 0, height, width)] * (len(conds) * n), dtype=conds[0].text.embeds.dtype, device=device)
+        except UnsupportedModelError as exc:
+            raise SamplerError(str(exc)) from None
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -359,7 +321,8 @@ def sample(
 
         from tqdm.auto import tqdm
 
-        unet_rows = _UNetRows(pipe, conds, time_ids, mode)
+        unet_rows = _UNetRows(pipe, family, conds, time_ids, mode)
+        scales = {"guidance_scale": guidance_scale, "consistency_scale": consistency_scale, "parallel_scale": parallel_scale}
         routing = contextlib.nullcontext()
         if mode == "batched":
             routing = per_sample_adapters(unet, [c.adapter for c in conds for _ in range(n)])
@@ -367,7 +330,7 @@ def sample(
             use_adapter(unet, conds[0].adapter)
         with routing:
             for t in tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False):
-                latents = _step(sched, unet_rows, latents, t, guidance, step_kwargs, cfg_scale, consistency_scale, parallel_scale)
+                latents = _step(sched, unet_rows, latents, t, mode_spec, step_kwargs, scales)
 
         images = _decode(pipe, latents, output_type)
     return SampleOutput(

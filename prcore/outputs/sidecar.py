@@ -1,14 +1,13 @@
-"""Output keys, PNGs with their parameters embedded, and JSON sidecars (the commit marker).
+"""One record per image: the sidecar, the PNG's ``parameters`` chunk and the catalogue row.
 
-Layout under one root (a folder or ``s3://bucket/prefix``)::
+:class:`ImageRecord` is the single record builder. The flow (``prcore.pipeline``) and
+``prcore sample`` fill it; :func:`write_image` writes the PNG (its text chunk holds the record
+without the PNG's own sha256 and size) and then the JSON sidecar, which is the commit marker; the
+catalogue (``prcore.outputs.catalog``) takes its columns from the record's fields. A new field
+is one line here.
 
-    loras/{subject_id}/{lora_fp}/            LoRA weights + training.json
-    images/{subject_id}/{prompt_id}/{req_fp}/{i}.png   + {i}.json sidecar (written last)
-    catalog/run_date=YYYY-MM-DD/...parquet   one row per image
-    runs/{run_id}/                           summary.json, contact sheets, failure report
-
-Keys are built only from ids that pass :func:`prcore.data.manifest.is_safe_id` and from hex
-fingerprints; anything else raises ``ValueError`` before a key exists.
+Sidecar version 2 (version 1 wrote ``sample_seconds`` and left ``class_noun``, ``identifier``
+and the scheduler used out); :meth:`ImageRecord.from_dict` reads both.
 """
 
 from __future__ import annotations
@@ -17,83 +16,112 @@ import io
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from prcore.data.fingerprint import canonical_json, sha256_bytes
+from prcore.store.keys import sidecar_key_for
 
-IMAGES_PREFIX = "images"
-LORAS_PREFIX = "loras"
-CATALOG_PREFIX = "catalog"
-RUNS_PREFIX = "runs"
 PNG_TEXT_KEY = "parameters"  # the tEXt/iTXt key image viewers (and A1111-style tools) show
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
 
-_HEX = re.compile(r"^[0-9a-f]{8,64}$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-def _safe(kind: str, value: str) -> str:
-    from prcore.data.manifest import is_safe_id
-
-    if not is_safe_id(value):
-        raise ValueError(f"{kind} {value!r} is not a safe id (letters, digits, '.', '_', '-'; no '..'); no key was built")
-    return value
+_FORBIDDEN_KEYS = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
 
 
-def _fp(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not _HEX.match(value):
-        raise ValueError(f"{kind} {value!r} is not a hex fingerprint; no key was built")
-    return value
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"prcore {version('prcore')}"
+    except PackageNotFoundError:  # pragma: no cover
+        return "prcore (not installed)"
 
 
-def _index(index: int) -> int:
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise ValueError(f"image index {index!r} must be an int >= 0")
-    return index
+@dataclass
+class ImageRecord:
+    """Everything known about one generated image. Field order is the catalogue's column order."""
 
+    # where it is
+    subject_id: str
+    prompt_id: str
+    req_fp: str
+    index: int
+    key: str
+    seed: int
+    # prompts
+    prompt_template: str
+    personal_prompt: str
+    base_prompt: str
+    negative_prompt: str
+    class_noun: str
+    identifier: str
+    # sampling, as used
+    guidance: str
+    guidance_scale: float
+    consistency_scale: float
+    parallel_scale: float
+    num_inference_steps: int
+    scheduler: str  # the name asked for, or the model's own scheduler class
+    height: int
+    width: int
+    # models and placement
+    base_model: str
+    lora_fp: str | None
+    device: str
+    dtype: str
+    # the run that made it
+    run_id: str | None = None
+    run_date: str | None = None
+    seconds: float | None = None  # sampling time of this image (the batch's time / its images)
+    # quality (prcore.quality); None when no scorer ran
+    clip_t: float | None = None
+    clip_i: float | None = None
+    dino: float | None = None
+    qc_pass: bool | None = None
+    # the file
+    sha256: str | None = None
+    bytes: int | None = None
+    code_version: str = field(default_factory=code_version)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    sidecar_version: int = SIDECAR_VERSION
+    # nested values (catalogue: extra_json)
+    worker: dict[str, Any] | None = None
+    qc_thresholds: dict[str, float] | None = None
+    score_models: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else, e.g. meta_* columns
 
-def request_prefix(subject_id: str, prompt_id: str, req_fp: str) -> str:
-    return f"{IMAGES_PREFIX}/{_safe('subject_id', subject_id)}/{_safe('prompt_id', prompt_id)}/{_fp('req_fp', req_fp)}/"
+    def __post_init__(self) -> None:
+        bad = [k for k in self.extra if _FORBIDDEN_KEYS.search(k)]
+        if bad:
+            raise ValueError(f"refusing to store credential-like fields {bad} in a sidecar")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar: every field, ``extra`` merged at the top level."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
 
-def image_key(subject_id: str, prompt_id: str, req_fp: str, index: int) -> str:
-    """``images/{subject_id}/{prompt_id}/{req_fp}/{index}.png``"""
-    return f"{request_prefix(subject_id, prompt_id, req_fp)}{_index(index)}.png"
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageRecord:
+        """A record from a sidecar (version 1 or 2); fields it does not know go to ``extra``."""
+        data = dict(data)
+        if "sample_seconds" in data and "seconds" not in data:  # version 1
+            data["seconds"] = data.pop("sample_seconds")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: data.pop(k) for k in list(data) if k in known}
+        for f in fields(cls):  # a field an old sidecar lacks and that has no default: unknown
+            if f.name not in values and f.name != "extra" and f.default is MISSING and f.default_factory is MISSING:
+                values[f.name] = None
+        return cls(**values, extra=data)
 
-
-def sidecar_key(subject_id: str, prompt_id: str, req_fp: str, index: int) -> str:
-    """``images/{subject_id}/{prompt_id}/{req_fp}/{index}.json`` (the commit marker)."""
-    return f"{request_prefix(subject_id, prompt_id, req_fp)}{_index(index)}.json"
-
-
-def sidecar_key_for(png_key: str) -> str:
-    if not png_key.endswith(".png"):
-        raise ValueError(f"{png_key!r} is not a PNG key")
-    return png_key[: -len(".png")] + ".json"
-
-
-def lora_prefix(subject_id: str, lora_fp: str) -> str:
-    """``loras/{subject_id}/{lora_fp}/``"""
-    return f"{LORAS_PREFIX}/{_safe('subject_id', subject_id)}/{_fp('lora_fp', lora_fp)}/"
-
-
-def run_key(run_id: str, name: str) -> str:
-    """``runs/{run_id}/{name}`` (``name`` may contain ``/``-separated safe segments)."""
-    for part in name.split("/"):
-        _safe("file name", part)
-    return f"{RUNS_PREFIX}/{_safe('run_id', run_id)}/{name}"
-
-
-def catalog_key(run_date: str, subject_id: str, run_id: str) -> str:
-    """``catalog/run_date=YYYY-MM-DD/{run_id}--{subject_id}.parquet`` (one file per subject per run)."""
-    if not isinstance(run_date, str) or not _DATE.match(run_date):
-        raise ValueError(f"run_date {run_date!r} must be YYYY-MM-DD")
-    return f"{CATALOG_PREFIX}/run_date={run_date}/{_safe('run_id', run_id)}--{_safe('subject_id', subject_id)}.parquet"
-
-
-def is_done(store: Any, png_key: str) -> bool:
-    """An image counts as done only when its sidecar exists."""
-    return bool(store.exists(sidecar_key_for(png_key)))
+    def with_scores(self, scores: Mapping[str, Any]) -> ImageRecord:
+        """A copy with quality fields (clip_t, clip_i, dino, qc_pass, qc_thresholds, score_models) set."""
+        names = {f.name for f in fields(self)}
+        unknown = [k for k in scores if k not in names]
+        if unknown:
+            raise ValueError(f"unknown score fields {unknown}")
+        return replace(self, **dict(scores))
 
 
 def encode_png(image: Any, parameters: Mapping[str, Any]) -> bytes:
@@ -118,57 +146,34 @@ def read_png_parameters(data: bytes) -> dict[str, Any]:
     return json.loads(text)
 
 
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"prcore {version('prcore')}"
-    except PackageNotFoundError:  # pragma: no cover
-        return "prcore (not installed)"
+def encode_image(record: ImageRecord, image: Any) -> tuple[bytes, ImageRecord]:
+    """The PNG bytes (parameters chunk = the record without sha256/bytes) and the completed record."""
+    parameters = {k: v for k, v in record.to_dict().items() if k not in ("sha256", "bytes")}
+    data = encode_png(image, parameters)
+    return data, replace(record, sha256=sha256_bytes(data), bytes=len(data))
 
 
-_FORBIDDEN_RECORD_KEYS = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
+def sidecar_bytes(record: ImageRecord) -> bytes:
+    return json.dumps(record.to_dict(), sort_keys=True, indent=1, default=str).encode()
 
 
-def write_image(store: Any, request: Any, index: int, image: Any, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write image ``index`` of ``request`` (an :class:`prcore.data.manifest.ImageRequest`): PNG first, then
-    the JSON sidecar, which is the commit marker. Returns the sidecar dict.
-
-    ``record`` adds fields to the sidecar (prompts as rendered, model ids, lora_fp, timings, ...);
-    keys that look like credentials are refused. The PNG's ``parameters`` chunk holds the same
-    generation parameters (everything except the sha256 and size of the PNG itself).
-    """
-    record = dict(record or {})
-    bad = [k for k in record if _FORBIDDEN_RECORD_KEYS.search(k)]
-    if bad:
-        raise ValueError(f"refusing to store credential-like fields {bad} in a sidecar")
-    key = image_key(request.subject_id, request.prompt_id, request.req_fp, index)
-    if index >= len(request.seeds):
-        raise ValueError(f"image index {index} out of range for a request of {len(request.seeds)} images")
-    parameters: dict[str, Any] = {
-        "sidecar_version": SIDECAR_VERSION,
-        "subject_id": request.subject_id,
-        "prompt_id": request.prompt_id,
-        "prompt_template": request.prompt,
-        "req_fp": request.req_fp,
-        "index": index,
-        "seed": int(request.seeds[index]),
-        "key": key,
-        **{k: v for k, v in request.params.items()},
-        "code_version": code_version(),
-        **record,
-    }
-    if isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-        width = height = None
-    else:
-        data = encode_png(image, parameters)
-        width, height = image.size
-    sidecar = {**parameters, "sha256": sha256_bytes(data), "bytes": len(data), "width": width, "height": height}
-    store.put(key, data, content_type="image/png", metadata={"req_fp": request.req_fp, "seed": str(sidecar["seed"])})
-    store.put(sidecar_key_for(key), json.dumps(sidecar, sort_keys=True, indent=1).encode(), content_type="application/json")
-    return sidecar
+def write_image(store: Any, record: ImageRecord, image: Any) -> ImageRecord:
+    """Write the PNG at ``record.key``, then its JSON sidecar (the commit marker); returns the
+    record as written (sha256 and size of the PNG filled in)."""
+    data, record = encode_image(record, image)
+    store.put(record.key, data, content_type="image/png", metadata={"req_fp": record.req_fp, "seed": str(record.seed)})
+    store.put(sidecar_key_for(record.key), sidecar_bytes(record), content_type="application/json")
+    return record
 
 
-def read_sidecar(store: Any, png_key: str) -> dict[str, Any]:
-    return json.loads(store.get(sidecar_key_for(png_key)))
+def read_sidecar(store: Any, png_key: str) -> ImageRecord:
+    return ImageRecord.from_dict(json.loads(store.get(sidecar_key_for(png_key))))
+
+
+def update_sidecar(store: Any, record: ImageRecord, **changes: Any) -> ImageRecord:
+    """Rewrite a sidecar with ``changes`` as one atomic put (the store renames a temporary file
+    into place locally; an S3 put replaces the object whole), so the commit marker is never
+    missing or half written."""
+    record = replace(record, **changes)
+    store.put(sidecar_key_for(record.key), sidecar_bytes(record), content_type="application/json")
+    return record

@@ -40,10 +40,11 @@ from typing import Any
 import polars as pl
 from PIL import Image
 
-from prcore.quality.scorer import ImageScorerProtocol
+from prcore.data.schema import DEFAULT_IDENTIFIER, GUIDANCE_MODES, IMAGE_SUFFIXES
+from prcore.quality.qc import ImageScorerProtocol
+from prcore.store.keys import BENCH_RECORD_KEY, BENCH_SCORES_KEY, BENCH_TABLE_KEY, bench_image_key, bench_result_key
 
-DEFAULT_MODES: tuple[str, ...] = ("parallel_rescaled", "consistency", "cfg")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEFAULT_MODES: tuple[str, ...] = tuple(m for m in GUIDANCE_MODES if m != "pretrained")  # the personalized modes
 SUBJECTS_FILE = "dreambench_subjects.csv"
 PROMPT_FILES = {"object": "dreambench_object_prompts.txt", "live": "dreambench_live_prompts.txt"}
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -83,20 +84,20 @@ class BenchConfig:
     prompts_per_subject: int | None = None
     images_per_prompt: int = 4
     num_inference_steps: int = 50
-    cfg_scale: float = 7.5
+    guidance_scale: float = 7.5
     consistency_scale: float = 3.0
     parallel_scale: float = 0.5
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
-    identifier: str = "sks"
+    identifier: str = DEFAULT_IDENTIFIER
     seed: int = 0
     train_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.modes:
             raise BenchError("no guidance modes: give at least one of parallel_rescaled, consistency, cfg, pretrained")
-        from prcore.method.guidance import GUIDANCE_MODES
+        from prcore.data.schema import GUIDANCE_MODES
 
         unknown = [m for m in self.modes if m not in GUIDANCE_MODES]
         if unknown:
@@ -274,7 +275,7 @@ def _parquet(df: pl.DataFrame) -> bytes:
 
 
 def _train_config(overrides: Mapping[str, Any]):
-    from prcore.method.dco import TrainConfig
+    from prcore.data.schema import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
@@ -310,10 +311,11 @@ def run_dreambench(
     :func:`prcore.method.models.load_pipeline`). ``work_dir``: where LoRAs are trained (a temporary
     folder by default; they are not part of the output).
     """
+    from prcore.method.dco import train_subject_lora
+    from prcore.method.lora_io import load_subject_lora, unload_subject_lora
     from prcore.method.models import load_pipeline
     from prcore.method.sampler import sample
     from prcore.store.storage import open_store
-    from prcore.method.dco import load_subject_lora, train_subject_lora, unload_subject_lora
 
     started = time.perf_counter()
     store = open_store(output) if isinstance(output, (str, Path)) else output
@@ -322,15 +324,15 @@ def run_dreambench(
     train_config = _train_config(config.train_overrides)
     # JSON round trip: tuples become lists, as they will be when read back
     manifest = json.loads(json.dumps({"config": config.to_json(), "scorer": _scorer_description(scorer)}))
-    if store.exists("bench.json"):
-        previous = json.loads(store.get("bench.json"))
+    if store.exists(BENCH_RECORD_KEY):
+        previous = json.loads(store.get(BENCH_RECORD_KEY))
         if previous != manifest:
             raise BenchError(
                 f"{store.uri} already holds a benchmark with a different configuration (bench.json); "
                 "choose another --output, or delete it to start over"
             )
     else:
-        store.put("bench.json", json.dumps(manifest, indent=2, sort_keys=True).encode(), content_type="application/json")
+        store.put(BENCH_RECORD_KEY, json.dumps(manifest, indent=2, sort_keys=True).encode(), content_type="application/json")
 
     if pipe is None:
         pipe = load_pipeline(config.model, device=device, dtype=dtype)
@@ -339,7 +341,7 @@ def run_dreambench(
     with tempfile.TemporaryDirectory(prefix="prcore-bench-") as tmp:
         lora_root = Path(work_dir) if work_dir is not None else Path(tmp)
         for subject in protocol.subjects:
-            result_key = f"results/{subject.subject_id}.parquet"
+            result_key = bench_result_key(subject.subject_id)
             if store.exists(result_key):
                 frames.append(pl.read_parquet(io.BytesIO(store.get(result_key))))
                 skipped.append(subject.subject_id)
@@ -355,8 +357,8 @@ def run_dreambench(
     table = summarize(scores, config.modes)
     title = f"DreamBench: {len(protocol.subjects)} subjects, {config.images_per_prompt} images per prompt, model {config.model}"
     markdown = table_markdown(table, title=title)
-    store.put("scores.parquet", _parquet(scores), content_type="application/vnd.apache.parquet")
-    store.put("table.parquet", _parquet(table), content_type="application/vnd.apache.parquet")
+    store.put(BENCH_SCORES_KEY, _parquet(scores), content_type="application/vnd.apache.parquet")
+    store.put(BENCH_TABLE_KEY, _parquet(table), content_type="application/vnd.apache.parquet")
     csv_buf = io.BytesIO()
     table.write_csv(csv_buf)
     store.put("table.csv", csv_buf.getvalue(), content_type="text/csv")
@@ -382,8 +384,7 @@ def _run_subject(
         log(f"{subject.subject_id}: LoRA on {len(references)} images {how}")
         adapter = f"bench_{trained.fingerprint}"  # one name per LoRA content: never a stale adapter
         load_subject_lora(pipe, lora_dir, adapter)
-    embed = getattr(scorer, "embed_references", None)
-    refs = embed(references) if callable(embed) else references
+    refs = scorer.embed_references(references)
     rows: list[dict[str, Any]] = []
     try:
         for p_index, template in enumerate(protocol.prompts_for(subject, config.prompts_per_subject)):
@@ -393,14 +394,14 @@ def _run_subject(
                 out = sample(
                     pipe, prompt=template, class_noun=subject.class_noun, identifier=config.identifier,
                     adapter_name=adapter if mode != "pretrained" else None, guidance=mode,
-                    cfg_scale=config.cfg_scale, consistency_scale=config.consistency_scale,
+                    guidance_scale=config.guidance_scale, consistency_scale=config.consistency_scale,
                     parallel_scale=config.parallel_scale, num_inference_steps=config.num_inference_steps,
                     height=config.height, width=config.width, seed=seed, num_images=config.images_per_prompt,
                     scheduler=config.scheduler, progress=progress,
                 )
                 scores = scorer.score(out.images, out.base_prompt, refs)
                 for i, (image, image_scores) in enumerate(zip(out.images, scores, strict=True)):
-                    key = f"images/{subject.subject_id}/{mode}/{p_index:02d}_{i}.png"
+                    key = bench_image_key(subject.subject_id, mode, p_index, i)
                     store.put(key, _png(image), content_type="image/png")
                     rows.append(
                         dict(
@@ -414,7 +415,7 @@ def _run_subject(
         if adapter is not None:
             unload_subject_lora(pipe, adapter)
     frame = pl.DataFrame(rows)
-    store.put(f"results/{subject.subject_id}.parquet", _parquet(frame), content_type="application/vnd.apache.parquet")
+    store.put(bench_result_key(subject.subject_id), _parquet(frame), content_type="application/vnd.apache.parquet")
     log(f"{subject.subject_id}: {len(rows)} images scored in {time.perf_counter() - t0:.1f}s")
     return frame
 

@@ -16,7 +16,7 @@ def build_tiny_clip(path: str | Path, *, seed: int = 0, image_size: int = 32) ->
     """Write a tiny ``CLIPModel`` folder (model, CLIP tokenizer, ``CLIPImageProcessor``)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from prcore.method.models import write_clip_tokenizer
+    from prcore.method.tiny import write_clip_tokenizer
 
     path = Path(path)
     write_clip_tokenizer(path)

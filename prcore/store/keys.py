@@ -184,3 +184,20 @@ def catalog_run_date(key: str) -> str | None:
     if len(parts) == 3 and parts[0] == CATALOG_PREFIX and parts[1].startswith("run_date=") and parts[2].endswith(".parquet"):
         return parts[1].removeprefix("run_date=")
     return None
+
+
+# -- a DreamBench output root (``prcore bench dreambench``) ---------------------------------------------
+
+BENCH_RECORD_KEY = "bench.json"
+BENCH_SCORES_KEY = "scores.parquet"
+BENCH_TABLE_KEY = "table.parquet"
+
+
+def bench_result_key(subject_id: str) -> str:
+    """``results/{subject_id}.parquet``: one subject's scores (the resume marker)."""
+    return f"results/{safe_id('subject_id', subject_id)}.parquet"
+
+
+def bench_image_key(subject_id: str, mode: str, prompt_index: int, index: int) -> str:
+    """``images/{subject_id}/{mode}/{prompt_index:02d}_{index}.png``"""
+    return f"{IMAGES_PREFIX}/{safe_id('subject_id', subject_id)}/{safe_id('mode', mode)}/{_index(prompt_index):02d}_{_index(index)}.png"

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from prcore.store.storage import KeyNotFoundError, S3Options, StoreError, make_s3_client, parse_s3_uri, translate_s3_error
+from prcore.store.storage import (
+    KeyNotFoundError,
+    S3Options,
+    StoreError,
+    make_s3_client,
+    parse_s3_uri,
+    translate_s3_error,
+)
 
 SUPPORTED_SCHEMES = ("", "file", "s3")
 
@@ -21,10 +28,6 @@ def uri_scheme(uri: str) -> str:
     """'' for a plain path (including ``C:\\...``), else the lower-case URI scheme."""
     parsed = urlparse(uri)
     return "" if len(parsed.scheme) <= 1 else parsed.scheme.lower()
-
-
-def is_relative(uri: str) -> bool:
-    return uri_scheme(uri) == "" and not os.path.isabs(uri)
 
 
 def resolve_uri(uri: str, base: str) -> str:
@@ -74,20 +77,4 @@ def read_uri_bytes(uri: str, *, s3_options: S3Options | None = None, client: Any
         raise err from None
 
 
-def uri_exists(uri: str, *, client: Any = None) -> bool:
-    path = local_path(uri)
-    if path is not None:
-        return path.is_file()
-    bucket, key = parse_s3_uri(uri)
-    client = client or make_s3_client()
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
-    except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "") if hasattr(exc, "response") else ""
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return False
-        raise translate_s3_error(exc, bucket=bucket, action="check", key=key) from None
-
-
-__all__ = ["SUPPORTED_SCHEMES", "read_uri_bytes", "resolve_uri", "uri_scheme", "is_relative", "local_path", "uri_exists", "StoreError"]
+__all__ = ["SUPPORTED_SCHEMES", "read_uri_bytes", "resolve_uri", "uri_scheme", "local_path", "StoreError"]

@@ -105,7 +105,7 @@ def build_scheduler():
 def make_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
-    from prcore.method.models import write_clip_tokenizer
+    from prcore.method.tiny import write_clip_tokenizer
 
     write_clip_tokenizer(folder, words=list(world.WORDS))
     return CLIPTokenizer.from_pretrained(folder)

@@ -1,0 +1,323 @@
+"""Planning a manifest into per-subject jobs: defaults applied, seeds and fingerprints computed,
+and the images whose sidecar already exists in the store marked done.
+
+Python-level work is per distinct subject or distinct request spec, never per row.
+:class:`SubjectJob` keeps its requests in columnar form and builds the :class:`ImageRequest`
+objects when ``job.requests`` is first read (per subject, by whoever processes it).
+
+Fingerprints (see ``prcore.data.fingerprint`` for ``mix64``)::
+
+    subject_fp = fingerprint("subject-spec", 1, {base_model, instance_images (URIs), class_noun,
+                                                 identifier, instance_prompts, train_overrides})
+    spec_fp    = fingerprint("request-spec", 1, {prompt template, every REQUEST_PARAM_COLUMNS value})
+    req_fp     = hex(mix64(mix64(u64(subject_fp), u64(spec_fp)), seed if given else 2**64-1))
+
+Image bytes are not read at plan time: replacing an image's bytes under the same URI does not
+change ``req_fp``. The LoRA fingerprint (``prcore.method.dco.lora_fingerprint``) hashes the bytes at
+training time. ``num_images`` is not part of ``req_fp``: raising it adds images, keeping the done ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from prcore.data.fingerprint import fingerprint, image_seed, mix64, sha256_u64
+from prcore.data.load import Manifest, as_manifest, first_rows
+from prcore.data.schema import (
+    QC_COLUMNS,
+    REQUEST_PARAM_COLUMNS,
+    SEED_MAX,
+    TRAIN_FIELDS,
+    GenerationDefaults,
+    ManifestError,
+    ManifestInvalid,
+)
+from prcore.data.validate import validate
+from prcore.store import keys
+
+
+@dataclass
+class ImageRequest:
+    """One manifest row after defaults: ``num_images`` images sharing ``req_fp``.
+
+    ``seeds[i]``, ``done[i]`` and ``keys[i]`` (the PNG key) describe image ``i``.
+    """
+
+    subject_id: str
+    prompt_id: str
+    prompt: str
+    params: dict[str, Any]
+    req_fp: str
+    seeds: list[int]
+    done: list[bool]
+    keys: list[str]
+    row: int = -1
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def todo(self) -> list[int]:
+        """Indices of the images still to make."""
+        return [i for i, d in enumerate(self.done) if not d]
+
+
+@dataclass
+class SubjectJob:
+    """Everything one subject needs: its training spec and its requests.
+
+    ``requests`` is built on first access from the planned columns (cheap per subject; planning a
+    million rows never creates a million objects up front).
+    """
+
+    subject_id: str
+    class_noun: str
+    identifier: str
+    instance_images: list[str]
+    instance_prompts: list[str] | None
+    train_overrides: dict[str, Any]
+    base_model: str | None
+    subject_fp: str
+    n_requests: int
+    n_images: int
+    n_done: int
+    # QC thresholds from the manifest's qc_* columns ({"clip_t": 0.2, ...}); not part of any fingerprint
+    qc_thresholds: dict[str, float] = field(default_factory=dict)
+    _rows: pl.DataFrame | None = field(default=None, repr=False, compare=False)  # all planned rows, shared
+    _offset: int = field(default=0, repr=False, compare=False)
+    _params: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
+    _requests: list[ImageRequest] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_todo(self) -> int:
+        return self.n_images - self.n_done
+
+    @property
+    def requests(self) -> list[ImageRequest]:
+        if self._requests is None:
+            self._requests = _build_requests(self)
+        return self._requests
+
+    @property
+    def todo_requests(self) -> list[ImageRequest]:
+        return [r for r in self.requests if not all(r.done)]
+
+
+def _build_requests(job: SubjectJob) -> list[ImageRequest]:
+    """ImageRequest objects from the job's planned columns (ids were validated by :func:`plan`)."""
+    if job._rows is None or job.n_requests == 0:
+        return []
+    cols = job._rows.slice(job._offset, job.n_requests).to_dict(as_series=False)
+    out = []
+    sid = job.subject_id
+    for row, pid, prompt, n, base, fp_u64, done_idx, spec in zip(
+        cols["__row"], cols["__pid"], cols["prompt"], cols["num_images"], cols["__base_seed"],
+        cols["__req_u64"], cols["__done_idx"], cols["__spec"], strict=True,
+    ):
+        fp = f"{fp_u64:016x}"
+        done_set = set(done_idx) if done_idx else ()
+        out.append(
+            ImageRequest(
+                subject_id=sid,
+                prompt_id=pid,
+                prompt=prompt,
+                params=job._params[spec],
+                req_fp=fp,
+                seeds=[image_seed(base, i) for i in range(n)],
+                done=[i in done_set for i in range(n)],
+                keys=[keys.image_key(sid, pid, fp, i) for i in range(n)],
+                row=row,
+            )
+        )
+    return out
+
+
+def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int = 64) -> pl.DataFrame:
+    """Done images in ``store``: (subject_id, prompt_id, req_fp, index) for every sidecar found.
+
+    Lists ``images/{subject_id}/`` per subject when there are few subjects, else ``images/`` once;
+    a PNG without its JSON sidecar is not done.
+    """
+    if len(subject_ids) <= per_subject_limit:
+        listed: list[str] = []
+        for sid in subject_ids:
+            listed.extend(store.list(keys.subject_images_prefix(sid)))
+    else:
+        listed = list(store.list(f"{keys.IMAGES_PREFIX}/"))
+    parts = pl.Series("key", listed, dtype=pl.String).str.extract_groups(keys.IMAGE_KEY_PATTERN).struct.unnest()
+    return parts.filter(pl.col("ext") == "json").select(
+        pl.col("subject_id"),
+        pl.col("prompt_id").alias("__pid"),
+        pl.col("req_fp").alias("__req_fp"),
+        pl.col("index").cast(pl.Int64, strict=False).alias("__index"),
+    ).drop_nulls()
+
+
+def plan(
+    manifest: Manifest | pl.DataFrame,
+    *,
+    store: Any = None,
+    defaults: GenerationDefaults = GenerationDefaults(),
+    base_model: str | None = None,
+    check: bool = True,
+) -> list[SubjectJob]:
+    """Expand rows into per-subject jobs: defaults applied, seeds and fingerprints computed, and the
+    images whose sidecar already exists in ``store`` marked done.
+
+    ``check=True`` runs :func:`validate` (images not opened) and raises :class:`ManifestInvalid`;
+    with ``check=False`` (the caller validated already) ids are still checked before any key is built.
+    """
+    m = as_manifest(manifest)
+    if check:
+        errors = validate(m, check_images=False)
+        if errors:
+            raise ManifestInvalid(errors, m.source)
+    df, col_errors = m.normalized
+    if col_errors:
+        raise ManifestInvalid(col_errors, m.source)
+    # Ids become key segments: check every distinct one before anything else happens.
+    firsts = first_rows(df)
+    pids = df.select(pl.col("__pid").unique())
+    for name, ids in (("subject_id", firsts["subject_id"]), ("prompt_id", pids["__pid"])):
+        bad = [v for v in ids.to_list() if not keys.is_safe_id(v)]
+        if bad:
+            raise ManifestInvalid([ManifestError(None, None, name, f"{bad[0]!r} is not a safe id; no keys were built")], m.source)
+
+    d = defaults
+    df = df.with_columns(
+        pl.col("identifier").fill_null(d.identifier),
+        pl.col("base_model").fill_null(pl.lit(base_model, pl.String)),
+        pl.col("num_images").fill_null(d.num_images),
+        pl.col("guidance").fill_null(d.guidance),
+        pl.col("guidance_scale").fill_null(d.guidance_scale),
+        pl.col("consistency_scale").fill_null(d.consistency_scale),
+        pl.col("parallel_scale").fill_null(d.parallel_scale),
+        pl.col("num_inference_steps").fill_null(d.num_inference_steps),
+        pl.col("height").fill_null(pl.lit(d.height, pl.Int64)),
+        pl.col("width").fill_null(pl.lit(d.width, pl.Int64)),
+        pl.col("negative_prompt").fill_null(d.negative_prompt),
+        pl.col("scheduler").fill_null(pl.lit(d.scheduler, pl.String)),
+    )
+
+    # Subjects, in order of first appearance: one fingerprint each.
+    train_cols = [f"train_{f}" for f in TRAIN_FIELDS]
+    subj_cols = ["subject_id", "__sidx", "__file", "class_noun", "identifier", "instance_images", "instance_prompts", "base_model", *QC_COLUMNS.values(), *train_cols]
+    subjects = firsts.select(subj_cols).with_columns(
+        pl.col("identifier").fill_null(d.identifier), pl.col("base_model").fill_null(pl.lit(base_model, pl.String))
+    )
+    used_train = [f for f in TRAIN_FIELDS if subjects[f"train_{f}"].null_count() < subjects.height]
+    subjects = subjects.drop([f"train_{f}" for f in TRAIN_FIELDS if f not in used_train])
+    subject_info = []
+    subj_fp_u64 = []
+    for s in subjects.iter_rows(named=True):
+        overrides = {f: s[f"train_{f}"] for f in used_train if s[f"train_{f}"] is not None}
+        if "target_modules" in overrides:
+            overrides["target_modules"] = tuple(overrides["target_modules"])
+        s["instance_images"] = [m.resolve(u, s["__file"]) for u in s["instance_images"] or []]
+        payload = {
+            "base_model": s["base_model"],
+            "instance_images": s["instance_images"],
+            "class_noun": s["class_noun"],
+            "identifier": s["identifier"],
+            "instance_prompts": s["instance_prompts"],
+            "train_overrides": overrides,
+        }
+        fp = fingerprint("subject-spec", 1, payload)
+        subject_info.append((s, overrides, fp))
+        subj_fp_u64.append(int(fp, 16))
+    subj_table = pl.DataFrame(
+        {
+            "__sidx": subjects["__sidx"],
+            "__subj_u64": pl.Series(subj_fp_u64, dtype=pl.UInt64),
+            "__subj_seed_u64": pl.Series([sha256_u64("subject:" + sid) for sid in subjects["subject_id"]], dtype=pl.UInt64),
+            "__subj_idx": pl.int_range(subjects.height, eager=True),
+        }
+    )
+
+    # Distinct request specs: one fingerprint each. Columns constant over the manifest (often all
+    # but the prompt) are left out of the join key.
+    spec_cols = ["prompt", *REQUEST_PARAM_COLUMNS]
+    df = df.select("__row", "__sidx", "subject_id", "__pid", "num_images", "seed", *spec_cols)
+    varying = [c for c in spec_cols if c == "prompt" or df[c].n_unique() > 1]
+    constant = {c: df[c][0] for c in spec_cols if c not in varying}
+    key_cols = [*varying, "__pid"]  # the prompt id rides along: it seeds the derived seeds
+    specs = df.select(key_cols).unique(maintain_order=True).with_row_index("__spec")
+    params_list: list[dict[str, Any]] = []
+    spec_u64 = []
+    pid_u64 = []
+    for s in specs.iter_rows(named=True):
+        s = {**constant, **s}
+        params = {k: s[k] for k in REQUEST_PARAM_COLUMNS}
+        spec_u64.append(int(fingerprint("request-spec", 1, {"prompt": s["prompt"], **params}), 16))
+        pid_u64.append(sha256_u64("prompt:" + s["__pid"]))
+        params_list.append(params)
+    specs = specs.with_columns(
+        pl.Series("__spec_u64", spec_u64, dtype=pl.UInt64), pl.Series("__pid_u64", pid_u64, dtype=pl.UInt64), pl.col("__spec").cast(pl.Int64)
+    )
+
+    df = df.select("__row", "__sidx", "num_images", "seed", *key_cols).join(
+        subj_table, on="__sidx", how="left", maintain_order="left"
+    ).join(specs, on=key_cols, how="left", nulls_equal=True, maintain_order="left")
+    seed_given = df["seed"].is_not_null().to_numpy()
+    seed_vals = df["seed"].fill_null(0).cast(pl.UInt64).to_numpy()
+    seed_part = np.where(seed_given, seed_vals, np.uint64(2**64 - 1))
+    req_u64 = mix64(mix64(df["__subj_u64"].to_numpy(), df["__spec_u64"].to_numpy()), seed_part)
+    derived = mix64(df["__subj_seed_u64"].to_numpy(), df["__pid_u64"].to_numpy())
+    base_seed = np.where(seed_given, seed_vals, derived & np.uint64(SEED_MAX)).astype(np.int64)
+    # req_fp stays a UInt64 here; it becomes 16 hex chars per request when requests are built.
+    df = df.with_columns(pl.Series("__req_u64", req_u64, dtype=pl.UInt64), pl.Series("__base_seed", base_seed))
+
+    # What is done: one listing, joined on (subject, prompt_id, req_fp).
+    if store is not None:
+        done = list_done(store, subjects["subject_id"].to_list())
+        done = done.join(subjects.select("subject_id", "__sidx"), on="subject_id", how="inner").with_columns(
+            pl.col("__req_fp").str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("__req_u64")
+        )
+        candidates = df.filter(pl.col("__sidx").is_in(done["__sidx"].unique().implode()))
+        join_on = ["__sidx", "__pid", "__req_u64"]
+        done = (
+            done.join(candidates.select(*join_on, "num_images"), on=join_on, how="inner")
+            .filter((pl.col("__index") >= 0) & (pl.col("__index") < pl.col("num_images")))
+            .group_by(join_on)
+            .agg(pl.col("__index").unique().alias("__done_idx"))
+        )
+        df = df.join(done, on=join_on, how="left", maintain_order="left")
+    else:
+        df = df.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("__done_idx"))
+
+    df = df.sort("__subj_idx", "__row", maintain_order=True) if not df["__subj_idx"].is_sorted() else df
+    row_cols = ["__row", "__pid", "prompt", "num_images", "__base_seed", "__req_u64", "__done_idx", "__spec"]
+    counts = df.group_by("__subj_idx", maintain_order=True).agg(
+        pl.len().alias("n"), pl.col("num_images").sum().alias("images"), pl.col("__done_idx").list.len().fill_null(0).sum().alias("done")
+    )
+    rows = df.select(row_cols)
+    jobs: list[SubjectJob] = []
+    offset = 0
+    for (s, overrides, fp), (n, images, n_done) in zip(subject_info, counts.select("n", "images", "done").iter_rows(), strict=True):
+        jobs.append(
+            SubjectJob(
+                subject_id=s["subject_id"],
+                class_noun=s["class_noun"],
+                identifier=s["identifier"],
+                instance_images=s["instance_images"],
+                instance_prompts=list(s["instance_prompts"]) if s["instance_prompts"] is not None else None,
+                train_overrides=overrides,
+                base_model=s["base_model"],
+                qc_thresholds={m: s[c] for m, c in QC_COLUMNS.items() if s[c] is not None},
+                subject_fp=fp,
+                n_requests=int(n),
+                n_images=int(images),
+                n_done=int(n_done),
+                _rows=rows,
+                _offset=offset,
+                _params=params_list,
+            )
+        )
+        offset += n
+    return jobs

@@ -1,0 +1,159 @@
+"""A subject's LoRA: fingerprint, reuse from the local cache or the store, or train and upload.
+
+The LoRA fingerprint covers base model, instance image bytes, class noun, identifier, captions
+and the training config, so an unchanged subject reuses ``loras/{subject_id}/{lora_fp}/`` from
+the store (on any machine); a changed one trains a new LoRA next to the old. The record
+(``training.json``) is uploaded last: a LoRA folder in the store counts only when it is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prcore.data.schema import TrainConfig
+from prcore.pipeline.subject import SubjectInputs
+from prcore.store.keys import LORA_RECORD_FILE, lora_prefix, lora_record_key
+
+log = logging.getLogger("prcore.pipeline")
+_ADAPTER_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+@dataclass
+class LoraInfo:
+    """A subject's LoRA: where it is in the store and in the local cache, and how we got it."""
+
+    subject_id: str
+    lora_fp: str
+    key_prefix: str
+    local_dir: str
+    source: str  # "trained" | "store" | "cache"
+    seconds: float = 0.0  # wall time of this step
+    train_seconds: float = 0.0  # time inside training steps (0 when reused)
+    final_loss: float | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.source == "trained"
+
+    @property
+    def adapter_name(self) -> str:
+        """A peft adapter name (no dots or dashes) unique to this subject's LoRA."""
+        return "s_" + _ADAPTER_UNSAFE.sub("_", f"{self.subject_id}_{self.lora_fp}")
+
+
+def lora_fingerprint(inputs: SubjectInputs, *, base_model_id: str, config: TrainConfig) -> str:
+    from prcore.method.dco import lora_fingerprint as fingerprint
+
+    job = inputs.job
+    return fingerprint(base_model_id=base_model_id, images=inputs.images, class_noun=job.class_noun,
+                       identifier=job.identifier, captions=job.instance_prompts, config=config)
+
+
+def _local_lora_dir(cache_dir: Path, subject_id: str, lora_fp: str) -> Path:
+    return cache_dir / "loras" / subject_id / lora_fp
+
+
+def _download_lora(store, prefix: str, target: Path) -> None:
+    """Copy every object under ``prefix`` into ``target`` (atomically: temp folder, then rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=target.parent))
+    try:
+        for key in store.list(prefix):
+            rel = key[len(prefix):]
+            if not rel or rel.startswith("/") or ".." in rel.split("/"):
+                continue
+            dest = tmp.joinpath(*rel.split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.get(key))
+        if not (tmp / LORA_RECORD_FILE).is_file():
+            raise FileNotFoundError(f"LoRA {store.uri}/{prefix} is incomplete (no {LORA_RECORD_FILE})")
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _upload_lora(store, local: Path, prefix: str) -> None:
+    """Upload a LoRA folder, the record last so a half-uploaded LoRA is never reused."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == LORA_RECORD_FILE)
+    for path in files:
+        rel = path.relative_to(local).as_posix()
+        ctype = "application/json" if path.suffix == ".json" else "application/octet-stream"
+        store.put(prefix + rel, path.read_bytes(), content_type=ctype)
+
+
+def materialize_lora(store, subject_id: str, lora_fp: str, cache_dir: Path) -> Path:
+    """The local folder of a LoRA that is in the store, downloading it into the cache if needed."""
+    local = _local_lora_dir(cache_dir, subject_id, lora_fp)
+    if (local / LORA_RECORD_FILE).is_file():
+        return local
+    if not store.exists(lora_record_key(subject_id, lora_fp)):
+        raise FileNotFoundError(f"LoRA {lora_fp} of subject {subject_id!r} is neither in {local} nor in {store.uri}/{lora_prefix(subject_id, lora_fp)}")
+    _download_lora(store, lora_prefix(subject_id, lora_fp), local)
+    return local
+
+
+def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora_fp: str, base_model_id: str,
+                cache_dir: Path, progress: bool = False) -> LoraInfo:
+    """The subject's LoRA ``lora_fp``: reused from the store (downloaded into the cache if this
+    machine lacks it), else trained and uploaded."""
+    started = time.perf_counter()
+    job = inputs.job
+    prefix = lora_prefix(job.subject_id, lora_fp)
+    local = _local_lora_dir(cache_dir, job.subject_id, lora_fp)
+
+    if store.exists(lora_record_key(job.subject_id, lora_fp)):
+        source = "cache"
+        if not (local / LORA_RECORD_FILE).is_file():
+            _download_lora(store, prefix, local)
+            source = "store"
+        return LoraInfo(job.subject_id, lora_fp, prefix, str(local), source, seconds=time.perf_counter() - started)
+
+    from prcore.method.dco import train_subject_lora
+
+    inputs.check_images()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=local.parent))
+    try:
+        result = train_subject_lora(pipe, images=inputs.images, class_noun=job.class_noun, identifier=job.identifier,
+                                    out_dir=tmp, captions=job.instance_prompts, config=config,
+                                    base_model_id=base_model_id, progress=progress)
+        if result.fingerprint != lora_fp:  # both come from prcore.method.dco.lora_fingerprint on the same inputs
+            raise RuntimeError(f"subject {job.subject_id}: trained LoRA fingerprint {result.fingerprint} != planned {lora_fp}")
+        final_loss = float(result.losses[-1]) if result.losses else None
+        if final_loss is not None and not math.isfinite(final_loss):
+            raise FloatingPointError(f"training of subject {job.subject_id!r} diverged (final loss {final_loss}); "
+                                     "lower train_learning_rate or check the instance images")
+        _upload_lora(store, tmp, prefix)
+        if local.exists():
+            shutil.rmtree(local, ignore_errors=True)
+        os.replace(tmp, local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return LoraInfo(job.subject_id, lora_fp, prefix, str(local), "trained", seconds=time.perf_counter() - started,
+                    train_seconds=float(result.seconds_total), final_loss=final_loss)
+
+
+def activate_lora(pipe, lora: LoraInfo) -> None:
+    from prcore.method.lora_io import load_subject_lora
+
+    load_subject_lora(pipe, Path(lora.local_dir), lora.adapter_name)
+
+
+def deactivate_lora(pipe, adapter_name: str) -> None:
+    from prcore.method.lora_io import unload_subject_lora
+
+    try:
+        unload_subject_lora(pipe, adapter_name)
+    except Exception as exc:  # a failed unload must not hide the subject's own result
+        log.warning("could not unload adapter %s: %s", adapter_name, exc)

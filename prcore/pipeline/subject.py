@@ -1,0 +1,228 @@
+"""The per-subject steps the Prefect tasks wrap (Prefect-free): plan, read inputs once, sample and
+write a request's images, and the subject's derived outputs (catalogue file, contact sheet).
+
+Everything takes and returns small records (ids, keys, counts, seconds, :class:`ImageRecord`);
+image bytes go to the Store, never back to the caller.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from PIL import Image
+
+from prcore.data.plan import ImageRequest, SubjectJob
+from prcore.outputs.sidecar import ImageRecord, read_sidecar
+
+# -- runs ---------------------------------------------------------------------------------------------
+
+
+def new_run_id(now: datetime | None = None, suffix: str = "") -> str:
+    """``YYYYMMDDTHHMMSSZ[-suffix]``: sortable, safe as a store key segment."""
+    now = now or datetime.now(UTC)
+    rid = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{rid}-{suffix}" if suffix else rid
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who did the work: host, this process, its parent (a Prefect process worker), optional label."""
+    ident: dict[str, Any] = {"hostname": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid()}
+    label = os.environ.get("PRCORE_WORKER_LABEL")
+    if label:
+        ident["label"] = label
+    return ident
+
+
+def shard(items: Sequence[str], per_shard: int) -> list[list[str]]:
+    """Consecutive groups of ``per_shard`` items (the last may be shorter)."""
+    if per_shard < 1:
+        raise ValueError(f"subjects_per_shard must be >= 1, not {per_shard}")
+    return [list(items[i : i + per_shard]) for i in range(0, len(items), per_shard)]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run a subject's work belongs to, as recorded with every image."""
+
+    run_id: str
+    run_date: str
+    worker: dict[str, Any] = field(default_factory=worker_identity)
+
+
+# -- planning -----------------------------------------------------------------------------------------
+
+
+def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids: Iterable[str] | None = None,
+              check_images: bool = False) -> list[SubjectJob]:
+    """Load, validate and plan a manifest once; keep only ``subject_ids`` when given (in that order).
+
+    Raises ``prcore.data.schema.ManifestInvalid`` (a ValueError listing every problem) on a bad
+    manifest. ``check_images=True`` also opens every instance image before anything runs.
+    """
+    from prcore.data.load import load_manifest
+    from prcore.data.plan import plan
+    from prcore.data.schema import ManifestInvalid
+    from prcore.data.validate import validate
+
+    manifest = load_manifest(manifest_uri)
+    errors = validate(manifest, check_images=check_images)
+    if errors:
+        raise ManifestInvalid(errors, manifest.source)
+    jobs = plan(manifest, store=store, defaults=defaults, base_model=model_id, check=False)
+    if subject_ids is not None:
+        wanted = list(subject_ids)
+        by_id = {j.subject_id: j for j in jobs}
+        missing = [s for s in wanted if s not in by_id]
+        if missing:
+            raise ValueError(f"subjects {missing} are not in manifest {manifest_uri}")
+        jobs = [by_id[s] for s in wanted]
+    return jobs
+
+
+# -- a subject's inputs, read once ----------------------------------------------------------------------
+
+
+@dataclass
+class SubjectInputs:
+    """A subject's job and its instance images, read once per shard (fingerprint, training,
+    references for scoring and the contact sheet all use these bytes)."""
+
+    job: SubjectJob
+    images: list[bytes]
+
+    @cached_property
+    def references(self) -> list[Image.Image]:
+        return [Image.open(io.BytesIO(b)).convert("RGB") for b in self.images]
+
+    def check_images(self) -> None:
+        """Decode every instance image; a broken one fails the subject with a message naming its URI."""
+        from prcore.data.images import ImageInputError, decode_image
+
+        for i, (uri, data) in enumerate(zip(self.job.instance_images, self.images, strict=True)):
+            try:
+                decode_image(data, i)
+            except ImageInputError as exc:
+                raise type(exc)(f"subject {self.job.subject_id}: instance image {uri} cannot be used: {exc}") from exc
+
+
+def read_subject_inputs(job: SubjectJob) -> SubjectInputs:
+    from prcore.store.uris import read_uri_bytes
+
+    return SubjectInputs(job, [read_uri_bytes(uri) for uri in job.instance_images])
+
+
+# -- sampling one request -------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    subject_id: str
+    prompt_id: str
+    generated: int = 0
+    skipped: int = 0
+    records: list[ImageRecord] = field(default_factory=list)  # images written now
+    seconds: float = 0.0  # wall time of this step
+    sample_seconds: float = 0.0  # time inside the sampler
+    qc_failed: int = 0
+
+
+def _placement(pipe) -> tuple[str, str]:
+    return str(pipe.unet.device), str(pipe.unet.dtype).removeprefix("torch.")
+
+
+def generate_request(pipe, inputs: SubjectInputs, request: ImageRequest, store, *, adapter_name: str | None,
+                     lora_fp: str | None, base_model: str, run: RunContext | None = None, scorer=None,
+                     qc_thresholds=None, progress: bool = False) -> RequestResult:
+    """Sample the pending images of one request and write each PNG + sidecar (sidecar last).
+
+    Images already done (sidecar present when planned) are skipped. When ``scorer`` is given,
+    CLIP/DINO scores and the QC verdict go into each image's record.
+    """
+    from prcore.method.sampler import sample
+    from prcore.outputs.sidecar import write_image
+
+    started = time.perf_counter()
+    job = inputs.job
+    todo = request.todo
+    result = RequestResult(job.subject_id, request.prompt_id, skipped=request.num_images - len(todo))
+    if not todo:
+        result.seconds = time.perf_counter() - started
+        return result
+    out = sample(pipe, prompt=request.prompt, class_noun=job.class_noun, identifier=job.identifier,
+                 adapter_name=adapter_name, seed=[request.seeds[i] for i in todo], num_images=len(todo),
+                 progress=progress, **{k: v for k, v in request.params.items() if v is not None})
+    result.sample_seconds = float(out.seconds)
+    scores: list[dict[str, Any]] = [{} for _ in todo]
+    if scorer is not None:
+        from prcore.quality.qc import score_and_qc
+
+        scores = score_and_qc(scorer, out.images, prompt=out.base_prompt, references=inputs.references, thresholds=qc_thresholds)
+    device, dtype = _placement(pipe)
+    for i, image, image_scores in zip(todo, out.images, scores, strict=True):
+        record = ImageRecord(
+            subject_id=job.subject_id, prompt_id=request.prompt_id, req_fp=request.req_fp, index=i,
+            key=request.keys[i], seed=request.seeds[i], prompt_template=request.prompt,
+            personal_prompt=out.personal_prompt, base_prompt=out.base_prompt, class_noun=job.class_noun,
+            identifier=job.identifier, **{k: v for k, v in request.params.items() if k not in ("height", "width", "scheduler")},
+            scheduler=out.scheduler, width=image.width, height=image.height, base_model=base_model,
+            lora_fp=lora_fp, device=device, dtype=dtype, seconds=round(out.seconds / len(todo), 4),
+            run_id=run.run_id if run else None, run_date=run.run_date if run else None,
+            worker=run.worker if run else None,
+        ).with_scores(image_scores)
+        result.records.append(write_image(store, record, image))
+        result.qc_failed += record.qc_pass is False
+    result.generated = len(todo)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# -- derived outputs --------------------------------------------------------------------------------------
+
+
+def finished_records(store, job: SubjectJob, made_now: Sequence[ImageRecord] = ()) -> list[ImageRecord]:
+    """The record of every finished image of the subject's requests, in request order: the ones
+    made now as returned, the others (done earlier) read from their sidecars."""
+    now = {r.key: r for r in made_now}
+    out = []
+    for request in job.requests:
+        for key, done in zip(request.keys, request.done, strict=True):
+            if key in now:
+                out.append(now[key])
+            elif done:
+                out.append(read_sidecar(store, key))
+    return out
+
+
+def write_subject_catalog(store, run: RunContext, job: SubjectJob, records: Sequence[ImageRecord], *, generated: int) -> str | None:
+    """``catalog/run_date=D/{run_id}--{subject_id}.parquet`` when this run generated images of the
+    subject: one row per finished image of its requests (images an interrupted earlier run made,
+    whose catalogue file was never written, are listed too; each row's ``run_id`` is the run that
+    made the image). Nothing generated: nothing written."""
+    from prcore.outputs.catalog import write_catalog
+
+    if generated <= 0 or not records:
+        return None
+    return write_catalog(store, run.run_date, job.subject_id, records, run_id=run.run_id)
+
+
+def write_subject_contact_sheet(store, run: RunContext, inputs: SubjectInputs, records: Sequence[ImageRecord]) -> str | None:
+    from prcore.outputs.contact_sheet import write_contact_sheet
+
+    return write_contact_sheet(store, run.run_id, inputs.job.subject_id, inputs.references, records)
+
+
+def make_scorer(settings) -> Any:
+    """A :class:`prcore.quality.scorer.Scorer` when a metric model is configured, else None."""
+    if not settings.scoring.enabled:
+        return None
+    from prcore.quality.scorer import Scorer
+
+    return Scorer(clip_model=settings.scoring.clip_model, dino_model=settings.scoring.dino_model, device=settings.placement.device)
