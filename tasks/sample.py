@@ -25,7 +25,8 @@ def generate_request_task(inputs: SubjectInputs, request: ImageRequest, store: A
     activate_lora(pipe, lora)
     result = generate_request(pipe, inputs, request, store, adapter_name=lora.adapter_name, lora_fp=lora.lora_fp,
                               base_model=model, run=run, scorer=scorer,
-                              qc_thresholds=settings.qc_for(inputs.job.qc_thresholds) if scorer is not None else None)
+                              qc_thresholds=settings.qc_for(inputs.job.qc_thresholds) if scorer is not None else None,
+                              max_batch_rows=settings.placement.max_batch_rows, vae_tiling=settings.placement.vae_tiling)
     get_run_logger().info("subject %s prompt %s: %d generated, %d already done (%.2fs)", inputs.job.subject_id,
                           request.prompt_id, result.generated, result.skipped, result.seconds)
     return result

@@ -40,7 +40,7 @@ def test_trains_then_reuses(app, tiny_sd_path, image_dir, tmp_path):
     out = tmp_path / "lora"
     result = invoke(app, *base_args(tiny_sd_path, image_dir, out), "--caption", "a {subject} on a table")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["pytorch_lora_weights.safetensors", "training.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors", "training.json"]
     rec = json.loads((out / "training.json").read_text())
     assert rec["config"]["steps"] == 2 and rec["config"]["rank"] == 2 and rec["config"]["alpha"] == 1.0
     assert rec["num_images"] == 2 and rec["personal_captions"] == ["a sks dog on a table"] * 2

@@ -53,7 +53,7 @@ def test_ensure_lora_trains_once_then_reuses_from_cache_and_from_store(setup, tm
     first = lora_for(setup, inputs, store, tmp_path / "cacheA")
     assert first.source == "trained" and first.train_seconds > 0 and first.final_loss is not None
     keys = sorted(store.list("loras/"))
-    assert keys == [f"loras/s0/{first.lora_fp}/pytorch_lora_weights.safetensors", f"loras/s0/{first.lora_fp}/training.json"]
+    assert keys == [f"loras/s0/{first.lora_fp}/{name}" for name in ("lora_kohya.safetensors", "pytorch_lora_weights.safetensors", "training.json")]
     again = lora_for(setup, inputs, store, tmp_path / "cacheA")
     assert (again.source, again.lora_fp, again.train_seconds) == ("cache", first.lora_fp, 0.0)
 

@@ -171,6 +171,50 @@ def test_batched_equals_separate(kind, request):
     torch.testing.assert_close(batched.images, separate.images, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("batch_mode", ["auto", "separate"])
+def test_max_batch_rows_chunks_the_unet_rows_with_the_same_result(kind, batch_mode, request):
+    """3 row groups x 3 images = 9 rows a step; chunks of 2 and 4 rows (a chunk straddles a group
+    boundary, so per-sample routing must follow the rows) draw what one 9-row forward draws."""
+    pipe = request.getfixturevalue(kind)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        whole = run(pipe, num_images=3, seed=8, batch_mode=batch_mode)
+        rows_whole, calls[:] = list(calls), []
+        for cap in (2, 4):
+            chunked = run(pipe, num_images=3, seed=8, batch_mode=batch_mode, max_batch_rows=cap)
+            assert max(calls) <= cap and sum(calls) == sum(rows_whole)
+            calls.clear()
+            torch.testing.assert_close(chunked.images, whole.images, atol=ATOL, rtol=0)
+    finally:
+        hook.remove()
+    assert max(rows_whole) == (9 if batch_mode == "auto" else 6)  # separate: base rows together, LoRA rows apart
+    with pytest.raises(SamplerError, match="max_batch_rows"):
+        run(pipe, max_batch_rows=0)
+
+
+def test_vae_decodes_one_image_per_call_and_tiling_restores_the_vae(sd):
+    calls = []
+    hook = sd.vae.register_forward_pre_hook(lambda *a: None)
+    original = sd.vae.decode
+
+    def counting(z, *a, **k):
+        calls.append(z.shape[0])
+        return original(z, *a, **k)
+
+    sd.vae.decode = counting
+    try:
+        plain = run(sd, num_images=3, seed=3, output_type="np")
+        tiled = run(sd, num_images=3, seed=3, output_type="np", vae_tiling=True)
+    finally:
+        del sd.vae.decode
+        hook.remove()
+    assert calls == [1] * 6 and not sd.vae.use_tiling
+    np.testing.assert_allclose(tiled.images, plain.images, atol=1e-6)  # images smaller than a tile: no seams
+    assert plain.peak_memory_bytes > 0
+
+
 def test_fused_lora_falls_back_to_separate_calls_and_stays_fused(sd):
     reference = run(sd, seed=2)
     sd.fuse_lora(adapter_names=[ADAPTER])

@@ -174,7 +174,7 @@ def test_training_lowers_fixed_batch_loss_and_leaves_pipeline_unchanged(kind, tr
 def test_lora_folder_layout_and_training_json(kind, trained):
     result = trained[kind]["result"]
     files = sorted(p.name for p in Path(result.out_dir).iterdir())
-    assert files == ["pytorch_lora_weights.safetensors", "training.json"]
+    assert files == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors", "training.json"]
     assert not any(p.name.startswith(".") for p in Path(result.out_dir).parent.iterdir())  # no temp folder left
     rec = json.loads((result.out_dir / "training.json").read_text())
     assert rec["fingerprint"] == result.fingerprint
@@ -345,13 +345,19 @@ def _fp(**over):
 CHANGED_CONFIG = {
     "steps": 401, "learning_rate": 2e-4, "rank": 4, "alpha": 4.0, "target_modules": ("to_q", "to_v"),
     "resolution": 512, "batch_size": 2, "dco_beta": 0.0, "seed": 1, "mixed_precision": "bf16",
-    "gradient_checkpointing": True, "train_text_embeddings": True, "prior_preservation": True,
+    "train_text_embeddings": True, "prior_preservation": True, "optimizer": "adamw8bit",
     "num_class_images": 10, "prior_loss_weight": 0.5, "offset_noise": 0.05, "snr_gamma": 5.0, "random_flip": False,
 }
+MEMORY_ONLY = {"gradient_checkpointing": True}  # changes memory, not the weights: same fingerprint
 
 
 def test_changed_config_covers_every_field():
-    assert set(CHANGED_CONFIG) == set(TrainConfig.field_names())
+    assert set(CHANGED_CONFIG) | set(MEMORY_ONLY) == set(TrainConfig.field_names())
+
+
+@pytest.mark.parametrize("field", sorted(MEMORY_ONLY))
+def test_memory_knobs_keep_the_fingerprint(field):
+    assert _fp(config=dataclasses.replace(TrainConfig(), **{field: MEMORY_ONLY[field]})) == _fp()
 
 
 def test_fingerprint_stable_and_default_captions_equivalent():

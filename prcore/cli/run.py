@@ -115,9 +115,14 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     from prcore.data.load import load_manifest
     from prcore.data.schema import ManifestInvalid
     from prcore.data.validate import validate
+    from prcore.method.models import default_device, resolve_dtype
     from prcore.pipeline.models import default_model_id, resolve_model
     from prcore.store.storage import StoreError, open_store
 
+    try:
+        resolve_dtype(settings.placement.dtype, settings.placement.device or default_device())
+    except ValueError as exc:
+        raise UserError(f"--dtype: {exc}") from None
     model = settings.model
     if model:
         local = Path(model).expanduser()
@@ -227,7 +232,9 @@ def run_command(
     subjects_per_shard: int = typer.Option(4, "--subjects-per-shard", help="Subjects per shard."),
     max_subjects: int | None = typer.Option(None, "--max-subjects", help="Run at most this many subjects with work left."),
     device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on the CPU)."),
+    max_batch_rows: int | None = typer.Option(None, "--max-batch-rows", help="UNet rows per forward (3 per image); lower it when a GPU runs out of memory."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode images in tiles (very large sizes)."),
     clip_model: str | None = typer.Option(None, "--clip-model", help="Score images with this CLIP model (folder or hub id)."),
     dino_model: str | None = typer.Option(None, "--dino-model", help="Score images with this DINO model."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Local cache for models and LoRAs (default ~/.cache/prcore)."),
@@ -243,6 +250,7 @@ def run_command(
     with user_errors(StoreError):
         settings = settings_from_options(
             model=model, generation=generation, train={"steps": train_steps}, device=device, dtype=dtype,
+            max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
             clip_model=clip_model, dino_model=dino_model, cache_dir=cache_dir, check_images=check_images)
         fan_out = FanOut(subjects_per_shard=subjects_per_shard, max_subjects=max_subjects, use_gpu_limit=False)
         outcome = run_batch(manifest, output, settings, fan_out, verbose=verbose)
@@ -253,7 +261,7 @@ def run_command(
 
 def settings_from_options(*, model: str | None = None, generation: dict[str, Any] | None = None,
                           train: dict[str, Any] | None = None, device: str | None = None, dtype: str | None = None,
-                          clip_model: str | None = None, dino_model: str | None = None, cache_dir: str | None = None,
+                          max_batch_rows: int | None = None, vae_tiling: bool = False, clip_model: str | None = None, dino_model: str | None = None, cache_dir: str | None = None,
                           check_images: bool = False) -> RunSettings:
     """:class:`RunSettings` from command-line options (None: the default); invalid values are one
     clear error, like a bad manifest cell."""
@@ -261,7 +269,7 @@ def settings_from_options(*, model: str | None = None, generation: dict[str, Any
 
     drop = lambda d: {k: v for k, v in (d or {}).items() if v is not None}  # noqa: E731
     raw = {"model": model, "generation": drop(generation), "train": drop(train),
-           "placement": drop({"device": device, "dtype": dtype}),
+           "placement": drop({"device": device, "dtype": dtype, "max_batch_rows": max_batch_rows, "vae_tiling": vae_tiling or None}),
            "scoring": drop({"clip_model": clip_model, "dino_model": dino_model}),
            "cache_dir": cache_dir, "check_images": check_images}
     try:

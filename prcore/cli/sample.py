@@ -69,6 +69,8 @@ def sample_command(
     width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
     device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: fp16 on CUDA, else fp32)."),
+    max_batch_rows: int | None = typer.Option(None, "--max-batch-rows", min=1, help="UNet rows per forward (3 per image); lower it when a GPU runs out of memory."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode images in tiles (very large sizes)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the steps."),
 ) -> None:
     """Sample a personalized subject with parallel-rescaled consistency guidance and write PNGs."""
@@ -107,7 +109,7 @@ def sample_command(
             negative_prompt=negative_prompt, guidance=guidance, guidance_scale=guidance_scale,
             consistency_scale=consistency_scale, parallel_scale=parallel_scale, num_inference_steps=num_inference_steps,
             height=height, width=width, seed=seed, num_images=num_images, scheduler=scheduler,
-            output_type="pil", progress=progress,
+            output_type="pil", progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
         )
     from prcore.data.fingerprint import fingerprint
     from prcore.data.load import default_prompt_id

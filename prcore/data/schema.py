@@ -26,7 +26,9 @@ import numpy as np
 # -- names ------------------------------------------------------------------------------------------
 
 GUIDANCE_MODES: tuple[str, ...] = ("parallel_rescaled", "consistency", "cfg", "pretrained")
-MIXED_PRECISION: tuple[str, ...] = ("no", "fp16", "bf16")
+MIXED_PRECISION: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes' AdamW8bit (install bitsandbytes)
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # model weights; fp16 needs a GPU
 QC_METRICS: tuple[str, ...] = ("clip_t", "clip_i", "dino")
 QC_COLUMNS: dict[str, str] = {m: f"qc_{m}" for m in QC_METRICS}  # metric -> manifest column / flow setting
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -70,6 +72,9 @@ class GenerationDefaults:
 REQUEST_PARAM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(GenerationDefaults) if f.name not in ("identifier", "num_images"))
 
 
+NOT_IN_FINGERPRINT = ("gradient_checkpointing",)  # TrainConfig fields that change memory, not the result
+
+
 class TrainingInputError(ValueError):
     """A training input the user can fix (config, identifier, captions, output folder)."""
 
@@ -87,8 +92,11 @@ class TrainConfig:
     batch_size: int = 1
     dco_beta: float = 1000.0  # <= 0: plain DreamBooth loss
     seed: int = 0
-    mixed_precision: str = "no"  # one of MIXED_PRECISION (CUDA only; CPU always trains in fp32)
-    gradient_checkpointing: bool = False
+    # auto: bf16 autocast on CUDA devices that have it, else fp16 autocast + GradScaler; on the CPU,
+    # bf16 autocast for bf16 weights, else fp32. "no": only what the weights' dtype needs.
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool | None = None  # None: the family's default (on for SDXL)
+    optimizer: str = "adamw"
     train_text_embeddings: bool = False  # also learn an embedding for the identifier token
     prior_preservation: bool = False
     num_class_images: int = 50
@@ -119,6 +127,8 @@ class TrainConfig:
             problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.prior_preservation and self.num_class_images < 1:
             problems.append(f"num_class_images must be >= 1 with prior_preservation, got {self.num_class_images!r}")
         if self.offset_noise < 0:
@@ -149,14 +159,20 @@ class TrainConfig:
                 object.__setattr__(self, name, int(value))
             else:
                 problems.append(f"{name} must be an integer, got {value!r}")
-        for name in ("gradient_checkpointing", "train_text_embeddings", "prior_preservation", "random_flip"):
+        for name in ("train_text_embeddings", "prior_preservation", "random_flip"):
             object.__setattr__(self, name, bool(getattr(self, name)))
+        if self.gradient_checkpointing is not None:
+            object.__setattr__(self, "gradient_checkpointing", bool(self.gradient_checkpointing))
         return problems
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
         return d
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """What determines the trained weights: every field but the memory knobs (NOT_IN_FINGERPRINT)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IN_FINGERPRINT}
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

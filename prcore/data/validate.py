@@ -21,6 +21,7 @@ from prcore.data.schema import (
     MAX_SIZE,
     MAX_STEPS,
     MIXED_PRECISION,
+    OPTIMIZERS,
     QC_COLUMNS,
     SUBJECT_COLUMNS,
     ManifestError,
@@ -241,6 +242,9 @@ def _validate_train(c: _Collector, usable: Callable[[str], bool]) -> None:
     if usable("train_resolution"):
         v = pl.col("train_resolution")
         c.rows((v % 8 != 0) | (v < 64) | (v > MAX_SIZE), "train_resolution", lambda r: f"{r['__value']} must be a multiple of 8 in 64..{MAX_SIZE}", per_subject=True)
+    if usable("train_optimizer"):
+        v = pl.col("train_optimizer")
+        c.rows(v.is_not_null() & ~v.is_in(list(OPTIMIZERS)), "train_optimizer", lambda r: f"{r['__value']!r} is not one of {', '.join(OPTIMIZERS)}", per_subject=True)
     if usable("train_mixed_precision"):
         v = pl.col("train_mixed_precision")
         c.rows(v.is_not_null() & ~v.is_in(list(MIXED_PRECISION)), "train_mixed_precision", lambda r: f"{r['__value']!r} is not one of {', '.join(MIXED_PRECISION)}", per_subject=True)

@@ -62,28 +62,37 @@ def mixed_batch_blocker(module: nn.Module, adapter_names: Sequence[str]) -> str 
     return None
 
 
-def _inject_adapter_names(module, args, kwargs, *, adapter_names):
-    kwargs["adapter_names"] = adapter_names
+class Routing:
+    """The adapter of each row of the next forward; ``names`` may be replaced between forwards
+    (e.g. for each chunk of a batch split to bound memory)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+
+
+def _inject_adapter_names(module, args, kwargs, *, routing: Routing):
+    kwargs["adapter_names"] = routing.names
     return args, kwargs
 
 
 @contextmanager
-def per_sample_adapters(module: nn.Module, adapter_names: Sequence[str]) -> Iterator[None]:
-    """Within the block, row i of every forward through ``module`` uses adapter ``adapter_names[i]``.
+def per_sample_adapters(module: nn.Module, adapter_names: Sequence[str]) -> Iterator[Routing]:
+    """Within the block, row i of every forward through ``module`` uses adapter ``adapter_names[i]``
+    (or ``routing.names[i]`` after the caller replaced them: the yielded :class:`Routing`).
 
     ``"__base__"`` means no adapter. Adapters are enabled for the duration (a disabled layer would
     ignore ``adapter_names``) and the previous state is restored afterwards. Active-adapter lists
     and adapter scales are not touched, so this composes with ``set_adapters`` weights.
     """
-    names = list(adapter_names)
+    routing = Routing(adapter_names)
     layers = lora_layers(module)
     handles = []
     disabled = [layer._disable_adapters for layer in layers]
     try:
         for layer in layers:
             layer._disable_adapters = False  # set directly: enable_adapters() would flip requires_grad
-            handles.append(layer.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=names), with_kwargs=True))
-        yield
+            handles.append(layer.register_forward_pre_hook(partial(_inject_adapter_names, routing=routing), with_kwargs=True))
+        yield routing
     finally:
         for handle in handles:
             handle.remove()

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import uuid
 import warnings
@@ -39,9 +38,10 @@ from prcore.data.images import ImageSource, PreparedImage, fingerprint_bytes, pr
 from prcore.data.schema import DEFAULT_CAPTION, SUBJECT_PLACEHOLDER, TrainConfig, TrainingInputError
 from prcore.method.families import ModelFamily, TextCond, family_of
 from prcore.method.lora_io import read_training_record, save_embeddings, save_lora
+from prcore.method.models import peak_memory
 from prcore.store.keys import LORA_RECORD_FILE, LORA_WEIGHTS_FILE
 
-TRAINING_ALGORITHM_VERSION = 1
+TRAINING_ALGORITHM_VERSION = 2  # 2: mixed precision by device (autocast, fp32 LoRA), identifier embedding as its own parameter
 TRAIN_ADAPTER_NAME = "prcore_train"
 CLASS_IMAGE_STEPS = 25  # denoising steps for prior-preservation class images
 
@@ -159,8 +159,8 @@ def lora_fingerprint(
     """Content hash of everything that determines a subject's LoRA (16 hex chars).
 
     Covers the base model id, each image's bytes (in order), class noun, identifier, the caption
-    templates (None and the explicit default are the same), every TrainConfig field, and
-    TRAINING_ALGORITHM_VERSION.
+    templates (None and the explicit default are the same), every TrainConfig field that changes the
+    result (``TrainConfig.fingerprint_dict``), and TRAINING_ALGORITHM_VERSION.
     """
     payload = {
         "base_model_id": str(base_model_id),
@@ -168,7 +168,7 @@ def lora_fingerprint(
         "class_noun": class_noun,
         "identifier": identifier,
         "captions": resolve_captions(captions, len(images)),
-        "config": config.to_dict(),
+        "config": config.fingerprint_dict(),
     }
     return fingerprint("lora", TRAINING_ALGORITHM_VERSION, payload)
 
@@ -361,15 +361,6 @@ def generate_class_images(pipe, class_noun: str, *, num_images: int, resolution:
 # Training
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
-
-
 def _library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -405,17 +396,90 @@ def _check_new_token(tokenizer, identifier: str) -> None:
         )
 
 
-def _add_identifier_token(tokenizer, text_encoder, identifier: str, class_noun: str) -> int:
-    """Add ``identifier`` as a new token, its embedding initialised to the class noun's mean embedding."""
+def resolve_precision(requested: str, device: torch.device, weights: torch.dtype) -> str:
+    """The autocast precision training runs in: "no" (fp32), "bf16", or "fp16" (with a GradScaler).
+
+    Trainable parameters (LoRA, a learned identifier embedding) are always fp32; autocast runs the
+    frozen weights' forward and backward in the reduced precision. ``requested`` is
+    ``TrainConfig.mixed_precision``: "auto" picks bf16 on CUDA devices that support it (else fp16),
+    and on the CPU bf16 for bf16 weights (else fp32); "no" uses only what the weights' dtype needs.
+    """
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weights, "no")
+    if device.type == "cuda":
+        want = requested if requested in ("fp16", "bf16") else half
+        if requested == "auto" and want == "no":
+            want = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if want == "bf16" and not torch.cuda.is_bf16_supported():
+            raise TrainingInputError("mixed_precision bf16 needs a GPU that supports bfloat16 (Ampere or newer); use fp16")
+        return want
+    if weights == torch.float16:
+        raise TrainingInputError(f"fp16 weights cannot train on {device.type} (no fp16 autocast there, and it is ~300x slower "
+                                 "than fp32): load the model with --dtype bfloat16 or float32")
+    if requested == "fp16":
+        raise TrainingInputError(f"mixed_precision fp16 needs a CUDA device; on {device.type} use bf16, no or auto")
+    if device.type == "cpu" and (requested == "bf16" or half == "bf16"):
+        return "bf16"
+    if half != "no" or requested == "bf16":
+        raise TrainingInputError(f"{half if half != 'no' else 'bf16'} training is not supported on {device.type}; use float32 weights")
+    return "no"
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class LearnedToken(torch.nn.Module):
+    """A text encoder's token embedding with one row taken from an fp32 parameter.
+
+    Only ``row`` learns (and is what the optimizer holds); the embedding matrix stays frozen in
+    its own dtype, so untouched rows can never change (an fp16 matrix inside AdamW turns every
+    row NaN after one step: eps underflows).
+    """
+
+    def __init__(self, base: torch.nn.Embedding, token_id: int, init: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.token_id = token_id
+        self.row = torch.nn.Parameter(init.detach().to(torch.float32).clone())
+
+    @property
+    def weight(self) -> torch.Tensor:  # what code reading get_input_embeddings().weight sees
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        hit = (input_ids == self.token_id).unsqueeze(-1)
+        return torch.where(hit, self.row.to(out.dtype), out)
+
+
+def _add_learned_token(tokenizer, text_encoder, identifier: str, class_noun: str) -> LearnedToken:
+    """Add ``identifier`` as a new token whose embedding (initialised to the class noun's mean
+    embedding) is a trainable fp32 parameter; the encoder's matrix grows by one frozen row."""
     _check_new_token(tokenizer, identifier)
     class_ids = tokenizer(class_noun, add_special_tokens=False).input_ids
     tokenizer.add_tokens([identifier])
     token_id = tokenizer.convert_tokens_to_ids(identifier)
     text_encoder.resize_token_embeddings(len(tokenizer))
-    emb = text_encoder.get_input_embeddings().weight
+    base = text_encoder.get_input_embeddings()
     with torch.no_grad():
-        emb[token_id] = emb[class_ids].mean(dim=0)
-    return token_id
+        init = base.weight[class_ids].float().mean(dim=0)
+        base.weight[token_id] = init.to(base.weight.dtype)
+    learned = LearnedToken(base, token_id, init)
+    text_encoder.set_input_embeddings(learned)
+    return learned
+
+
+def _make_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float):
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingInputError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only)") from None
+        return bnb.optim.AdamW8bit(param_groups, lr=lr)
+    return torch.optim.AdamW(param_groups, lr=lr)
 
 
 def train_subject_lora(
@@ -471,7 +535,8 @@ def train_subject_lora(
             _check_new_token(tok, identifier)
 
     device = pipe.unet.device
-    mixed = config.mixed_precision if device.type == "cuda" else "no"
+    mixed = resolve_precision(config.mixed_precision, device, pipe.unet.dtype)
+    checkpointing = family.gradient_checkpointing if config.gradient_checkpointing is None else config.gradient_checkpointing
     personal = [render_caption(t, f"{identifier} {class_noun}") for t in templates]
     base = [render_caption(t, class_noun) for t in templates]
 
@@ -479,7 +544,7 @@ def train_subject_lora(
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    added_tokens: list[tuple[Any, Any]] = []
+    added_tokens: list[tuple[Any, Any, LearnedToken]] = []
     try:
         with _preserved_pipeline_state(pipe):
             for m in _trained_modules(pipe):
@@ -499,32 +564,23 @@ def train_subject_lora(
 
             lora_params = add_training_adapter(pipe.unet, config)
             param_groups: list[dict[str, Any]] = [{"params": lora_params, "weight_decay": 1e-2}]
-            token_rows: list[tuple[torch.nn.Parameter, int]] = []
             if config.train_text_embeddings:
                 for tok, te in family.text_pairs(pipe):
-                    token_id = _add_identifier_token(tok, te, identifier, class_noun)
-                    added_tokens.append((tok, te))
-                    weight = te.get_input_embeddings().weight
-                    weight.requires_grad_(True)
-                    mask = torch.zeros(weight.shape[0], 1, device=weight.device, dtype=weight.dtype)
-                    mask[token_id] = 1
-                    weight.register_hook(lambda g, mask=mask: g * mask)  # only the new row learns
-                    token_rows.append((weight, token_id))
-                # weight decay 0: rows with zero gradient then stay bit-identical under AdamW
-                param_groups.append({"params": [w for w, _ in token_rows], "weight_decay": 0.0})
-            if config.gradient_checkpointing:
+                    added_tokens.append((tok, te, _add_learned_token(tok, te, identifier, class_noun)))
+                param_groups.append({"params": [t.row for *_, t in added_tokens], "weight_decay": 0.0})
+            if checkpointing:
                 pipe.unet.enable_gradient_checkpointing()
             pipe.unet.train()
-            optimizer = torch.optim.AdamW(param_groups, lr=config.learning_rate)
+            optimizer = _make_optimizer(config.optimizer, param_groups, config.learning_rate)
             losses, loop_seconds, loop_cpu_seconds = _train_loop(
-                pipe, config, optimizer, lora_params + [w for w, _ in token_rows], cache, class_cache,
+                pipe, config, optimizer, lora_params + [t.row for *_, t in added_tokens], cache, class_cache,
                 base_cond, personal_cond, personal, class_cond, time_ids, resolution, mixed, progress,
                 desc=f"train {identifier} {class_noun}",
             )
             tmp_dir.mkdir(parents=True)
             save_lora(pipe, tmp_dir, TRAIN_ADAPTER_NAME)
-            learned = save_embeddings(family, tmp_dir, [w[tid] for w, tid in token_rows], identifier) if token_rows else None
-        peak, peak_kind = _peak_memory(device)
+            learned = save_embeddings(family, tmp_dir, [t.row for *_, t in added_tokens], identifier) if added_tokens else None
+        peak, peak_kind = peak_memory(device)
         seconds_per_step = loop_seconds / config.steps
         seconds_total = time.perf_counter() - t_start
         record = {
@@ -542,6 +598,7 @@ def train_subject_lora(
             "config": config.to_dict(),
             "resolution": resolution,
             "mixed_precision_used": mixed,
+            "gradient_checkpointing_used": bool(checkpointing),
             "loss": "dco" if config.dco_beta > 0 else "dreambooth",
             "adapter": {"weight_name": LORA_WEIGHTS_FILE, "rank": int(config.rank), "alpha": float(config.alpha)},
             "learned_embeddings": learned,
@@ -564,7 +621,8 @@ def train_subject_lora(
         _publish(tmp_dir, out_dir)
     finally:
         _remove_training_adapter(pipe)
-        for tok, te in added_tokens:
+        for tok, te, learned_token in added_tokens:  # the encoder exactly as it was: matrix, tokenizer, module
+            te.set_input_embeddings(learned_token.base)
             pipe.unload_textual_inversion(tokens=[identifier], tokenizer=tok, text_encoder=te)
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -659,8 +717,7 @@ def _train_loop(
     num_t = int(scheduler.config.num_train_timesteps)
     gen = torch.Generator("cpu").manual_seed(int(config.seed))
     b = int(config.batch_size)
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    autocast = _autocast(device, mixed)
     scaler = torch.amp.GradScaler("cuda") if mixed == "fp16" else _NullScaler()
     family = family_of(pipe)
     class_time_ids = family.time_ids(pipe, [(resolution, resolution, 0, 0, resolution, resolution)], dtype=torch.float32, device=device)

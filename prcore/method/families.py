@@ -13,6 +13,8 @@ pooled text embedding         none                                     from the 
 micro-conditioning            none                                     ``time_ids`` = (orig h, w, crop top, left, target h, w)
 empty negative prompt         encoded ""                               zeros when ``force_zeros_for_empty_prompt``
 learned-embedding layout      ``{token: (1, d)}``                      ``{"clip_l": (1, d1), "clip_g": (1, d2)}``
+ComfyUI / A1111 embedding     ``{"emb_params": (1, d)}``               ``{"clip_l": ..., "clip_g": ...}``
+training memory default       no gradient checkpointing                gradient checkpointing on
 ============================  =======================================  ==========================================
 
 Default resolution and the noise target (epsilon / v-prediction) are read from the model's own
@@ -66,6 +68,7 @@ class ModelFamily:
     name: str = ""
     pipeline_class_name: str = ""
     text_encoder_attrs: tuple[tuple[str, str], ...] = (("tokenizer", "text_encoder"),)
+    gradient_checkpointing: bool = False  # training default when TrainConfig leaves it None
 
     # -- recognising and loading ------------------------------------------------------------------
 
@@ -144,6 +147,10 @@ class ModelFamily:
         """The inverse of :meth:`embedding_layout`: one row per text encoder."""
         return [state[token]]
 
+    def webui_embedding(self, rows: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The learned token as ComfyUI / A1111 embeddings files hold it (SD: ``emb_params``)."""
+        return {"emb_params": rows[0]}
+
 
 class StableDiffusion(ModelFamily):
     """SD 1.x and 2.x (one CLIP text encoder; 2.x at 768 px is v-prediction, read from its scheduler)."""
@@ -167,6 +174,7 @@ class StableDiffusionXL(ModelFamily):
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     text_encoder_attrs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    gradient_checkpointing = True  # a 2.6B-parameter UNet at 1024 px: activations dominate memory
 
     def matches_index(self, model_index: Mapping[str, Any]) -> bool:
         return model_index.get("_class_name") == self.pipeline_class_name or "text_encoder_2" in model_index
@@ -197,6 +205,9 @@ class StableDiffusionXL(ModelFamily):
 
     def embedding_rows(self, state: Mapping[str, Tensor], token: str) -> list[Tensor]:
         return [state["clip_l"], state["clip_g"]]
+
+    def webui_embedding(self, rows: Sequence[Tensor]) -> dict[str, Tensor]:
+        return {"clip_l": rows[0], "clip_g": rows[1]}
 
 
 FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionXL(), StableDiffusion())

@@ -2,8 +2,11 @@
 
 The folder (file names: ``prcore.store.keys``) holds the UNet adapter in diffusers' key layout
 (``pytorch_lora_weights.safetensors``, with the peft LoRA config in its metadata so alpha != rank
-reloads exactly), an optional learned identifier embedding in the family's textual-inversion
-layout (``learned_embeds.safetensors``) and ``training.json`` (the record, written last).
+reloads exactly), the same LoRA in kohya's key layout (``lora_kohya.safetensors``: the
+``lora_unet_<module path>.lora_down/lora_up/alpha`` keys ComfyUI and A1111 load), an optional
+learned identifier embedding in the family's textual-inversion layout (``learned_embeds.safetensors``)
+and in the web UIs' embedding layout (``embedding_webui.safetensors``), and ``training.json``
+(the record, written last).
 Weights load from safetensors only; nothing is read from outside the folder.
 """
 
@@ -17,7 +20,13 @@ from typing import Any
 import torch
 
 from prcore.method.families import ModelFamily, family_named, family_of
-from prcore.store.keys import LORA_EMBEDDINGS_FILE, LORA_RECORD_FILE, LORA_WEIGHTS_FILE
+from prcore.store.keys import (
+    LORA_EMBEDDINGS_FILE,
+    LORA_KOHYA_FILE,
+    LORA_RECORD_FILE,
+    LORA_WEBUI_EMBEDDING_FILE,
+    LORA_WEIGHTS_FILE,
+)
 
 
 def read_training_record(lora_dir: str | Path) -> dict[str, Any] | None:
@@ -37,9 +46,29 @@ def lora_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
+def kohya_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter in kohya's layout: ``lora_unet_<diffusers module path, dots as _>`` with
+    ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (the LoRA's own alpha, so
+    alpha != rank keeps its scale; diffusers' converter would write the rank). ComfyUI maps these
+    names onto every UNet family it loads; A1111 converts them for SD 1.x/2.x."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
+    alpha = torch.tensor(float(unet.peft_config[adapter_name].lora_alpha))
+    out = {}
+    for key, value in convert_state_dict_to_kohya(peft_state).items():
+        out[key] = alpha.clone() if key.endswith(".alpha") else value.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
 def save_lora(pipe, folder: str | Path, adapter_name: str) -> None:
-    """Write the UNet adapter as ``pytorch_lora_weights.safetensors`` with its LoRA config as metadata."""
-    metadata = pipe.unet.peft_config[adapter_name].to_dict()
+    """Write the UNet adapter as ``pytorch_lora_weights.safetensors`` (diffusers layout, its LoRA
+    config as metadata) and as ``lora_kohya.safetensors`` (kohya layout, for ComfyUI / A1111)."""
+    from safetensors.torch import save_file
+
+    config = pipe.unet.peft_config[adapter_name]
+    metadata = config.to_dict()
     metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
     type(pipe).save_lora_weights(
         folder,
@@ -48,6 +77,11 @@ def save_lora(pipe, folder: str | Path, adapter_name: str) -> None:
         weight_name=LORA_WEIGHTS_FILE,
         safe_serialization=True,
     )
+    family = family_of(pipe)
+    save_file(kohya_state_dict(pipe.unet, adapter_name), str(Path(folder) / LORA_KOHYA_FILE),
+              metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                        "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": family.name,
+                        "modelspec.architecture": family.name})
 
 
 def save_embeddings(family: ModelFamily, folder: Path, rows: Sequence[torch.Tensor], token: str) -> dict[str, Any]:
@@ -59,7 +93,8 @@ def save_embeddings(family: ModelFamily, folder: Path, rows: Sequence[torch.Tens
     rows = [r.detach().to("cpu", torch.float32).reshape(1, -1).contiguous() for r in rows]
     layout, tensors = family.embedding_layout(rows, token)
     save_file(tensors, str(folder / LORA_EMBEDDINGS_FILE), metadata={"token": token})
-    return {"file": LORA_EMBEDDINGS_FILE, "tokens": [token], "layout": layout}
+    save_file(family.webui_embedding(rows), str(folder / LORA_WEBUI_EMBEDDING_FILE), metadata={"token": token})
+    return {"file": LORA_EMBEDDINGS_FILE, "webui_file": LORA_WEBUI_EMBEDDING_FILE, "tokens": [token], "layout": layout}
 
 
 def _loaded_tokens(pipe) -> dict[str, list[str]]:

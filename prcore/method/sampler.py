@@ -42,6 +42,7 @@ from prcore.method.adapters import (
     use_adapter,
 )
 from prcore.method.families import ModelFamily, TextCond, UnsupportedModelError, family_of
+from prcore.method.models import peak_memory
 from prcore.method.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
 
 BatchMode = Literal["auto", "batched", "separate"]
@@ -71,6 +72,7 @@ class SampleOutput:
     batch_mode: str = "single"
     guidance: str = "parallel_rescaled"
     scheduler: str = ""
+    peak_memory_bytes: int | None = None  # peak device memory of the process (CUDA allocator peak, else max RSS)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -151,16 +153,21 @@ class _UNetRows:
     """Noise predictions for each row group at (x_t, t), with as few UNet forwards as allowed.
 
     ``mode`` "single": all groups use one adapter (or none), one forward; "batched": one forward
-    over all groups with the LoRA routed per row (the caller holds :func:`per_sample_adapters`
-    open around the loop); "separate": one forward per distinct adapter, switching the layers.
-    The conditioning is concatenated once here, not at every step.
+    over all groups with the LoRA routed per row (``routing``, from :func:`per_sample_adapters`,
+    held open by the caller around the loop); "separate": one forward per distinct adapter,
+    switching the layers. ``max_rows`` caps the rows of one forward (memory): a larger batch is
+    split into consecutive chunks, each row keeping its own adapter. The conditioning is
+    concatenated once here, not at every step.
     """
 
-    def __init__(self, pipe, family: ModelFamily, conds: list[_Cond], time_ids: Tensor | None, mode: str):
+    def __init__(self, pipe, family: ModelFamily, conds: list[_Cond], time_ids: Tensor | None, mode: str,
+                 n: int, max_rows: int | None = None):
         self.pipe = pipe
         self.family = family
         self.k = len(conds)
         self.mode = mode
+        self.max_rows = max_rows
+        self.routing = None
         adapters = [c.adapter for c in conds]
         if mode == "separate":
             groups = [[i for i, a in enumerate(adapters) if a == name] for name in dict.fromkeys(adapters)]
@@ -170,15 +177,28 @@ class _UNetRows:
         for idx in groups:
             text = TextCond.cat([conds[i].text for i in idx])
             tids = None if time_ids is None else time_ids[: text.embeds.shape[0]]
-            self.calls.append((idx, conds[idx[0]].adapter, text, tids))
+            names = [conds[i].adapter for i in idx for _ in range(n)]
+            self.calls.append((idx, conds[idx[0]].adapter, text, tids, names))
+
+    def _forward(self, x_in: Tensor, t, text: TextCond, tids: Tensor | None, names: list[str]) -> Tensor:
+        rows = x_in.shape[0]
+        step = self.max_rows if self.max_rows and self.max_rows < rows else rows
+        outs = []
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            if self.routing is not None:
+                self.routing.names = names[start:stop]
+            outs.append(self.family.unet_pred(self.pipe, x_in[start:stop], t, text.slice(start, stop),
+                                              None if tids is None else tids[start:stop]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def __call__(self, x: Tensor, t) -> list[Tensor]:
         out: list[Tensor] = [x] * self.k
-        for idx, adapter, text, tids in self.calls:
+        for idx, adapter, text, tids, names in self.calls:
             if self.mode == "separate":
                 use_adapter(self.pipe.unet, adapter)
             x_in = torch.cat([x] * len(idx)) if len(idx) > 1 else x
-            pred = self.family.unet_pred(self.pipe, x_in, t, text, tids)
+            pred = self._forward(x_in, t, text, tids, names)
             for i, p in zip(idx, pred.chunk(len(idx)), strict=True):
                 out[i] = p
         return out
@@ -191,7 +211,10 @@ def _step(sched, unet_rows: _UNetRows, latents: Tensor, t, mode: G.Mode, step_kw
     return sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
 
 
-def _decode(pipe, latents: Tensor, output_type: str):
+def _decode(pipe, latents: Tensor, output_type: str, *, vae_tiling: bool = False):
+    """Latents -> images, one image per VAE call (the decoder's activations at 1024 px are several
+    GiB per image), in fp32 where the VAE config asks to upcast; ``vae_tiling`` decodes in
+    overlapping tiles (diffusers' tiled VAE: bounded memory at any size, slightly different pixels)."""
     if output_type == "latent":
         return latents
     vae = pipe.vae
@@ -206,11 +229,16 @@ def _decode(pipe, latents: Tensor, output_type: str):
     else:
         z = latents.to(dtype) / vae.config.scaling_factor
     original = vae.dtype
+    tiled = bool(getattr(vae, "use_tiling", False))
     if needs_upcast:
         vae.to(torch.float32)
+    if vae_tiling and not tiled:
+        vae.enable_tiling()
     try:
-        image = vae.decode(z, return_dict=False)[0]
+        image = torch.cat([vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(z.shape[0])])
     finally:
+        if vae_tiling and not tiled:
+            vae.disable_tiling()
         if needs_upcast:
             vae.to(original)
     return pipe.image_processor.postprocess(image, output_type=output_type)
@@ -238,6 +266,8 @@ def sample(
     output_type: str = "pil",
     progress: bool = True,
     batch_mode: BatchMode = "auto",
+    max_batch_rows: int | None = None,
+    vae_tiling: bool = False,
 ) -> SampleOutput:
     """Sample ``num_images`` images of a subject with the chosen guidance.
 
@@ -251,6 +281,8 @@ def sample(
     ``batch_mode``: "auto" (one batched UNet forward per step with per-sample LoRA routing, or
     one forward per adapter group where peft cannot route per sample: merged/fused LoRA, DoRA),
     "batched" (error if routing is impossible) or "separate" (always one forward per group).
+    ``max_batch_rows`` caps the UNet rows of one forward (None: all rows of a step at once); the
+    images are the same either way. The VAE decodes one image per call; ``vae_tiling`` tiles it.
     Image i's noise comes from its own CPU ``torch.Generator`` seeded with ``seeds[i]``
     (:func:`image_seeds`), so the same call gives the same pixels.
     """
@@ -265,6 +297,8 @@ def sample(
         raise SamplerError(f"num_images must be an int >= 1, got {num_images!r}")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise SamplerError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+    if max_batch_rows is not None and (isinstance(max_batch_rows, bool) or not isinstance(max_batch_rows, int) or max_batch_rows < 1):
+        raise SamplerError(f"max_batch_rows must be None or an int >= 1, got {max_batch_rows!r}")
     if batch_mode not in ("auto", "batched", "separate"):
         raise SamplerError(f"batch_mode must be auto, batched or separate; got {batch_mode!r}")
     height, width = _check_size(pipe, height, width)
@@ -321,18 +355,18 @@ def sample(
 
         from tqdm.auto import tqdm
 
-        unet_rows = _UNetRows(pipe, family, conds, time_ids, mode)
+        unet_rows = _UNetRows(pipe, family, conds, time_ids, mode, n, max_batch_rows)
         scales = {"guidance_scale": guidance_scale, "consistency_scale": consistency_scale, "parallel_scale": parallel_scale}
         routing = contextlib.nullcontext()
         if mode == "batched":
             routing = per_sample_adapters(unet, [c.adapter for c in conds for _ in range(n)])
         elif mode == "single":
             use_adapter(unet, conds[0].adapter)
-        with routing:
+        with routing as unet_rows.routing:
             for t in tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False):
                 latents = _step(sched, unet_rows, latents, t, mode_spec, step_kwargs, scales)
 
-        images = _decode(pipe, latents, output_type)
+        images = _decode(pipe, latents, output_type, vae_tiling=vae_tiling)
     return SampleOutput(
         images=images,
         seeds=seeds,
@@ -342,6 +376,7 @@ def sample(
         batch_mode=mode,
         guidance=guidance,
         scheduler=scheduler or type(sched).__name__,
+        peak_memory_bytes=peak_memory(torch.device(device))[0],
     )
 
 

@@ -70,6 +70,7 @@ class ImageRecord:
     lora_fp: str | None
     device: str
     dtype: str
+    peak_memory_bytes: int | None = None  # peak device memory of the sampling process
     # the run that made it
     run_id: str | None = None
     run_date: str | None = None

@@ -25,11 +25,18 @@ SHARD_DEPLOYMENT = "personalize-subject/gpu"
 
 
 class Placement(BaseModel):
-    """Where and how the model runs (None: cuda if available, else mps, else cpu; fp16 on CUDA)."""
+    """Where and how the model runs, and how much of it at once.
+
+    ``device`` None: cuda if available, else mps, else cpu. ``dtype`` None: bf16 on CUDA devices
+    that have it, else fp16 on CUDA, fp32 elsewhere. ``max_batch_rows`` caps the UNet rows of one
+    forward (three per image per step; None: all at once); ``vae_tiling`` decodes in tiles.
+    """
 
     model_config = ConfigDict(extra="forbid")
     device: str | None = None
     dtype: Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "auto"] | None = None
+    max_batch_rows: int | None = Field(None, ge=1)
+    vae_tiling: bool = False
 
 
 class Scoring(BaseModel):

@@ -140,7 +140,8 @@ def _placement(pipe) -> tuple[str, str]:
 
 def generate_request(pipe, inputs: SubjectInputs, request: ImageRequest, store, *, adapter_name: str | None,
                      lora_fp: str | None, base_model: str, run: RunContext | None = None, scorer=None,
-                     qc_thresholds=None, progress: bool = False) -> RequestResult:
+                     qc_thresholds=None, max_batch_rows: int | None = None, vae_tiling: bool = False,
+                     progress: bool = False) -> RequestResult:
     """Sample the pending images of one request and write each PNG + sidecar (sidecar last).
 
     Images already done (sidecar present when planned) are skipped. When ``scorer`` is given,
@@ -158,7 +159,8 @@ def generate_request(pipe, inputs: SubjectInputs, request: ImageRequest, store, 
         return result
     out = sample(pipe, prompt=request.prompt, class_noun=job.class_noun, identifier=job.identifier,
                  adapter_name=adapter_name, seed=[request.seeds[i] for i in todo], num_images=len(todo),
-                 progress=progress, **{k: v for k, v in request.params.items() if v is not None})
+                 progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
+                 **{k: v for k, v in request.params.items() if v is not None})
     result.sample_seconds = float(out.seconds)
     scores: list[dict[str, Any]] = [{} for _ in todo]
     if scorer is not None:
@@ -173,7 +175,8 @@ def generate_request(pipe, inputs: SubjectInputs, request: ImageRequest, store, 
             personal_prompt=out.personal_prompt, base_prompt=out.base_prompt, class_noun=job.class_noun,
             identifier=job.identifier, **{k: v for k, v in request.params.items() if k not in ("height", "width", "scheduler")},
             scheduler=out.scheduler, width=image.width, height=image.height, base_model=base_model,
-            lora_fp=lora_fp, device=device, dtype=dtype, seconds=round(out.seconds / len(todo), 4),
+            lora_fp=lora_fp, device=device, dtype=dtype, peak_memory_bytes=out.peak_memory_bytes,
+            seconds=round(out.seconds / len(todo), 4),
             run_id=run.run_id if run else None, run_date=run.run_date if run else None,
             worker=run.worker if run else None,
         ).with_scores(image_scores)

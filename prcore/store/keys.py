@@ -25,7 +25,9 @@ RUNS_PREFIX = "runs"
 # The files of a LoRA folder (local cache and store alike). The record is written last: a LoRA
 # folder counts only when it is there and names its weights.
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers key layout
+LORA_KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA in kohya key layout (ComfyUI, A1111)
 LORA_EMBEDDINGS_FILE = "learned_embeds.safetensors"
+LORA_WEBUI_EMBEDDING_FILE = "embedding_webui.safetensors"  # the learned identifier for ComfyUI / A1111
 LORA_RECORD_FILE = "training.json"
 
 SAFE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
