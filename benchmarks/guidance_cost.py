@@ -19,6 +19,13 @@ measures elapsed time (use it on a quiet machine or a GPU-less dedicated host).
 Last line: guidance_cost_ratio=<x>.
 
     python benchmarks/guidance_cost.py [--steps 20] [--size 64] [--batch 1] [--repeats 7] [--threads 1] [--clock cpu|wall]
+
+At full size (a folder written by ``python -m prcore.method.full_size sd15 DIR``):
+
+    python benchmarks/guidance_cost.py --model DIR            # 512 px, 2 DDIM steps, 3 repeats, ours vs diffusers: ~6 min
+
+Both samplers stop at the latents (no VAE decode: the decode is the same for both and would hide
+the guidance's cost), use the same named scheduler, and the figure is per denoising step.
 """
 
 from __future__ import annotations
@@ -44,33 +51,43 @@ def _random_lora(pipe, name: str, seed: int = 0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (the tiny VAE factor is 4)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; 2 with --model)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 64; the model's with --model)")
     parser.add_argument("--batch", type=int, default=1, help="images per request")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 7; 3 with --model)")
+    parser.add_argument("--scheduler", default="ddim", help="scheduler of both samplers (prcore's names)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated of ours,two_call,pretrained,diffusers (default: all; ours,diffusers with --model)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: process CPU time (robust on a shared machine; pair with --threads 1); wall: elapsed time")
     parser.add_argument("--model", type=Path, default=None, help="a pipeline folder (default: build the tiny SD one)")
     args = parser.parse_args()
+    full = args.model is not None
+    args.steps = args.steps or (2 if full else 20)
+    args.repeats = args.repeats or (3 if full else 7)
+    variants = (args.variants or ("ours,diffusers" if full else "ours,two_call,pretrained,diffusers")).split(",")
 
     torch.set_num_threads(args.threads)
     from prcore.method.models import load_pipeline
     from prcore.method.sampler import image_seeds, sample
+    from prcore.method.schedulers import make_scheduler
     from prcore.method.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_tiny_pipeline(Path(tmp) / "tiny-sd", "sd", sample_size=args.size // 4)
+        model = args.model or build_tiny_pipeline(Path(tmp) / "tiny-sd", "sd", sample_size=(args.size or 64) // 4)
         base = load_pipeline(model, device="cpu", dtype="float32", cache=False)
         personal = load_pipeline(model, device="cpu", dtype="float32", cache=False)
+        args.size = args.size or int(base.unet.config.sample_size) * int(base.vae_scale_factor)
+        base.scheduler = make_scheduler(args.scheduler, base.scheduler.config)  # diffusers' loop, the same scheduler
         _random_lora(personal, "subject")
         seeds = image_seeds(0, args.batch)
-        common = dict(num_inference_steps=args.steps, height=args.size, width=args.size)
+        common = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="latent")
 
         def ours(mode: str):
             return lambda: sample(personal, prompt="a photo of {subject} in the snow", class_noun="dog", identifier="sks",
                                   adapter_name="subject", seed=seeds, num_images=args.batch, progress=False,
-                                  batch_mode=mode, **common)
+                                  batch_mode=mode, scheduler=args.scheduler, **common)
 
         def diffusers_cfg():
             return base("a photo of dog in the snow", guidance_scale=7.5, num_images_per_prompt=args.batch,
@@ -78,9 +95,10 @@ def main() -> None:
 
         def ours_pretrained():  # same loop, two rows, no LoRA: isolates the sampler's own overhead
             return sample(base, prompt="a photo of {subject} in the snow", class_noun="dog", identifier="sks", adapter_name=None,
-                          guidance="pretrained", seed=seeds, num_images=args.batch, progress=False, **common)
+                          guidance="pretrained", seed=seeds, num_images=args.batch, progress=False, scheduler=args.scheduler, **common)
 
-        runs = {"ours": ours("batched"), "two_call": ours("separate"), "pretrained": ours_pretrained, "diffusers": diffusers_cfg}
+        every = {"ours": ours("batched"), "two_call": ours("separate"), "pretrained": ours_pretrained, "diffusers": diffusers_cfg}
+        runs = {k: every[k] for k in variants}
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         times: dict[str, list[float]] = {k: [] for k in runs}
         for fn in runs.values():  # warm-up
@@ -92,15 +110,18 @@ def main() -> None:
                 times[key].append(clock() - start)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"torch {torch.__version__}, threads={args.threads}, steps={args.steps}, size={args.size}, batch={args.batch}, repeats={args.repeats}, clock={args.clock}")
+    print(f"model={args.model or 'tiny-sd'} torch {torch.__version__}, threads={args.threads}, steps={args.steps}, size={args.size}, "
+          f"batch={args.batch}, scheduler={args.scheduler}, repeats={args.repeats}, clock={args.clock}, decode excluded")
     for key, value in med.items():
         spread = max(times[key]) - min(times[key])
-        print(f"{key:10s} median {value * 1000:9.1f} ms  (min {min(times[key]) * 1000:.1f}, spread {spread * 1000:.1f})")
-    print(f"pretrained_mode_ratio={med['pretrained'] / med['diffusers']:.3f}  (same 2-row CFG loop as diffusers: sampler overhead)")
+        print(f"{key:10s} median {value * 1000 / args.steps:9.1f} ms/step  (min {min(times[key]) * 1000 / args.steps:.1f}, spread {spread * 1000 / args.steps:.1f})")
+    if "pretrained" in med:
+        print(f"pretrained_mode_ratio={med['pretrained'] / med['diffusers']:.3f}  (same 2-row CFG loop as diffusers: sampler overhead)")
     low = {k: min(v) for k, v in times.items()}
-    print(f"min_based: guidance_cost_ratio={low['ours'] / low['diffusers']:.3f} two_call_ratio={low['two_call'] / low['diffusers']:.3f}"
+    print(f"min_based: guidance_cost_ratio={low['ours'] / low['diffusers']:.3f}"
           "  (fastest runs: less sensitive to other jobs on a shared machine)")
-    print(f"two_call_ratio={med['two_call'] / med['diffusers']:.3f}")
+    if "two_call" in med:
+        print(f"two_call_ratio={med['two_call'] / med['diffusers']:.3f}")
     print(f"guidance_cost_ratio={med['ours'] / med['diffusers']:.3f}")
 
 

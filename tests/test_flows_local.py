@@ -128,3 +128,30 @@ def test_prcore_run_user_errors_are_one_line_exit_2(tmp_path, tiny_sd_path):
     assert done.stderr.startswith("error: --model") and "prcore-tests/no-such-model" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.output
     assert not out.exists() or not any(out.rglob("*.png"))
+
+
+def test_waiting_for_shards_is_one_query_per_poll_with_backoff(prefect_api):
+    """30 pending shard runs, 7 s of waiting: a handful of API calls (the old loop made one per run per
+    second: ~200), and the runs that finish are reported with their state."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Failed, Scheduled
+
+    from flows.common import Backoff, wait_for_flow_runs
+
+    @flow(name="shard-stand-in")
+    def stand_in() -> None:
+        return None
+
+    calls = []
+    with get_client(sync_client=True, httpx_settings={"event_hooks": {"request": [calls.append]}}) as client:
+        ids = [client.create_flow_run(stand_in, state=Scheduled()).id for _ in range(30)]
+        calls.clear()
+        assert wait_for_flow_runs(client, ids, timeout_s=7, backoff=Backoff(first=1, factor=2, most=8)) == {}
+        assert 2 <= len(calls) <= 5, len(calls)  # polls at 0, 1, 3, 7 s
+        client.set_flow_run_state(ids[0], Completed(), force=True)
+        client.set_flow_run_state(ids[1], Failed(), force=True)
+        assert [client.read_flow_run(i).state.type.value for i in ids[:3]] == ["COMPLETED", "FAILED", "SCHEDULED"]
+        calls.clear()
+        done = wait_for_flow_runs(client, ids, timeout_s=0.5)
+        assert done == {ids[0]: "COMPLETED", ids[1]: "FAILED"} and len(calls) <= 2  # one poll, maybe a last one at the deadline

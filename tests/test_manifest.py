@@ -368,3 +368,19 @@ def test_plan_invalid_manifest_raises_with_all_errors(tmp_path, images):
     with pytest.raises(ManifestInvalid) as info:
         plan(load_manifest(write(tmp_path, data)))
     assert len(info.value.errors) == 2 and "row 0" in str(info.value) and "row 2" in str(info.value)
+
+
+def test_consistency_window_columns_validate_and_keep_old_fingerprints(tmp_path):
+    """The window is a request column like the scales; left at (0, 1) it leaves req_fp as it was
+    before the column existed (nothing made earlier is re-rendered), any other window is a new request."""
+    import polars as pl
+
+    base = {"subject_id": ["dog1"] * 3, "instance_images": [["a.png"]] * 3, "class_noun": ["dog"] * 3,
+            "prompt": ["a {subject} on the beach"] * 3, "prompt_id": ["p0", "p1", "p2"]}
+    before = plan(pl.DataFrame(base), check=False)[0].requests
+    windowed = plan(pl.DataFrame({**base, "consistency_start": [0.0, None, 0.0], "consistency_stop": [1.0, None, 0.6]}),
+                    check=False)[0].requests
+    assert [r.req_fp for r in windowed[:2]] == [r.req_fp for r in before[:2]] and windowed[2].req_fp != before[2].req_fp
+    assert windowed[2].params["consistency_stop"] == 0.6 and windowed[1].params["consistency_start"] == 0.0
+    bad = validate(pl.DataFrame({**base, "consistency_start": [0.5, -0.1, 0.2], "consistency_stop": [0.4, 1.0, 1.5]}), check_images=False)
+    assert [(e.row, e.column) for e in bad] == [(0, "consistency_stop"), (1, "consistency_start"), (2, "consistency_stop")]

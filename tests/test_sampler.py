@@ -326,3 +326,21 @@ def test_int_seed_draws_what_a_manifest_row_with_that_seed_draws():
     from prcore.data.fingerprint import image_seed
 
     assert image_seeds(1234, 3) == [image_seed(1234, i) for i in range(3)]
+
+
+def test_consistency_window_runs_two_rows_outside_it(sd):
+    full = run(sd, num_inference_steps=4, seed=6)
+    assert full.unet_rows == 3 * 4
+    same = run(sd, num_inference_steps=4, seed=6, consistency_start=0.0, consistency_stop=1.0)
+    torch.testing.assert_close(same.images, full.images, atol=0, rtol=0)
+    half = run(sd, num_inference_steps=4, seed=6, consistency_start=0.0, consistency_stop=0.5)
+    assert half.unet_rows == 3 * 2 + 2 * 2 and (half.images - full.images).abs().max() > 1e-4
+    # outside the window the estimate is CFG of the LoRA on the personal prompt against the base negative
+    none = run(sd, num_inference_steps=4, seed=6, consistency_start=0.0, consistency_stop=0.0)
+    assert none.unet_rows == 2 * 4
+    chunked = run(sd, num_inference_steps=4, seed=6, consistency_start=0.0, consistency_stop=0.5, max_batch_rows=1)
+    torch.testing.assert_close(chunked.images, half.images, atol=ATOL, rtol=0)
+    for window in ((0.6, 0.4), (-0.1, 1.0), (0.0, 1.2)):
+        with pytest.raises(SamplerError, match="consistency window"):
+            run(sd, consistency_start=window[0], consistency_stop=window[1])
+    assert run(sd, guidance="cfg", consistency_stop=0.5).unet_rows == 2 * 2  # modes without a window ignore it

@@ -227,6 +227,8 @@ def run_command(
     guidance_scale: float | None = typer.Option(None, "--guidance-scale", help="w_cfg default."),
     consistency_scale: float | None = typer.Option(None, "--consistency-scale", help="w_cg default."),
     parallel_scale: float | None = typer.Option(None, "--parallel-scale", help="eta default."),
+    consistency_start: float | None = typer.Option(None, "--consistency-start", help="Consistency window start default (fraction of the schedule)."),
+    consistency_stop: float | None = typer.Option(None, "--consistency-stop", help="Consistency window end default."),
     identifier: str | None = typer.Option(None, "--identifier", help="Identifier token default (sks)."),
     train_steps: int | None = typer.Option(None, "--train-steps", help="LoRA training steps where the manifest leaves train_steps empty."),
     subjects_per_shard: int = typer.Option(4, "--subjects-per-shard", help="Subjects per shard."),
@@ -246,7 +248,8 @@ def run_command(
 
     generation = {"num_images": num_images, "num_inference_steps": num_inference_steps, "guidance": guidance,
                   "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
-                  "parallel_scale": parallel_scale, "identifier": identifier}
+                  "parallel_scale": parallel_scale, "identifier": identifier,
+                  "consistency_start": consistency_start, "consistency_stop": consistency_stop}
     with user_errors(StoreError):
         settings = settings_from_options(
             model=model, generation=generation, train={"steps": train_steps}, device=device, dtype=dtype,

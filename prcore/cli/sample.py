@@ -69,6 +69,8 @@ def sample_command(
     width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
     device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: fp16 on CUDA, else fp32)."),
+    consistency_start: float = typer.Option(0.0, "--consistency-start", help="Start of the consistency window (fraction of the schedule)."),
+    consistency_stop: float = typer.Option(1.0, "--consistency-stop", help="End of the consistency window; outside it two UNet rows per image instead of three."),
     max_batch_rows: int | None = typer.Option(None, "--max-batch-rows", min=1, help="UNet rows per forward (3 per image); lower it when a GPU runs out of memory."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode images in tiles (very large sizes)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the steps."),
@@ -110,6 +112,7 @@ def sample_command(
             consistency_scale=consistency_scale, parallel_scale=parallel_scale, num_inference_steps=num_inference_steps,
             height=height, width=width, seed=seed, num_images=num_images, scheduler=scheduler,
             output_type="pil", progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
+            consistency_start=consistency_start, consistency_stop=consistency_stop,
         )
     from prcore.data.fingerprint import fingerprint
     from prcore.data.load import default_prompt_id
@@ -117,7 +120,7 @@ def sample_command(
 
     params = {"guidance": guidance, "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
               "parallel_scale": parallel_scale, "num_inference_steps": num_inference_steps,
-              "negative_prompt": negative_prompt}
+              "negative_prompt": negative_prompt, "consistency_start": consistency_start, "consistency_stop": consistency_stop}
     req_fp = fingerprint("sample-cli", 1, {"model": str(model), "lora": str(lora) if lora else None, "prompt": prompt,
                                           "seed": seed, "scheduler": scheduler, "height": height, "width": width, **params})
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +131,7 @@ def sample_command(
             base_prompt=result.base_prompt, class_noun=class_noun, identifier=identifier, **params,
             scheduler=result.scheduler, height=image.height, width=image.width, base_model=str(model),
             lora_fp=None, device=str(pipe.unet.device), dtype=str(pipe.unet.dtype).removeprefix("torch."),
+            peak_memory_bytes=result.peak_memory_bytes, unet_rows=result.unet_rows,
             seconds=round(result.seconds / num_images, 4),
             extra={"lora": str(lora) if lora else None, "request_seed": seed, "unet_batching": result.batch_mode},
         )

@@ -20,7 +20,7 @@ training time. ``num_images`` is not part of ``req_fp``: raising it adds images,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ import polars as pl
 from prcore.data.fingerprint import fingerprint, image_seed, mix64, sha256_u64
 from prcore.data.load import Manifest, as_manifest, first_rows
 from prcore.data.schema import (
+    FINGERPRINT_NEUTRAL,
     QC_COLUMNS,
     REQUEST_PARAM_COLUMNS,
     SEED_MAX,
@@ -190,19 +191,9 @@ def plan(
             raise ManifestInvalid([ManifestError(None, None, name, f"{bad[0]!r} is not a safe id; no keys were built")], m.source)
 
     d = defaults
-    df = df.with_columns(
-        pl.col("identifier").fill_null(d.identifier),
+    df = df.with_columns(  # what a null cell means: the run's defaults (every field of GenerationDefaults)
         pl.col("base_model").fill_null(pl.lit(base_model, pl.String)),
-        pl.col("num_images").fill_null(d.num_images),
-        pl.col("guidance").fill_null(d.guidance),
-        pl.col("guidance_scale").fill_null(d.guidance_scale),
-        pl.col("consistency_scale").fill_null(d.consistency_scale),
-        pl.col("parallel_scale").fill_null(d.parallel_scale),
-        pl.col("num_inference_steps").fill_null(d.num_inference_steps),
-        pl.col("height").fill_null(pl.lit(d.height, pl.Int64)),
-        pl.col("width").fill_null(pl.lit(d.width, pl.Int64)),
-        pl.col("negative_prompt").fill_null(d.negative_prompt),
-        pl.col("scheduler").fill_null(pl.lit(d.scheduler, pl.String)),
+        *(pl.col(f.name).fill_null(pl.lit(getattr(d, f.name), df.schema[f.name])) for f in fields(GenerationDefaults)),
     )
 
     # Subjects, in order of first appearance: one fingerprint each.
@@ -254,7 +245,8 @@ def plan(
     for s in specs.iter_rows(named=True):
         s = {**constant, **s}
         params = {k: s[k] for k in REQUEST_PARAM_COLUMNS}
-        spec_u64.append(int(fingerprint("request-spec", 1, {"prompt": s["prompt"], **params}), 16))
+        fingerprinted = {k: v for k, v in params.items() if not (k in FINGERPRINT_NEUTRAL and v == FINGERPRINT_NEUTRAL[k])}
+        spec_u64.append(int(fingerprint("request-spec", 1, {"prompt": s["prompt"], **fingerprinted}), 16))
         pid_u64.append(sha256_u64("prompt:" + s["__pid"]))
         params_list.append(params)
     specs = specs.with_columns(

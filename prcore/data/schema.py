@@ -67,9 +67,14 @@ class GenerationDefaults:
     width: int | None = None
     negative_prompt: str = ""
     scheduler: str | None = None  # None: the model's own scheduler
+    consistency_start: float = 0.0  # the consistency window, fractions of the schedule: three UNet
+    consistency_stop: float = 1.0  # rows per image inside it, two outside (0, 1: the whole trajectory)
 
 
 REQUEST_PARAM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(GenerationDefaults) if f.name not in ("identifier", "num_images"))
+# Request parameters added after req_fp version 1, with their neutral value: while a request leaves
+# them there they stay out of req_fp, so adding a parameter re-renders nothing already made.
+FINGERPRINT_NEUTRAL: dict[str, Any] = {"consistency_start": 0.0, "consistency_stop": 1.0}
 
 
 NOT_IN_FINGERPRINT = ("gradient_checkpointing",)  # TrainConfig fields that change memory, not the result
@@ -209,6 +214,8 @@ _REQUEST_DOCS = {
     "width": "pixels, multiple of 8",
     "negative_prompt": "negative prompt",
     "scheduler": "scheduler name (prcore sample --help lists them) or diffusers class name",
+    "consistency_start": "start of the consistency window, fraction of the schedule (0..1)",
+    "consistency_stop": "end of the consistency window, fraction of the schedule (0..1)",
 }
 
 COLUMNS: dict[str, ColumnSpec] = {

@@ -165,6 +165,14 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
         if usable(name):
             v = pl.col(name)
             c.rows(v.is_not_null() & (~v.is_finite() | (v < 0)), name, lambda r, n=name: f"{r['__value']} is out of range: {n} must be a finite number >= 0")
+    for name in ("consistency_start", "consistency_stop"):
+        if usable(name):
+            v = pl.col(name)
+            c.rows(v.is_not_null() & (~v.is_finite() | (v < 0) | (v > 1)), name,
+                   lambda r, n=name: f"{r['__value']} is out of range: {n} is a fraction of the schedule in [0, 1], or null for the run's")
+    if usable("consistency_start") and usable("consistency_stop"):
+        c.rows(pl.col("consistency_start") > pl.col("consistency_stop"), "consistency_stop",
+               lambda r: f"{r['__value']} is before consistency_start on this row: the window is [start, stop) with start <= stop")
     for name in QC_COLUMNS.values():
         if usable(name):
             v = pl.col(name)

@@ -113,10 +113,12 @@ class Mode:
 
     ``rows``: (prompt, LoRA on) per row group, prompt one of "negative", "base", "personal".
     ``combine(*predictions, guidance_scale=, consistency_scale=, parallel_scale=)``: the noise estimate.
+    ``outside``: the cheaper mode used outside the consistency window (None: the mode has no window).
     """
 
     rows: tuple[tuple[str, bool], ...]
     combine: Callable[..., Tensor]
+    outside: Mode | None = None
 
 
 def _cfg_rows(e_uncond: Tensor, e_cond: Tensor, *, guidance_scale: float, **_: float) -> Tensor:
@@ -128,10 +130,20 @@ def _consistency_rows(e_u: Tensor, e_c: Tensor, e_p: Tensor, *, guidance_scale: 
 
 
 _THREE = (("negative", False), ("base", False), ("personal", True))
+# Outside the consistency window: two rows, CFG of the fine-tuned model on the personal prompt
+# against the pretrained model's negative prompt, e_u + w_cfg * (e_p - e_u): the subject (LoRA) and
+# the prompt stay in the estimate, only the consistency term (e_c) is dropped.
+PERSONAL_CFG = Mode((("negative", False), ("personal", True)), _cfg_rows)
 MODES: dict[str, Mode] = {
-    "parallel_rescaled": Mode(_THREE, parallel_rescaled),
-    "consistency": Mode(_THREE, _consistency_rows),
+    "parallel_rescaled": Mode(_THREE, parallel_rescaled, PERSONAL_CFG),
+    "consistency": Mode(_THREE, _consistency_rows, PERSONAL_CFG),
     "cfg": Mode((("negative", True), ("personal", True)), _cfg_rows),  # the fine-tuned model alone: DreamBooth
     "pretrained": Mode((("negative", False), ("base", False)), _cfg_rows),  # the base model, no subject
 }
 assert tuple(MODES) == GUIDANCE_MODES, "prcore.data.schema.GUIDANCE_MODES and guidance.MODES must name the same modes"
+
+
+def in_window(step: int, steps: int, start: float, stop: float) -> bool:
+    """Whether denoising step ``step`` of ``steps`` (0 = the noisiest) lies in the consistency window
+    ``[start, stop)``, fractions of the schedule: ``start <= step / steps < stop``."""
+    return start <= step / steps < stop

@@ -72,6 +72,7 @@ class SampleOutput:
     batch_mode: str = "single"
     guidance: str = "parallel_rescaled"
     scheduler: str = ""
+    unet_rows: int = 0  # UNet rows evaluated per image over the whole trajectory
     peak_memory_bytes: int | None = None  # peak device memory of the process (CUDA allocator peak, else max RSS)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -268,6 +269,8 @@ def sample(
     batch_mode: BatchMode = "auto",
     max_batch_rows: int | None = None,
     vae_tiling: bool = False,
+    consistency_start: float = 0.0,
+    consistency_stop: float = 1.0,
 ) -> SampleOutput:
     """Sample ``num_images`` images of a subject with the chosen guidance.
 
@@ -281,6 +284,11 @@ def sample(
     ``batch_mode``: "auto" (one batched UNet forward per step with per-sample LoRA routing, or
     one forward per adapter group where peft cannot route per sample: merged/fused LoRA, DoRA),
     "batched" (error if routing is impossible) or "separate" (always one forward per group).
+    ``consistency_start`` / ``consistency_stop``: the consistency window, fractions of the schedule
+    (step i of N is inside when start <= i/N < stop). Inside it the mode's three rows run; outside
+    it two (``guidance.PERSONAL_CFG``: e_u + w_cfg * (e_p - e_u)). The default (0, 1) is the whole
+    trajectory. ``SampleOutput.unet_rows`` counts the UNet rows per image.
+
     ``max_batch_rows`` caps the UNet rows of one forward (None: all rows of a step at once); the
     images are the same either way. The VAE decodes one image per call; ``vae_tiling`` tiles it.
     Image i's noise comes from its own CPU ``torch.Generator`` seeded with ``seeds[i]``
@@ -291,6 +299,10 @@ def sample(
     if guidance not in G.MODES:
         raise SamplerError(f"unknown guidance {guidance!r}; choose one of: {', '.join(G.MODES)}")
     _check_scales(guidance_scale=guidance_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
+    if not (isinstance(consistency_start, (int, float)) and isinstance(consistency_stop, (int, float))
+            and 0.0 <= consistency_start <= consistency_stop <= 1.0):
+        raise SamplerError(f"the consistency window must satisfy 0 <= consistency_start <= consistency_stop <= 1, "
+                           f"got ({consistency_start!r}, {consistency_stop!r})")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise SamplerError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -325,27 +337,36 @@ def sample(
     with adapter_state_preserved(unet, *family.text_encoders(pipe)):
         lora = adapter_name if adapter_name is not None else BASE
         mode_spec = G.MODES[guidance]
+        steps = int(num_inference_steps)
+        windowed = mode_spec.outside is not None and not (consistency_start <= 0.0 and consistency_stop >= 1.0)
+        specs = [mode_spec, mode_spec.outside] if windowed else [mode_spec]
         texts = {"negative": negative_prompt, "base": base, "personal": personal}
-        conds = [_encode(pipe, family, texts[p], lora if on else BASE, n, device, zero=zero_negative and p == "negative")
-                 for p, on in mode_spec.rows]
+        encoded: dict[tuple[str, bool], _Cond] = {}
+        for spec in specs:
+            for p, on in spec.rows:
+                if (p, on) not in encoded:
+                    encoded[p, on] = _encode(pipe, family, texts[p], lora if on else BASE, n, device, zero=zero_negative and p == "negative")
+        row_sets = [[encoded[r] for r in spec.rows] for spec in specs]
+        adapters_used = [c.adapter for c in encoded.values()]
 
-        distinct = {c.adapter for c in conds}
-        if len(distinct) == 1 or not lora_layers(unet):
+        if len(set(adapters_used)) == 1 or not lora_layers(unet):
             mode = "single"
         else:
-            blocker = mixed_batch_blocker(unet, [c.adapter for c in conds])
+            blocker = mixed_batch_blocker(unet, adapters_used)
             if batch_mode == "batched" and blocker:
                 raise SamplerError(f"batch_mode='batched' is impossible here: {blocker}; use batch_mode='auto' or 'separate'")
             mode = "separate" if (batch_mode == "separate" or blocker) else "batched"
 
         try:
-            time_ids = family.time_ids(pipe, [(height, width, 0, 0, height, width)] * (len(conds) * n), dtype=conds[0].text.embeds.dtype, device=device)
+            most_rows = max(len(rows) for rows in row_sets) * n
+            time_ids = family.time_ids(pipe, [(height, width, 0, 0, height, width)] * most_rows,
+                                       dtype=row_sets[0][0].text.embeds.dtype, device=device)
         except UnsupportedModelError as exc:
             raise SamplerError(str(exc)) from None
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         from diffusers.utils.torch_utils import randn_tensor
 
-        sched.set_timesteps(num_inference_steps, device=device)
+        sched.set_timesteps(steps, device=device)
         shape = (n, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype) * sched.init_noise_sigma
         step_params = inspect.signature(sched.step).parameters
@@ -355,16 +376,21 @@ def sample(
 
         from tqdm.auto import tqdm
 
-        unet_rows = _UNetRows(pipe, family, conds, time_ids, mode, n, max_batch_rows)
+        unet_rows = [_UNetRows(pipe, family, rows, time_ids, mode, n, max_batch_rows) for rows in row_sets]
         scales = {"guidance_scale": guidance_scale, "consistency_scale": consistency_scale, "parallel_scale": parallel_scale}
         routing = contextlib.nullcontext()
         if mode == "batched":
-            routing = per_sample_adapters(unet, [c.adapter for c in conds for _ in range(n)])
+            routing = per_sample_adapters(unet, [c.adapter for c in row_sets[0] for _ in range(n)])
         elif mode == "single":
-            use_adapter(unet, conds[0].adapter)
-        with routing as unet_rows.routing:
-            for t in tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False):
-                latents = _step(sched, unet_rows, latents, t, mode_spec, step_kwargs, scales)
+            use_adapter(unet, adapters_used[0])
+        rows_per_image = 0
+        with routing as route:
+            for rows in unet_rows:
+                rows.routing = route
+            for i, t in enumerate(tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False)):
+                k = 0 if not windowed or G.in_window(i, steps, consistency_start, consistency_stop) else 1
+                rows_per_image += len(row_sets[k])
+                latents = _step(sched, unet_rows[k], latents, t, specs[k], step_kwargs, scales)
 
         images = _decode(pipe, latents, output_type, vae_tiling=vae_tiling)
     return SampleOutput(
@@ -376,6 +402,7 @@ def sample(
         batch_mode=mode,
         guidance=guidance,
         scheduler=scheduler or type(sched).__name__,
+        unet_rows=rows_per_image,
         peak_memory_bytes=peak_memory(torch.device(device))[0],
     )
 

@@ -71,6 +71,9 @@ class ImageRecord:
     device: str
     dtype: str
     peak_memory_bytes: int | None = None  # peak device memory of the sampling process
+    consistency_start: float = 0.0  # the consistency window used
+    consistency_stop: float = 1.0
+    unet_rows: int | None = None  # UNet rows evaluated for this image over its trajectory
     # the run that made it
     run_id: str | None = None
     run_date: str | None = None

@@ -1,0 +1,176 @@
+"""The GPU suite: full-size SD 1.5 and SDXL (random weights, built here), trained and sampled the way
+prcore runs them, timed per dtype. Prints one markdown table and writes it (and JSON) to --out.
+
+    python benchmarks/gpu_suite.py --out gpu-results            # on a CUDA machine: fp16 and bf16, ~8 min on an H200
+    python benchmarks/gpu_suite.py --smoke --out /tmp/smoke     # a reduced run on the CPU (tiny models, CI)
+
+Rows per (model, dtype):
+  train s/step       DCO LoRA step (rank 8, batch 1), the reference forward included; min/subject = 400 steps
+  sample img/h       parallel-rescaled guidance, 4 images per call, one GPU
+  diffusers img/h    diffusers' own CFG pipeline at the same size and steps (2 UNet rows per step vs 3)
+  guidance cost      (seconds per image, prcore) / (seconds per image, diffusers CFG)
+  peak GiB           torch.cuda.max_memory_allocated over the training / sampling run
+
+Imports only torch, diffusers, transformers, peft, safetensors and prcore's model side
+(``prcore.method``), so it runs on a bare GPU machine with those wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prcore.data.schema import TrainConfig  # noqa: E402
+from prcore.method.dco import train_subject_lora  # noqa: E402
+from prcore.method.lora_io import load_subject_lora, unload_subject_lora  # noqa: E402
+from prcore.method.models import clear_pipeline_cache, load_pipeline  # noqa: E402
+from prcore.method.sampler import sample  # noqa: E402
+
+# (name, architecture, training resolution, sampling size, sampling steps)
+FULL = [("SD 1.5", "sd15", 512, 512, 50), ("SDXL", "sdxl", 1024, 1024, 30)]
+SMOKE = [("tiny SD", "tiny-sd", 64, 64, 2), ("tiny SDXL", "tiny-sdxl", 64, 64, 2)]
+DEFAULT_TRAIN_STEPS = TrainConfig().steps
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def build(arch: str, root: Path) -> Path:
+    target = root / arch
+    if (target / "model_index.json").is_file():
+        return target
+    if arch.startswith("tiny-"):
+        from prcore.method.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(target, arch.removeprefix("tiny-"))
+    from prcore.method.full_size import build_full_size
+
+    return build_full_size(target, arch)
+
+
+def references(size: int, n: int = 4) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run_one(name: str, folder: Path, dtype: str, device: str, train_res: int, size: int, steps: int, *,
+            train_steps: int, images: int, repeats: int, work: Path) -> dict:
+    clear_pipeline_cache()
+    pipe = load_pipeline(folder, device=device, dtype=dtype, cache=False)
+    row: dict = {"model": name, "dtype": dtype, "device": device, "train_res": train_res, "size": size, "steps": steps}
+
+    reset_peak()
+    config = TrainConfig(steps=train_steps, rank=8, resolution=train_res)
+    result = train_subject_lora(pipe, images=references(train_res), class_noun="dog", identifier="sks",
+                                out_dir=work / f"lora-{folder.name}-{dtype}", config=config, progress=False)
+    row.update(train_s_per_step=result.seconds_per_step, train_min_per_subject=result.seconds_per_step * DEFAULT_TRAIN_STEPS / 60,
+               train_peak_gib=peak_gib(), mixed_precision=result.record["mixed_precision_used"])
+
+    load_subject_lora(pipe, result.out_dir, "bench")
+    try:
+        reset_peak()
+        kw = dict(prompt="a photo of a {subject} on the beach", class_noun="dog", identifier="sks", adapter_name="bench",
+                  num_inference_steps=steps, height=size, width=size, seed=0, num_images=images, progress=False)
+        ours = timed(lambda: sample(pipe, **kw), repeats) / images
+        row["sample_peak_gib"] = peak_gib()
+    finally:
+        unload_subject_lora(pipe, "bench")
+    generator = torch.Generator("cpu").manual_seed(0)
+    theirs = timed(lambda: pipe("a photo of a dog on the beach", num_inference_steps=steps, guidance_scale=7.5, height=size,
+                                width=size, num_images_per_prompt=images, generator=generator), repeats) / images
+    row.update(sample_images_per_hour=3600 / ours, diffusers_images_per_hour=3600 / theirs, guidance_cost=ours / theirs)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| model | dtype | train s/step (res) | min/subject (400 steps) | train peak GiB | sample img/h (size, steps) "
+             "| diffusers CFG img/h | guidance cost | sample peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['dtype']} ({r['mixed_precision']}) | {f(r['train_s_per_step'], '.3f')} ({r['train_res']}) "
+                     f"| {f(r['train_min_per_subject'], '.1f')} | {f(r['train_peak_gib'], '.1f')} "
+                     f"| {f(r['sample_images_per_hour'], '.0f')} ({r['size']} px, {r['steps']}) | {f(r['diffusers_images_per_hour'], '.0f')} "
+                     f"| {f(r['guidance_cost'], '.2f')} | {f(r['sample_peak_gib'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (what CI runs)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=None, help="where the model folders are built (default: a temp dir)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated (default: float16,bfloat16 on CUDA; float32,bfloat16 on CPU)")
+    ap.add_argument("--train-steps", type=int, default=None)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("no CUDA device: run with --smoke for the reduced CPU version", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    dtypes = (args.dtypes or ("float16,bfloat16" if cuda else "float32,bfloat16")).split(",")
+    models = SMOKE if args.smoke else FULL
+    train_steps = args.train_steps or (2 if args.smoke else 10)
+    repeats = args.repeats or (1 if args.smoke else 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        rows = []
+        for name, arch, train_res, size, steps in models:
+            folder = build(arch, work)
+            for dtype in dtypes:
+                rows.append(run_one(name, folder, dtype, device, train_res, size, steps, train_steps=train_steps,
+                                    images=args.images, repeats=repeats, work=work))
+                if cuda:  # the pipeline of that row is gone: give its memory back before the next
+                    torch.cuda.empty_cache()
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
+    header = f"GPU suite on {gpu}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s" + (" (smoke)" if args.smoke else "")
+    text = f"{header}\n\n{table(rows)}\n"
+    (args.out / "gpu_suite.md").write_text(text)
+    (args.out / "gpu_suite.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

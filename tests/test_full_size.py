@@ -1,0 +1,100 @@
+"""The real architectures on the path a user takes: full-size SD 1.5, SD 2.1 (768 px, v-prediction)
+and SDXL-base folders (random weights, built here by prcore.method.full_size), trained and sampled
+through the `prcore` command in its own process, as a user runs it. Random weights draw noise; the
+shapes, dtypes, conditioning, files and memory are the real ones. Peak memory is printed (and is
+in training.json and every sidecar)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+PRCORE = [str(Path(sys.executable).with_name("prcore"))]  # the console script of this environment
+
+
+def prcore(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([*PRCORE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def references(folder: Path, size: int) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from prcore.method.full_size import build_full_size
+
+    root = tmp_path_factory.mktemp("full-size")
+    cache: dict[str, Path] = {}
+
+    def get(name: str, fp16: bool = True) -> Path:
+        if name not in cache:
+            cache[name] = build_full_size(root / name, name, fp16_variant=fp16)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize(("name", "size", "prediction", "unet_params"), [("sd15", 512, "epsilon", 859_520_964),
+                                                                          ("sd21", 768, "v_prediction", 865_910_724)])
+def test_train_then_sample_through_the_cli(built, tmp_path, name, size, prediction, unet_params):
+    model = built(name)
+    from prcore.method.models import load_pipeline
+
+    pipe = load_pipeline(model, device="cpu", dtype="float32", cache=False)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == unet_params  # the published architecture
+    assert pipe.scheduler.config.prediction_type == prediction and pipe.unet.config.sample_size * 8 == size
+    del pipe
+    lora = tmp_path / "lora"
+    prcore("train", "--model", model, "--images", references(tmp_path / "refs", size), "--class-noun", "dog",
+           "--out", lora, "--train-steps", 2, "--rank", 4, "--device", "cpu", "--dtype", "float32",
+           *(["--gradient-checkpointing"] if size > 512 else []))
+    record = json.loads((lora / "training.json").read_text())
+    assert record["resolution"] == size and record["model_family"] == "sd" and len(record["losses"]) == 2
+    assert (lora / "lora_kohya.safetensors").is_file()
+    out = tmp_path / "images"
+    prcore("sample", "--model", model, "--lora", lora, "--prompt", "a {subject} in the snow", "--class-noun", "dog",
+           "--out", out, "--num-inference-steps", 2, "--device", "cpu", "--dtype", "float32", "--no-progress")
+    png = sorted(out.glob("*.png"))
+    sidecar = json.loads(png[0].with_suffix(".json").read_text())
+    with Image.open(png[0]) as im:
+        assert im.size == (size, size)
+    assert (sidecar["height"], sidecar["width"], sidecar["dtype"], sidecar["device"]) == (size, size, "float32", "cpu")
+    print(f"\n{name}: training peak {record['peak_memory_bytes'] / 2**30:.1f} GiB ({record['seconds_per_step']:.0f} s/step), "
+          f"sampling peak {sidecar['peak_memory_bytes'] / 2**30:.1f} GiB ({sidecar['seconds']:.0f} s/image, 2 steps)")
+    assert record["peak_memory_bytes"] > 3.4e9 and sidecar["peak_memory_bytes"] > 3.4e9  # fp32 UNet weights alone
+
+
+def test_sdxl_samples_at_512_in_bf16(built, tmp_path):
+    model = built("sdxl", fp16=False)
+    out = tmp_path / "images"
+    prcore("sample", "--model", model, "--guidance", "pretrained", "--prompt", "a {subject} in the snow", "--class-noun",
+           "dog", "--out", out, "--num-inference-steps", 2, "--height", 512, "--width", 512, "--device", "cpu",
+           "--dtype", "bfloat16", "--no-progress")
+    png = sorted(out.glob("*.png"))
+    sidecar = json.loads(png[0].with_suffix(".json").read_text())
+    assert (sidecar["height"], sidecar["width"], sidecar["dtype"]) == (512, 512, "bfloat16")
+    print(f"\nsdxl: sampling peak {sidecar['peak_memory_bytes'] / 2**30:.1f} GiB at 512 px bf16 ({sidecar['seconds']:.0f} s/image, 2 steps)")
+    assert sidecar["peak_memory_bytes"] > 5e9  # bf16 UNet weights alone: 2.6e9 params x 2 bytes
+
+
+def test_fp16_variant_files_are_complete(built):
+    model = built("sd15")
+    for component in ("unet", "vae", "text_encoder"):
+        files = sorted(p.name for p in (model / component).glob("*.safetensors"))
+        assert any(".fp16." in f for f in files) and any(".fp16." not in f for f in files), (component, files)
