@@ -25,6 +25,7 @@ from prcore.pipeline.models import default_model_id, load_run_pipeline
 from prcore.pipeline.settings import RunSettings
 from prcore.pipeline.subject import (
     RunContext,
+    batches,
     finished_records,
     make_scorer,
     new_run_id,
@@ -41,7 +42,7 @@ from tasks.report import write_shard_record_task
 def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: RunContext, scorer: Any,
                 use_gpu_limit: bool, shard_index: int) -> tuple[SubjectResult, Failure | None]:
     """One subject: LoRA, every pending request, catalogue, contact sheet. Never raises."""
-    from tasks.sample import generate_request_task
+    from tasks.sample import generate_batch_task
 
     logger = get_run_logger()
     started = time.perf_counter()
@@ -64,13 +65,13 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
             res.model_seconds += lora.train_seconds
             step = "sample"
             made = []
-            for request in job.todo_requests:
-                rr = generate_request_task(inputs, request, store, model, lora, settings, run, scorer)
-                made.extend(rr.records)
-                res.generated += rr.generated
-                res.qc_failed += rr.qc_failed
-                res.model_seconds += rr.sample_seconds
-                progress_event(event="request_done", subject_id=job.subject_id, generated=rr.generated, skipped=rr.skipped)
+            for batch in batches(job.todo_requests, settings.placement.max_batch_images):
+                for rr in generate_batch_task(inputs, batch, store, model, lora, settings, run, scorer):
+                    made.extend(rr.records)
+                    res.generated += rr.generated
+                    res.qc_failed += rr.qc_failed
+                    res.model_seconds += rr.sample_seconds
+                    progress_event(event="request_done", subject_id=job.subject_id, generated=rr.generated, skipped=rr.skipped)
             res.skipped = job.n_done
         records = finished_records(store, job, made)
         step = "catalog"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -271,5 +272,36 @@ def test_scores_and_qc_land_in_sidecars_and_catalogue(setup, tmp_path_factory, t
         assert sheet.size == plain.size
         red = [(x, y) for x in range(sheet.width) for y in range(sheet.height) if sheet.getpixel((x, y)) == (220, 0, 0)]
         assert red and not [(x, y) for x in range(plain.width) for y in range(plain.height) if plain.getpixel((x, y)) == (220, 0, 0)]
+    finally:
+        L.deactivate_lora(pipe, lora.adapter_name)
+
+
+def test_a_subjects_requests_share_denoising_loops_and_draw_what_each_draws_alone(setup, tmp_path):
+    """Both requests of a subject (2 images each) in one loop: 4 images, the same PNG pixels as one
+    request at a time, each with its own sidecar; ``batches`` packs by parameters and image budget."""
+    import numpy as np
+
+    store_a, store_b = open_store(str(tmp_path / "a")), open_store(str(tmp_path / "b"))
+    inputs = S.read_subject_inputs(plan(setup, store_a)[0])
+    pipe = setup["pipe"]
+    lora = lora_for(setup, inputs, store_a, tmp_path / "cache")
+    L.activate_lora(pipe, lora)
+    try:
+        requests = inputs.job.requests
+        assert [len(b) for b in S.batches(requests, 4)] == [2] and [len(b) for b in S.batches(requests, 3)] == [1, 1]
+        together = S.generate_requests(pipe, inputs, requests, store_a, adapter_name=lora.adapter_name, lora_fp=lora.lora_fp,
+                                       base_model=setup["model"])
+        apart = [generate(setup, inputs, r, store_b, lora) for r in requests]
+        assert [r.generated for r in together] == [2, 2] and [len(r.records) for r in together] == [2, 2]
+        for t, a in zip(together, apart, strict=True):
+            for rt, ra in zip(t.records, a.records, strict=True):
+                assert rt.key == ra.key and rt.seed == ra.seed and rt.unet_rows == ra.unet_rows
+                pt = np.asarray(Image.open(io.BytesIO(store_a.get(rt.key))), dtype=np.int16)
+                pa = np.asarray(Image.open(io.BytesIO(store_b.get(ra.key))), dtype=np.int16)
+                assert np.abs(pt - pa).max() <= 1
+        with pytest.raises(ValueError, match="share their sampling parameters"):
+            other = dataclasses.replace(requests[1], params={**requests[1].params, "guidance_scale": 1.0})
+            S.generate_requests(pipe, inputs, [requests[0], other], store_a, adapter_name=lora.adapter_name,
+                                lora_fp=lora.lora_fp, base_model=setup["model"])
     finally:
         L.deactivate_lora(pipe, lora.adapter_name)

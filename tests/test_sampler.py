@@ -344,3 +344,37 @@ def test_consistency_window_runs_two_rows_outside_it(sd):
         with pytest.raises(SamplerError, match="consistency window"):
             run(sd, consistency_start=window[0], consistency_stop=window[1])
     assert run(sd, guidance="cfg", consistency_stop=0.5).unet_rows == 2 * 2  # modes without a window ignore it
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("batch_mode", ["auto", "separate"])
+def test_several_requests_and_subjects_in_one_loop_draw_what_each_draws_alone(kind, batch_mode, request, tmp_path):
+    """Three requests in ONE denoising loop: two prompts of one subject and one of a second subject
+    with its own LoRA (rows routed per sample). Each image equals the one-request path's for its seed."""
+    from prcore.method.sampler import Request, sample_batch
+
+    pipe = request.getfixturevalue(kind)
+    other = tmp_path / "other"
+    save_random_lora(request.getfixturevalue(f"tiny_{kind}_path"), other)
+    pipe.load_lora_weights(str(other), adapter_name="other", use_safetensors=True)
+    try:
+        reqs = [Request(PROMPT, "dog", "sks", ADAPTER, image_seeds(3, 2)),
+                Request("a {subject} on the beach", "dog", "sks", ADAPTER, image_seeds(4, 1)),
+                Request("a {subject} in a field", "cat", "zwx", "other", image_seeds(5, 2))]
+        common = dict(num_inference_steps=2, height=SIZE, width=SIZE, progress=False, batch_mode=batch_mode)
+        batched = sample_batch(pipe, reqs, output_type="latent", **common)
+        assert [o.images.shape[0] for o in batched] == [2, 1, 2] and batched[0].extra["batch_images"] == 5
+        alone = [sample(pipe, prompt=r.prompt, class_noun=r.class_noun, identifier=r.identifier, adapter_name=r.adapter_name,
+                        seed=r.seeds, num_images=len(r.seeds), output_type="latent", **common) for r in reqs]
+        for b, a in zip(batched, alone, strict=True):
+            assert b.seeds == a.seeds and b.personal_prompt == a.personal_prompt
+            torch.testing.assert_close(b.images, a.images, atol=ATOL, rtol=0)
+        assert (alone[2].images - sample(pipe, prompt=reqs[2].prompt, class_noun="cat", identifier="zwx", adapter_name=ADAPTER,
+                                         seed=reqs[2].seeds, num_images=2, output_type="latent", **common).images).abs().max() > 1e-3
+        # and as pixels: the PNG a request gets is the one it gets alone
+        px = sample_batch(pipe, reqs[:2], output_type="np", **common)
+        px_alone = sample(pipe, prompt=reqs[1].prompt, class_noun="dog", identifier="sks", adapter_name=ADAPTER,
+                          seed=reqs[1].seeds, num_images=1, output_type="np", **common)
+        assert np.abs(np.round(px[1].images * 255) - np.round(px_alone.images * 255)).max() <= 1
+    finally:
+        pipe.delete_adapters("other")

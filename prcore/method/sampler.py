@@ -116,11 +116,27 @@ def image_seeds(seed: int | Sequence[int], num_images: int) -> list[int]:
 
 
 @dataclass
+class Request:
+    """One prompt of a subject inside a batched denoising loop: its own prompt, subject, LoRA and
+    per-image seeds (``sample_batch``); the sampling parameters are the batch's."""
+
+    prompt: str
+    class_noun: str
+    identifier: str
+    adapter_name: str | None
+    seeds: list[int]
+
+
+@dataclass
 class _Cond:
-    """Text conditioning of one row group (num_images rows), and which adapter its UNet rows use."""
+    """Text conditioning of one row group (one row per image of the batch), and each row's adapter."""
 
     text: TextCond
-    adapter: str
+    adapters: list[str]
+
+    @staticmethod
+    def cat(conds: Sequence[_Cond]) -> _Cond:
+        return _Cond(TextCond.cat([c.text for c in conds]), [a for c in conds for a in c.adapters])
 
 
 def _encode(pipe, family: ModelFamily, text: str, adapter: str, n: int, device, *, zero: bool) -> _Cond:
@@ -130,7 +146,7 @@ def _encode(pipe, family: ModelFamily, text: str, adapter: str, n: int, device, 
     cond = family.encode(pipe, text, device)
     if zero:  # e.g. SDXL's force_zeros_for_empty_prompt: the empty negative prompt is all zeros
         cond = cond.zeros_like()
-    return _Cond(cond.repeat(n), adapter)
+    return _Cond(cond.repeat(n), [adapter] * n)
 
 
 def _check_scales(**scales: float) -> None:
@@ -153,33 +169,33 @@ def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 class _UNetRows:
     """Noise predictions for each row group at (x_t, t), with as few UNet forwards as allowed.
 
-    ``mode`` "single": all groups use one adapter (or none), one forward; "batched": one forward
-    over all groups with the LoRA routed per row (``routing``, from :func:`per_sample_adapters`,
-    held open by the caller around the loop); "separate": one forward per distinct adapter,
-    switching the layers. ``max_rows`` caps the rows of one forward (memory): a larger batch is
-    split into consecutive chunks, each row keeping its own adapter. The conditioning is
-    concatenated once here, not at every step.
+    ``mode`` "single": every row uses one adapter (or none), one forward; "batched": one forward
+    over all rows with the LoRA routed per row (``routing``, from :func:`per_sample_adapters`, held
+    open by the caller around the loop); "separate": one forward per distinct adapter, switching
+    the layers. ``max_rows`` caps the rows of one forward (memory): a larger batch is split into
+    consecutive chunks, each row keeping its own adapter. The conditioning is concatenated once
+    here, not at every step.
     """
 
     def __init__(self, pipe, family: ModelFamily, conds: list[_Cond], time_ids: Tensor | None, mode: str,
-                 n: int, max_rows: int | None = None):
+                 max_rows: int | None = None):
         self.pipe = pipe
         self.family = family
         self.k = len(conds)
         self.mode = mode
         self.max_rows = max_rows
         self.routing = None
-        adapters = [c.adapter for c in conds]
+        whole = _Cond.cat(conds)
+        rows = len(whole.adapters)
+        tids = None if time_ids is None else time_ids[:rows]
+        self.calls: list[tuple[str | None, Tensor | None, TextCond, Tensor | None, list[str]]] = []
         if mode == "separate":
-            groups = [[i for i, a in enumerate(adapters) if a == name] for name in dict.fromkeys(adapters)]
+            for name in dict.fromkeys(whole.adapters):
+                idx = torch.tensor([i for i, a in enumerate(whole.adapters) if a == name])
+                self.calls.append((name, idx, whole.text.rows(idx), None if tids is None else tids[idx.to(tids.device)],
+                                   [name] * len(idx)))
         else:
-            groups = [list(range(self.k))]
-        self.calls = []
-        for idx in groups:
-            text = TextCond.cat([conds[i].text for i in idx])
-            tids = None if time_ids is None else time_ids[: text.embeds.shape[0]]
-            names = [conds[i].adapter for i in idx for _ in range(n)]
-            self.calls.append((idx, conds[idx[0]].adapter, text, tids, names))
+            self.calls.append((None, None, whole.text, tids, whole.adapters))
 
     def _forward(self, x_in: Tensor, t, text: TextCond, tids: Tensor | None, names: list[str]) -> Tensor:
         rows = x_in.shape[0]
@@ -194,15 +210,18 @@ class _UNetRows:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def __call__(self, x: Tensor, t) -> list[Tensor]:
-        out: list[Tensor] = [x] * self.k
-        for idx, adapter, text, tids, names in self.calls:
-            if self.mode == "separate":
-                use_adapter(self.pipe.unet, adapter)
-            x_in = torch.cat([x] * len(idx)) if len(idx) > 1 else x
-            pred = self._forward(x_in, t, text, tids, names)
-            for i, p in zip(idx, pred.chunk(len(idx)), strict=True):
-                out[i] = p
-        return out
+        x_all = torch.cat([x] * self.k) if self.k > 1 else x
+        if len(self.calls) == 1 and self.calls[0][1] is None:
+            _, _, text, tids, names = self.calls[0]
+            return list(self._forward(x_all, t, text, tids, names).chunk(self.k))
+        preds = None
+        for adapter, idx, text, tids, names in self.calls:
+            use_adapter(self.pipe.unet, adapter)
+            pred = self._forward(x_all[idx.to(x_all.device)], t, text, tids, names)
+            if preds is None:
+                preds = pred.new_empty((x_all.shape[0], *pred.shape[1:]))
+            preds[idx.to(preds.device)] = pred
+        return list(preds.chunk(self.k))
 
 
 def _step(sched, unet_rows: _UNetRows, latents: Tensor, t, mode: G.Mode, step_kwargs: dict, scales: dict[str, float]) -> Tensor:
@@ -245,7 +264,6 @@ def _decode(pipe, latents: Tensor, output_type: str, *, vae_tiling: bool = False
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
-@torch.no_grad()
 def sample(
     pipe,
     *,
@@ -253,6 +271,27 @@ def sample(
     class_noun: str,
     identifier: str,
     adapter_name: str | None,
+    seed: int | Sequence[int] = 0,
+    num_images: int = 1,
+    **options: Any,
+) -> SampleOutput:
+    """Sample ``num_images`` images of a subject with the chosen guidance (one request of
+    :func:`sample_batch`, whose keyword arguments ``options`` are).
+
+    Image i's noise comes from its own CPU ``torch.Generator`` seeded with ``seeds[i]``
+    (:func:`image_seeds`), so the same call gives the same pixels.
+    """
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise SamplerError(f"num_images must be an int >= 1, got {num_images!r}")
+    request = Request(prompt, class_noun, identifier, adapter_name, image_seeds(seed, num_images))
+    return sample_batch(pipe, [request], **options)[0]
+
+
+@torch.no_grad()
+def sample_batch(
+    pipe,
+    requests: Sequence[Request],
+    *,
     negative_prompt: str = "",
     guidance: str = "parallel_rescaled",
     guidance_scale: float = 7.5,
@@ -261,8 +300,6 @@ def sample(
     num_inference_steps: int = 50,
     height: int | None = None,
     width: int | None = None,
-    seed: int | Sequence[int] = 0,
-    num_images: int = 1,
     scheduler: str | None = None,
     output_type: str = "pil",
     progress: bool = True,
@@ -271,8 +308,12 @@ def sample(
     vae_tiling: bool = False,
     consistency_start: float = 0.0,
     consistency_stop: float = 1.0,
-) -> SampleOutput:
-    """Sample ``num_images`` images of a subject with the chosen guidance.
+) -> list[SampleOutput]:
+    """Sample several requests (prompts, subjects, LoRAs, seeds) in ONE denoising loop.
+
+    Every image of every request is a row of each row group; a request's personal rows use its own
+    adapter (several subjects' LoRAs in one loop, routed per row), and image i of a request draws
+    what the same request alone draws for the same seed. The sampling parameters are shared.
 
     ``guidance``:
       - ``parallel_rescaled``: e_u + w_cfg*g_cfg + w_cg*(g_ort + eta*g_par)  (eta = ``parallel_scale``)
@@ -282,20 +323,19 @@ def sample(
       - ``pretrained``: CFG of the base model (no adapter) on the base prompt; ``adapter_name`` may be None
 
     ``batch_mode``: "auto" (one batched UNet forward per step with per-sample LoRA routing, or
-    one forward per adapter group where peft cannot route per sample: merged/fused LoRA, DoRA),
-    "batched" (error if routing is impossible) or "separate" (always one forward per group).
+    one forward per adapter where peft cannot route per sample: merged/fused LoRA, DoRA),
+    "batched" (error if routing is impossible) or "separate" (always one forward per adapter).
     ``consistency_start`` / ``consistency_stop``: the consistency window, fractions of the schedule
     (step i of N is inside when start <= i/N < stop). Inside it the mode's three rows run; outside
     it two (``guidance.PERSONAL_CFG``: e_u + w_cfg * (e_p - e_u)). The default (0, 1) is the whole
     trajectory. ``SampleOutput.unet_rows`` counts the UNet rows per image.
-
     ``max_batch_rows`` caps the UNet rows of one forward (None: all rows of a step at once); the
     images are the same either way. The VAE decodes one image per call; ``vae_tiling`` tiles it.
-    Image i's noise comes from its own CPU ``torch.Generator`` seeded with ``seeds[i]``
-    (:func:`image_seeds`), so the same call gives the same pixels.
     """
     started = time.perf_counter()
-    personal, base = render_prompts(prompt, class_noun, identifier)
+    if not requests:
+        raise SamplerError("sample_batch needs at least one request")
+    prompts = [render_prompts(r.prompt, r.class_noun, r.identifier) for r in requests]
     if guidance not in G.MODES:
         raise SamplerError(f"unknown guidance {guidance!r}; choose one of: {', '.join(G.MODES)}")
     _check_scales(guidance_scale=guidance_scale, consistency_scale=consistency_scale, parallel_scale=parallel_scale)
@@ -305,8 +345,6 @@ def sample(
                            f"got ({consistency_start!r}, {consistency_stop!r})")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise SamplerError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise SamplerError(f"num_images must be an int >= 1, got {num_images!r}")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise SamplerError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
     if max_batch_rows is not None and (isinstance(max_batch_rows, bool) or not isinstance(max_batch_rows, int) or max_batch_rows < 1):
@@ -314,14 +352,15 @@ def sample(
     if batch_mode not in ("auto", "batched", "separate"):
         raise SamplerError(f"batch_mode must be auto, batched or separate; got {batch_mode!r}")
     height, width = _check_size(pipe, height, width)
-    seeds = image_seeds(seed, num_images)
+    seeds = [image_seeds(list(r.seeds), len(r.seeds)) for r in requests]
     if guidance != "pretrained":
         loaded = loaded_adapters(pipe)
-        if adapter_name is None:
-            raise SamplerError(f"guidance={guidance!r} needs adapter_name (the subject's LoRA); only guidance='pretrained' runs without one")
-        if adapter_name == BASE or adapter_name not in loaded:
-            have = ", ".join(sorted(loaded)) or "none"
-            raise SamplerError(f"unknown adapter {adapter_name!r}; LoRA adapters loaded into this pipeline: {have}. Load it first with pipe.load_lora_weights(dir, adapter_name=...)")
+        for r in requests:
+            if r.adapter_name is None:
+                raise SamplerError(f"guidance={guidance!r} needs adapter_name (the subject's LoRA); only guidance='pretrained' runs without one")
+            if r.adapter_name == BASE or r.adapter_name not in loaded:
+                have = ", ".join(sorted(loaded)) or "none"
+                raise SamplerError(f"unknown adapter {r.adapter_name!r}; LoRA adapters loaded into this pipeline: {have}. Load it first with pipe.load_lora_weights(dir, adapter_name=...)")
     try:
         sched = make_scheduler(scheduler, pipe.scheduler.config)
     except UnknownSchedulerError as exc:
@@ -330,26 +369,30 @@ def sample(
     device = pipe._execution_device
     unet = pipe.unet
     dtype = unet.dtype
-    n = num_images
     family = family_of(pipe)
     zero_negative = family.zero_negative(pipe, negative_prompt)
+    counts = [len(s) for s in seeds]
 
     with adapter_state_preserved(unet, *family.text_encoders(pipe)):
-        lora = adapter_name if adapter_name is not None else BASE
         mode_spec = G.MODES[guidance]
         steps = int(num_inference_steps)
         windowed = mode_spec.outside is not None and not (consistency_start <= 0.0 and consistency_stop >= 1.0)
         specs = [mode_spec, mode_spec.outside] if windowed else [mode_spec]
-        texts = {"negative": negative_prompt, "base": base, "personal": personal}
         encoded: dict[tuple[str, bool], _Cond] = {}
         for spec in specs:
             for p, on in spec.rows:
-                if (p, on) not in encoded:
-                    encoded[p, on] = _encode(pipe, family, texts[p], lora if on else BASE, n, device, zero=zero_negative and p == "negative")
+                if (p, on) in encoded:
+                    continue
+                parts = []
+                for r, (personal, base), n in zip(requests, prompts, counts, strict=True):
+                    lora = r.adapter_name if (on and r.adapter_name is not None) else BASE
+                    text = {"negative": negative_prompt, "base": base, "personal": personal}[p]
+                    parts.append(_encode(pipe, family, text, lora, n, device, zero=zero_negative and p == "negative"))
+                encoded[p, on] = _Cond.cat(parts)
         row_sets = [[encoded[r] for r in spec.rows] for spec in specs]
-        adapters_used = [c.adapter for c in encoded.values()]
+        adapters_used = list(dict.fromkeys(a for c in encoded.values() for a in c.adapters))
 
-        if len(set(adapters_used)) == 1 or not lora_layers(unet):
+        if len(adapters_used) == 1 or not lora_layers(unet):
             mode = "single"
         else:
             blocker = mixed_batch_blocker(unet, adapters_used)
@@ -357,13 +400,14 @@ def sample(
                 raise SamplerError(f"batch_mode='batched' is impossible here: {blocker}; use batch_mode='auto' or 'separate'")
             mode = "separate" if (batch_mode == "separate" or blocker) else "batched"
 
+        n = sum(counts)
         try:
             most_rows = max(len(rows) for rows in row_sets) * n
             time_ids = family.time_ids(pipe, [(height, width, 0, 0, height, width)] * most_rows,
                                        dtype=row_sets[0][0].text.embeds.dtype, device=device)
         except UnsupportedModelError as exc:
             raise SamplerError(str(exc)) from None
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        generators = [torch.Generator("cpu").manual_seed(s) for group in seeds for s in group]
         from diffusers.utils.torch_utils import randn_tensor
 
         sched.set_timesteps(steps, device=device)
@@ -376,11 +420,11 @@ def sample(
 
         from tqdm.auto import tqdm
 
-        unet_rows = [_UNetRows(pipe, family, rows, time_ids, mode, n, max_batch_rows) for rows in row_sets]
+        unet_rows = [_UNetRows(pipe, family, rows, time_ids, mode, max_batch_rows) for rows in row_sets]
         scales = {"guidance_scale": guidance_scale, "consistency_scale": consistency_scale, "parallel_scale": parallel_scale}
         routing = contextlib.nullcontext()
         if mode == "batched":
-            routing = per_sample_adapters(unet, [c.adapter for c in row_sets[0] for _ in range(n)])
+            routing = per_sample_adapters(unet, _Cond.cat(row_sets[0]).adapters)
         elif mode == "single":
             use_adapter(unet, adapters_used[0])
         rows_per_image = 0
@@ -393,18 +437,18 @@ def sample(
                 latents = _step(sched, unet_rows[k], latents, t, specs[k], step_kwargs, scales)
 
         images = _decode(pipe, latents, output_type, vae_tiling=vae_tiling)
-    return SampleOutput(
-        images=images,
-        seeds=seeds,
-        personal_prompt=personal,
-        base_prompt=base,
-        seconds=time.perf_counter() - started,
-        batch_mode=mode,
-        guidance=guidance,
-        scheduler=scheduler or type(sched).__name__,
-        unet_rows=rows_per_image,
-        peak_memory_bytes=peak_memory(torch.device(device))[0],
-    )
+    seconds = time.perf_counter() - started
+    peak = peak_memory(torch.device(device))[0]
+    outputs, start = [], 0
+    for (personal, base), group, count in zip(prompts, seeds, counts, strict=True):
+        part = images[start : start + count]
+        outputs.append(SampleOutput(
+            images=part, seeds=group, personal_prompt=personal, base_prompt=base, seconds=seconds * count / n,
+            batch_mode=mode, guidance=guidance, scheduler=scheduler or type(sched).__name__, unet_rows=rows_per_image,
+            peak_memory_bytes=peak, extra={"batch_images": n, "batch_requests": len(requests)},
+        ))
+        start += count
+    return outputs
 
 
-__all__ = ["SampleOutput", "SamplerError", "render_prompts", "image_seeds", "sample", "SCHEDULER_NAMES", "BatchMode"]
+__all__ = ["Request", "SampleOutput", "SamplerError", "render_prompts", "image_seeds", "sample", "sample_batch", "SCHEDULER_NAMES", "BatchMode"]

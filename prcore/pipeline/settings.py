@@ -29,13 +29,16 @@ class Placement(BaseModel):
 
     ``device`` None: cuda if available, else mps, else cpu. ``dtype`` None: bf16 on CUDA devices
     that have it, else fp16 on CUDA, fp32 elsewhere. ``max_batch_rows`` caps the UNet rows of one
-    forward (three per image per step; None: all at once); ``vae_tiling`` decodes in tiles.
+    forward (three per image per step; None: all at once); ``max_batch_images`` how many images of
+    a subject's requests (same sampling parameters) share one denoising loop; ``vae_tiling``
+    decodes in tiles.
     """
 
     model_config = ConfigDict(extra="forbid")
     device: str | None = None
     dtype: Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "auto"] | None = None
     max_batch_rows: int | None = Field(None, ge=1)
+    max_batch_images: int = Field(16, ge=1, description="images of one subject's requests sampled in one denoising loop")
     vae_tiling: bool = False
 
 

@@ -138,53 +138,87 @@ def _placement(pipe) -> tuple[str, str]:
     return str(pipe.unet.device), str(pipe.unet.dtype).removeprefix("torch.")
 
 
-def generate_request(pipe, inputs: SubjectInputs, request: ImageRequest, store, *, adapter_name: str | None,
-                     lora_fp: str | None, base_model: str, run: RunContext | None = None, scorer=None,
-                     qc_thresholds=None, max_batch_rows: int | None = None, vae_tiling: bool = False,
-                     progress: bool = False) -> RequestResult:
-    """Sample the pending images of one request and write each PNG + sidecar (sidecar last).
+def batches(requests: Sequence[ImageRequest], max_images: int) -> list[list[ImageRequest]]:
+    """A subject's pending requests packed into denoising loops: requests whose sampling parameters
+    agree (everything but the prompt and seeds) share a loop of at most ``max_images`` images (a
+    request with more pending images than that gets a loop of its own)."""
+    groups: dict[tuple, list[ImageRequest]] = {}
+    for r in requests:
+        if r.todo:
+            groups.setdefault(tuple(sorted(r.params.items(), key=lambda kv: kv[0])), []).append(r)
+    out: list[list[ImageRequest]] = []
+    for group in groups.values():
+        current: list[ImageRequest] = []
+        images = 0
+        for r in group:
+            if current and images + len(r.todo) > max_images:
+                out.append(current)
+                current, images = [], 0
+            current.append(r)
+            images += len(r.todo)
+        out.append(current)
+    return out
 
-    Images already done (sidecar present when planned) are skipped. When ``scorer`` is given,
-    CLIP/DINO scores and the QC verdict go into each image's record.
-    """
-    from prcore.method.sampler import sample
+
+def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageRequest], store, *, adapter_name: str | None,
+                      lora_fp: str | None, base_model: str, run: RunContext | None = None, scorer=None,
+                      qc_thresholds=None, max_batch_rows: int | None = None, vae_tiling: bool = False,
+                      progress: bool = False) -> list[RequestResult]:
+    """Sample the pending images of several requests of one subject in ONE denoising loop
+    (``prcore.method.sampler.sample_batch``; their sampling parameters must agree: see
+    :func:`batches`) and write each PNG + sidecar (sidecar last). Each image is what its request
+    alone would draw for its seed. Done images are skipped; with ``scorer``, CLIP/DINO scores and
+    the QC verdict go into each record."""
+    from prcore.method.sampler import Request, sample_batch
     from prcore.outputs.sidecar import write_image
 
     started = time.perf_counter()
     job = inputs.job
-    todo = request.todo
-    result = RequestResult(job.subject_id, request.prompt_id, skipped=request.num_images - len(todo))
-    if not todo:
-        result.seconds = time.perf_counter() - started
-        return result
-    out = sample(pipe, prompt=request.prompt, class_noun=job.class_noun, identifier=job.identifier,
-                 adapter_name=adapter_name, seed=[request.seeds[i] for i in todo], num_images=len(todo),
-                 progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
-                 **{k: v for k, v in request.params.items() if v is not None})
-    result.sample_seconds = float(out.seconds)
-    scores: list[dict[str, Any]] = [{} for _ in todo]
-    if scorer is not None:
-        from prcore.quality.qc import score_and_qc
-
-        scores = score_and_qc(scorer, out.images, prompt=out.base_prompt, references=inputs.references, thresholds=qc_thresholds)
+    results = [RequestResult(job.subject_id, r.prompt_id, skipped=r.num_images - len(r.todo)) for r in requests]
+    pending = [(r, res) for r, res in zip(requests, results, strict=True) if r.todo]
+    if not pending:
+        for res in results:
+            res.seconds = time.perf_counter() - started
+        return results
+    params = pending[0][0].params
+    if any(r.params != params for r, _ in pending):
+        raise ValueError("generate_requests: the requests of one loop must share their sampling parameters (use batches())")
+    outs = sample_batch(pipe, [Request(r.prompt, job.class_noun, job.identifier, adapter_name, [r.seeds[i] for i in r.todo])
+                               for r, _ in pending],
+                        progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
+                        **{k: v for k, v in params.items() if v is not None})
     device, dtype = _placement(pipe)
-    for i, image, image_scores in zip(todo, out.images, scores, strict=True):
-        record = ImageRecord(
-            subject_id=job.subject_id, prompt_id=request.prompt_id, req_fp=request.req_fp, index=i,
-            key=request.keys[i], seed=request.seeds[i], prompt_template=request.prompt,
-            personal_prompt=out.personal_prompt, base_prompt=out.base_prompt, class_noun=job.class_noun,
-            identifier=job.identifier, **{k: v for k, v in request.params.items() if k not in ("height", "width", "scheduler")},
-            scheduler=out.scheduler, width=image.width, height=image.height, base_model=base_model,
-            lora_fp=lora_fp, device=device, dtype=dtype, peak_memory_bytes=out.peak_memory_bytes, unet_rows=out.unet_rows,
-            seconds=round(out.seconds / len(todo), 4),
-            run_id=run.run_id if run else None, run_date=run.run_date if run else None,
-            worker=run.worker if run else None,
-        ).with_scores(image_scores)
-        result.records.append(write_image(store, record, image))
-        result.qc_failed += record.qc_pass is False
-    result.generated = len(todo)
-    result.seconds = time.perf_counter() - started
-    return result
+    for (request, result), out in zip(pending, outs, strict=True):
+        todo = request.todo
+        result.sample_seconds = float(out.seconds)
+        scores: list[dict[str, Any]] = [{} for _ in todo]
+        if scorer is not None:
+            from prcore.quality.qc import score_and_qc
+
+            scores = score_and_qc(scorer, out.images, prompt=out.base_prompt, references=inputs.references, thresholds=qc_thresholds)
+        for i, image, image_scores in zip(todo, out.images, scores, strict=True):
+            record = ImageRecord(
+                subject_id=job.subject_id, prompt_id=request.prompt_id, req_fp=request.req_fp, index=i,
+                key=request.keys[i], seed=request.seeds[i], prompt_template=request.prompt,
+                personal_prompt=out.personal_prompt, base_prompt=out.base_prompt, class_noun=job.class_noun,
+                identifier=job.identifier, **{k: v for k, v in request.params.items() if k not in ("height", "width", "scheduler")},
+                scheduler=out.scheduler, width=image.width, height=image.height, base_model=base_model,
+                lora_fp=lora_fp, device=device, dtype=dtype, peak_memory_bytes=out.peak_memory_bytes, unet_rows=out.unet_rows,
+                seconds=round(out.seconds / len(todo), 4),
+                run_id=run.run_id if run else None, run_date=run.run_date if run else None,
+                worker=run.worker if run else None,
+            ).with_scores(image_scores)
+            result.records.append(write_image(store, record, image))
+            result.qc_failed += record.qc_pass is False
+        result.generated = len(todo)
+    for res in results:
+        res.seconds = time.perf_counter() - started
+    return results
+
+
+def generate_request(pipe, inputs: SubjectInputs, request: ImageRequest, store, **kwargs: Any) -> RequestResult:
+    """One request's pending images (:func:`generate_requests` with a loop of one)."""
+    return generate_requests(pipe, inputs, [request], store, **kwargs)[0]
 
 
 # -- derived outputs --------------------------------------------------------------------------------------
