@@ -20,7 +20,7 @@ from prefect.runtime import flow_run as current_run
 from flows.common import SubjectsFailed, progress_event
 from prcore.outputs.reports import Failure, SubjectResult, summarize, table_rows
 from prcore.pipeline.settings import FanOut, RunSettings
-from prcore.pipeline.subject import RunContext, new_run_id, shard, worker_identity
+from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, shard, worker_identity
 from prcore.store.storage import open_store
 from tasks.plan import plan_task
 from tasks.report import Progress, publish_artifacts, read_shard_record_task, write_run_report_task
@@ -61,7 +61,8 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
     if hasattr(store, "check"):
         store.check()
     jobs = plan_task(manifest, store, settings)
-    todo = [j for j in jobs if j.n_todo > 0][: fan_out.max_subjects]
+    # work left: images to make, or derived outputs (contact sheet, catalogue) that do not match the store
+    todo = [j for j in jobs if j.n_todo > 0 or not catalog_is_current(store, j.subject_id)][: fan_out.max_subjects]
     todo_ids = {j.subject_id for j in todo}
     shards = shard([j.subject_id for j in todo], fan_out.subjects_per_shard)
     logger.info("run %s: %d subject(s), %d with work left, %d shard(s), fan-out %s", run_id, len(jobs), len(todo),

@@ -128,3 +128,80 @@ def test_prcore_run_user_errors_are_one_line_exit_2(tmp_path, tiny_sd_path):
     assert done.stderr.startswith("error: --model") and "prcore-tests/no-such-model" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.output
     assert not out.exists() or not any(out.rglob("*.png"))
+
+
+def _catalog(out: Path):
+    import polars as pl
+
+    return pl.read_parquet(str(out / "catalog" / "**" / "*.parquet"), hive_partitioning=True)
+
+
+def _assert_catalog_true(out: Path) -> None:
+    """Exactly one row per finished image in the store, each with the sidecar's current sha256."""
+    cat = _catalog(out)
+    sidecars = {p.relative_to(out).with_suffix(".png").as_posix(): json.loads(p.read_text())
+                for p in (out / "images").rglob("*.json")}
+    assert cat.height == len(sidecars) and sorted(cat["key"]) == sorted(sidecars)
+    assert {k: s for k, s in zip(cat["key"], cat["sha256"], strict=True)} == {k: v["sha256"] for k, v in sidecars.items()}
+
+
+def test_catalogue_leases_and_store_checked_cache_across_a_sequence_of_runs(prefect_api, tmp_path, tiny_sd_path):
+    """Rerun with manifest growth, a crash-leftover dirty marker, a subject leased by a live run, and an
+    output root deleted under a warm cache: the catalogue stays one row per image, the derived outputs of a
+    finished subject are reconciled, a leased subject is left to its holder, LoRAs always exist in the store."""
+    import polars as pl
+
+    from prcore.pipeline.subject import RunContext, mark_dirty
+    from prcore.store.keys import lease_key
+    from prcore.store.storage import open_store
+
+    model, cache, out = str(tiny_sd_path), tmp_path / "cache", tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(2, prompts=1, num_images=1, steps=2), subjects=2)
+    assert run_flow(manifest, out, model, cache).is_completed()
+    _assert_catalog_true(out)
+    assert sorted(p.name for p in (out / "catalog").iterdir()) == ["s0.parquet", "s1.parquet"]
+
+    # manifest growth: one more image per subject; the rerun rewrites each subject's file, never appends
+    pl.DataFrame(manifest_rows(2, prompts=1, num_images=2, steps=2)).write_parquet(manifest)
+    assert run_flow(manifest, out, model, cache).is_completed()
+    assert summary_of(out)["generated"] == 2
+    _assert_catalog_true(out)
+    assert _catalog(out).height == 4
+
+    # a run that wrote images of s1 and died before its contact sheet / catalogue: the rerun reconciles s1
+    store = open_store(str(out))
+    mark_dirty(store, RunContext("crashed", "2026-01-01"), "s1")
+    (out / "catalog" / "s1.parquet").unlink()
+    state = run_flow(manifest, out, model, cache)
+    assert state.is_completed()
+    third = summary_of(out)
+    assert (third["generated"], third["trained"], third["shards"]) == (0, 0, 1)
+    assert (out / "runs" / third["run_id"] / "contact_sheets" / "s1.png").is_file()
+    assert not (out / "state" / "dirty" / "s1.json").exists()
+    _assert_catalog_true(out)
+
+    # s0 is leased by another live run: this run leaves it alone (not failed, nothing counted twice)
+    pl.DataFrame(manifest_rows(2, prompts=1, num_images=3, steps=2)).write_parquet(manifest)
+    store.put(lease_key("s0"), json.dumps({"run_id": "other-run", "host": "elsewhere", "pid": 1,
+                                           "expires": __import__("time").time() + 3600}).encode())
+    state = run_flow(manifest, out, model, cache)
+    assert state.is_completed(), state
+    fourth = summary_of(out)
+    assert (fourth["generated"], fourth["leased"], fourth["failed_subjects"]) == (1, 1, 0)
+    assert [r["error"] for r in fourth["subjects_detail"] if r["subject"] == "s0"] == ["leased by run other-run"]
+    assert len(list((out / "images" / "s0").rglob("*.png"))) == 2 and store.exists(lease_key("s0"))
+    _assert_catalog_true(out)
+    store.delete(lease_key("s0"))
+
+    # the output root deleted, the machine's LoRA cache (and Prefect's database) still warm: retrained,
+    # and every image's LoRA exists in the store
+    import shutil
+
+    shutil.rmtree(out)
+    state = run_flow(manifest, out, model, cache)
+    assert state.is_completed(), state
+    fifth = summary_of(out)
+    assert (fifth["generated"], fifth["trained"]) == (6, 2)
+    _assert_catalog_true(out)
+    for sid, fp in set(zip(_catalog(out)["subject_id"], _catalog(out)["lora_fp"], strict=True)):
+        assert (out / "loras" / sid / fp / "training.json").is_file() and (out / "loras" / sid / fp / "pytorch_lora_weights.safetensors").is_file()

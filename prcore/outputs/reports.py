@@ -33,6 +33,7 @@ class SubjectResult:
     error: str | None = None
     step: str | None = None
     worker: dict[str, Any] = field(default_factory=dict)
+    leased_by: str | None = None  # skipped: this run id held the subject's lease (it does the work)
 
     @property
     def ok(self) -> bool:
@@ -117,6 +118,7 @@ def summarize(results: Sequence[SubjectResult]) -> dict[str, Any]:
         "trained": sum(1 for r in results if r.lora_source == "trained"),
         "model_seconds": round(sum(r.model_seconds for r in results), 3),
         "qc_failed": sum(r.qc_failed for r in results),
+        "leased": sum(1 for r in results if r.leased_by),
     }
 
 
@@ -132,7 +134,7 @@ def table_rows(results: Sequence[SubjectResult]) -> list[dict[str, Any]]:
             "seconds": round(r.seconds, 2),
             "qc_failed": r.qc_failed,
             "lora": f"{r.lora_source or '-'} {r.lora_fp or ''}".strip(),
-            "error": f"{r.step}: {r.error}" if r.error else "",
+            "error": f"{r.step}: {r.error}" if r.error else (f"leased by run {r.leased_by}" if r.leased_by else ""),
         }
         for r in results
     ]

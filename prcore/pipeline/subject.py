@@ -201,16 +201,72 @@ def finished_records(store, job: SubjectJob, made_now: Sequence[ImageRecord] = (
     return out
 
 
-def write_subject_catalog(store, run: RunContext, job: SubjectJob, records: Sequence[ImageRecord], *, generated: int) -> str | None:
-    """``catalog/run_date=D/{run_id}--{subject_id}.parquet`` when this run generated images of the
-    subject: one row per finished image of its requests (images an interrupted earlier run made,
-    whose catalogue file was never written, are listed too; each row's ``run_id`` is the run that
-    made the image). Nothing generated: nothing written."""
-    from prcore.outputs.catalog import write_catalog
+def subject_sidecar_keys(store, subject_id: str) -> list[str]:
+    """Every finished image of the subject in the store (its sidecar keys), whatever the manifest says now."""
+    from prcore.store.keys import parse_image_key, subject_images_prefix
 
-    if generated <= 0 or not records:
-        return None
-    return write_catalog(store, run.run_date, job.subject_id, records, run_id=run.run_id)
+    return [k for k in store.list(subject_images_prefix(subject_id)) if (p := parse_image_key(k)) is not None and p.ext == "json"]
+
+
+def refresh_done(store, job: SubjectJob) -> SubjectJob:
+    """Re-mark which of the job's images are done from one listing of the store (a run that waited
+    for another, or was planned long ago, must not redo what the other finished meanwhile)."""
+    from prcore.store.keys import png_key_for
+
+    done = {png_key_for(k) for k in subject_sidecar_keys(store, job.subject_id)}
+    n_done = 0
+    for request in job.requests:
+        request.done = [key in done for key in request.keys]
+        n_done += sum(request.done)
+    job.n_done = n_done
+    return job
+
+
+def write_subject_catalog(store, job: SubjectJob, made_now: Sequence[ImageRecord] = ()) -> str:
+    """Rewrite ``catalog/{subject_id}.parquet`` from the store: one row per sidecar of the subject (the
+    records made now as returned, every other one read from its sidecar), so the file matches the
+    store exactly after any sequence of crashes, reruns and manifest edits."""
+    from prcore.outputs.catalog import write_catalog
+    from prcore.store.keys import png_key_for
+
+    now = {r.key: r for r in made_now}
+    records = []
+    for sidecar in subject_sidecar_keys(store, job.subject_id):
+        png = png_key_for(sidecar)
+        records.append(now[png] if png in now else read_sidecar(store, png))
+    return write_catalog(store, job.subject_id, records)
+
+
+def catalog_is_current(store, subject_id: str) -> bool:
+    """True when the subject's derived outputs need nothing: no dirty marker (no run wrote images of it
+    without finishing its contact sheet and catalogue) and its catalogue file lists exactly the
+    images in the store. Cheap: one HEAD, one GET and one LIST."""
+    from prcore.outputs.catalog import read_subject_catalog
+    from prcore.store.keys import dirty_key, png_key_for
+
+    if store.exists(dirty_key(subject_id)):
+        return False
+    cat = read_subject_catalog(store, subject_id)
+    stored = {png_key_for(k) for k in subject_sidecar_keys(store, subject_id)}
+    if cat is None:
+        return not stored
+    keys = cat["key"].to_list()
+    return len(keys) == len(set(keys)) and set(keys) == stored
+
+
+def mark_dirty(store, run: RunContext, subject_id: str) -> None:
+    import json
+
+    from prcore.store.keys import dirty_key
+
+    store.put(dirty_key(subject_id), json.dumps({"run_id": run.run_id, "worker": run.worker}).encode(),
+              content_type="application/json")
+
+
+def clear_dirty(store, subject_id: str) -> None:
+    from prcore.store.keys import dirty_key
+
+    store.delete(dirty_key(subject_id))
 
 
 def write_subject_contact_sheet(store, run: RunContext, inputs: SubjectInputs, records: Sequence[ImageRecord]) -> str | None:

@@ -19,6 +19,7 @@ the bucket/key and what to check; they never contain credentials.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -187,7 +188,7 @@ class LocalStore:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append((entry.path, f"{rel}{entry.name}/"))
-                    elif not entry.name.startswith(".tmp-"):
+                    elif not entry.name.startswith((".tmp-", ".lock-")):
                         keys.append(rel + entry.name)
         if prefix and not prefix.endswith("/"):
             keys = [k for k in keys if k.startswith(prefix)]
@@ -202,6 +203,55 @@ class LocalStore:
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    # -- conditional writes (leases): an flock on a lock file beside the key serialises them between
+    # processes on this machine (and on NFSv4); the version ("etag") is the content's sha256.
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[Path]:
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / f".lock-{path.name}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        import hashlib
+
+        return hashlib.sha256(data).hexdigest()
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, self._etag(data)
+
+    def put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+        """Write only if the key is absent (``if_none_match``) or still has version ``if_match``; the new
+        version, or None when the condition does not hold."""
+        with self._locked(key) as path:
+            try:
+                current = self._etag(path.read_bytes())
+            except FileNotFoundError:
+                current = None
+            if (if_none_match and current is not None) or (if_match is not None and current != if_match):
+                return None
+            self.put(key, data)
+            return self._etag(data)
+
+    def delete_if(self, key: str, if_match: str) -> bool:
+        with self._locked(key) as path:
+            try:
+                if self._etag(path.read_bytes()) != if_match:
+                    return False
+            except FileNotFoundError:
+                return False
+            path.unlink()
+            return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,6 +407,43 @@ class S3Store:
             return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=self.options.presign_expires)
         except Exception as exc:
             raise self._error(exc, "presign", key) from None
+
+    # -- conditional writes (leases): S3's If-None-Match / If-Match on PutObject and If-Match on
+    # DeleteObject (AWS since 2024; the moto server honours them too); a failed condition is None/False.
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        full = self._full(key)
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=full)
+            return obj["Body"].read(), obj["ETag"]
+        except Exception as exc:
+            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
+            raise self._error(exc, "read", key) from None
+
+    def put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+        full = self._full(key)
+        cond: dict[str, str] = {}
+        if if_none_match:
+            cond["IfNoneMatch"] = "*"
+        if if_match is not None:
+            cond["IfMatch"] = if_match
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType="application/json", **cond)["ETag"]
+        except Exception as exc:
+            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+                return None
+            raise self._error(exc, "write", key) from None
+
+    def delete_if(self, key: str, if_match: str) -> bool:
+        full = self._full(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=if_match)
+            return True
+        except Exception as exc:
+            if _error_code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404", "NotFound"):
+                return False
+            raise self._error(exc, "delete", key) from None
 
     def check(self) -> None:
         """Fail fast: one ``HeadBucket``; raises :class:`StoreError` naming the bucket and what to check."""
