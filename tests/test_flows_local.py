@@ -205,3 +205,43 @@ def test_catalogue_leases_and_store_checked_cache_across_a_sequence_of_runs(pref
     _assert_catalog_true(out)
     for sid, fp in set(zip(_catalog(out)["subject_id"], _catalog(out)["lora_fp"], strict=True)):
         assert (out / "loras" / sid / fp / "training.json").is_file() and (out / "loras" / sid / fp / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_prcore_runs_at_once_do_every_image_and_lora_once(tmp_path, tiny_sd_path):
+    """Two ``prcore run`` processes on the same manifest and output root, started half a second apart
+    (each with its own ephemeral Prefect API): per-subject leases make each subject the work of one run;
+    together they train each LoRA once, make each image once and catalogue it once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(3, prompts=1, num_images=1, steps=2, train_steps=2),
+                                    subjects=3)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PRCORE_LEASE_TTL_S": "120"}
+    env.pop("PREFECT_API_URL", None)
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-c", "from prcore.cli import main; main()", "run", str(manifest), "--output", str(out),
+               "--model", str(tiny_sd_path), "--device", "cpu", "--dtype", "float32", "--subjects-per-shard", "1",
+               "--cache-dir", str(tmp_path / f"cache{i}")]
+        procs.append(subprocess.Popen(cmd, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect{i}")},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+        time.sleep(0.5)
+    outputs = []
+    for p in procs:
+        text, _ = p.communicate(timeout=600)
+        outputs.append(text.decode(errors="replace"))
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    summaries = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/summary.json"))]
+    assert len(summaries) == 2
+    assert sum(s["generated"] for s in summaries) == 3 and sum(s["trained"] for s in summaries) == 3, summaries
+    assert len(list((out / "images").rglob("*.png"))) == 3
+    assert len([p for p in (out / "loras").rglob("training.json")]) == 3
+    _assert_catalog_true(out)
+    from prcore.store.storage import open_store
+
+    assert list(open_store(str(out)).list("state/")) == []  # every lease released, no dirty marker left
+    print("split between the runs (generated, trained, leased):",
+          [(s["generated"], s["trained"], s["leased"]) for s in summaries])
