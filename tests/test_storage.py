@@ -195,7 +195,7 @@ def test_manifest_and_images_on_s3(s3_server, s3_bucket, tmp_path):
     """An s3:// manifest prefix whose relative image paths resolve to the same prefix; plan lists S3."""
     client = boto3.client("s3", endpoint_url=s3_server)
     img = tmp_path / "i.png"
-    Image.new("RGB", (8, 8), (200, 0, 0)).save(img)
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(img)
     client.put_object(Bucket=s3_bucket, Key="in/refs/0.png", Body=img.read_bytes())
     client.put_object(Bucket=s3_bucket, Key="in/refs/bad.png", Body=b"not an image")
     rows = [{"subject_id": "s1", "instance_images": ["refs/0.png"], "class_noun": "dog", "prompt": "a {subject}"}]

@@ -175,7 +175,7 @@ def generate_request(pipe, inputs: SubjectInputs, request: ImageRequest, store, 
             scheduler=out.scheduler, width=image.width, height=image.height, base_model=base_model,
             lora_fp=lora_fp, device=device, dtype=dtype, seconds=round(out.seconds / len(todo), 4),
             run_id=run.run_id if run else None, run_date=run.run_date if run else None,
-            worker=run.worker if run else None,
+            worker=run.worker if run else None, extra=dict(request.meta),
         ).with_scores(image_scores)
         result.records.append(write_image(store, record, image))
         result.qc_failed += record.qc_pass is False

@@ -308,6 +308,9 @@ class S3Options:
     retry_mode: str = field(default_factory=lambda: os.environ.get("AWS_RETRY_MODE", "adaptive"))
     max_attempts: int = field(default_factory=lambda: int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
     multipart_threshold: int = 64 * 1024 * 1024
+    # every S3 call has a deadline: connecting, and each read of the socket (no read hangs forever)
+    connect_timeout: float = field(default_factory=lambda: float(os.environ.get("PRCORE_S3_CONNECT_TIMEOUT", "10")))
+    read_timeout: float = field(default_factory=lambda: float(os.environ.get("PRCORE_S3_READ_TIMEOUT", "60")))
     presign_expires: int = 7 * 24 * 3600
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -460,7 +463,8 @@ def make_s3_client(options: S3Options | None = None) -> Any:
 
     options = options or S3Options()
     session = boto3.session.Session(profile_name=options.profile) if options.profile else boto3.session.Session()
-    config = Config(retries={"mode": options.retry_mode, "max_attempts": options.max_attempts}, **options.extra)
+    config = Config(retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
+                    connect_timeout=options.connect_timeout, read_timeout=options.read_timeout, **options.extra)
     kwargs: dict[str, Any] = {"config": config}
     if options.endpoint_url:
         kwargs["endpoint_url"] = options.endpoint_url
