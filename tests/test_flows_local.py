@@ -27,7 +27,7 @@ def run_flow(manifest: Path, output: Path, model: str, cache: Path, **params):
     from prcore.pipeline.settings import FanOut, RunSettings
 
     settings = RunSettings.model_validate({"model": model, "train": TRAIN, "placement": {"device": "cpu", "dtype": "float32"},
-                                           "cache_dir": str(cache)})
+                                           "cache_dir": str(cache), "check_images": params.pop("check_images", True)})
     fan_out = FanOut(subjects_per_shard=params.pop("subjects_per_shard", 1), **params)
     return nightly_batch(manifest=str(manifest), output=str(output), settings=settings, fan_out=fan_out, return_state=True)
 
@@ -89,7 +89,11 @@ def test_a_broken_subject_fails_the_run_after_the_others(prefect_api, tmp_path, 
     broken = tmp_path / "in" / "subjects" / "s0" / "1.png"
     broken.write_bytes(broken.read_bytes()[:40])  # truncated: found when training decodes it
     out = tmp_path / "out"
+    # by default the flow opens the images of subjects with work left while planning: refused, nothing written
     state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache", subjects_per_shard=2)
+    assert state.is_failed() and "1.png" in str(state.message) and not out.exists()
+    # without that check the broken image is found when training decodes it; the other subject still finishes
+    state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache", subjects_per_shard=2, check_images=False)
     assert state.is_failed()
     summary = summary_of(out)
     assert (summary["generated"], summary["failed_subjects"]) == (1, 1)
@@ -157,9 +161,14 @@ def test_catalogue_leases_and_store_checked_cache_across_a_sequence_of_runs(pref
 
     model, cache, out = str(tiny_sd_path), tmp_path / "cache", tmp_path / "out"
     manifest = write_local_manifest(tmp_path / "in", manifest_rows(2, prompts=1, num_images=1, steps=2), subjects=2)
+    pl.read_parquet(manifest).with_columns(pl.Series("meta_sku", ["A-1", "B-2"])).write_parquet(manifest)
     assert run_flow(manifest, out, model, cache).is_completed()
     _assert_catalog_true(out)
     assert sorted(p.name for p in (out / "catalog").iterdir()) == ["s0.parquet", "s1.parquet"]
+    # meta_* columns: carried into every sidecar and the catalogue's extra_json
+    cat = _catalog(out).sort("subject_id")
+    assert [json.loads(e)["meta_sku"] for e in cat["extra_json"]] == ["A-1", "B-2"]
+    assert json.loads(next((out / "images" / "s1").rglob("*.json")).read_text())["meta_sku"] == "B-2"
 
     # manifest growth: one more image per subject; the rerun rewrites each subject's file, never appends
     pl.DataFrame(manifest_rows(2, prompts=1, num_images=2, steps=2)).write_parquet(manifest)
@@ -245,3 +254,27 @@ def test_two_prcore_runs_at_once_do_every_image_and_lora_once(tmp_path, tiny_sd_
     assert list(open_store(str(out)).list("state/")) == []  # every lease released, no dirty marker left
     print("split between the runs (generated, trained, leased):",
           [(s["generated"], s["trained"], s["leased"]) for s in summaries])
+
+
+def test_prcore_run_checks_defaults_and_images_like_validate(tmp_path, tiny_sd_path):
+    """CLI defaults are checked by the manifest's rules, and instance images are checked by default
+    (as validate does): exit 2, one line, before Prefect starts, nothing written."""
+    from typer.testing import CliRunner
+
+    from prcore.cli import build_app
+
+    app = build_app("run", "demo")
+    runner = CliRunner()
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1), subjects=1)
+    out = tmp_path / "out"
+    for option, words in ((["--num-images", "0"], "num_images"), (["--guidance", "nope"], "guidance"),
+                          (["--identifier", "two words"], "identifier")):
+        done = runner.invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tiny_sd_path), *option])
+        assert done.exit_code == 2, done.output
+        assert words in done.stderr and "Traceback" not in done.output
+    broken = tmp_path / "in" / "subjects" / "s0" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    done = runner.invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tiny_sd_path)])
+    assert done.exit_code == 2, done.output
+    assert "1.png" in done.stderr and "instance_images" in done.stderr and "Traceback" not in done.output
+    assert not out.exists() or not any(out.rglob("*"))

@@ -242,6 +242,23 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
     return out
 
 
+def validate_defaults(defaults: Any, *, base_model: str | None = None) -> list[str]:
+    """The run's defaults for null manifest cells (``GenerationDefaults``; CLI options, flow settings)
+    checked by the same rules as manifest cells: one message per bad value, naming the setting."""
+    from dataclasses import asdict
+
+    cells = {k: v for k, v in asdict(defaults).items() if v is not None}
+    if base_model:
+        cells["base_model"] = base_model
+    row = {"subject_id": "defaults", "instance_images": ["unused.png"], "class_noun": "thing", "prompt": "a {subject}", **cells}
+    errors = validate(pl.DataFrame([row]), check_images=False)
+    out = []
+    for e in errors:
+        text = e.message if hasattr(e, "message") else str(e)
+        out.append(f"default {e.column} (a run setting, e.g. --{(e.column or '').replace('_', '-')}): {text}")
+    return out
+
+
 def base_model_problem(value: str) -> str | None:
     """What is wrong with a ``base_model`` that names a local folder (a path: absolute, ``./``, ``../``,
     ``~`` or ``file://``); hub ids and ``prcore:`` ids are checked when the run resolves the model."""

@@ -72,11 +72,19 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     from prcore.data.schema import ManifestInvalid
     from prcore.data.validate import validate
 
+    from prcore.data.schema import ManifestError
+    from prcore.data.validate import validate_defaults
+
     manifest = load_manifest(manifest_uri)
-    errors = validate(manifest, check_images=check_images)
+    errors = validate(manifest, check_images=False)
     if errors:
         raise ManifestInvalid(errors, manifest.source)
+    bad_defaults = validate_defaults(defaults)
+    if bad_defaults:
+        raise ManifestInvalid([ManifestError(None, None, None, m) for m in bad_defaults], "the run's settings")
     jobs = plan(manifest, store=store, defaults=defaults, base_model=model_id, check=False)
+    if check_images:
+        check_pending_images(jobs, manifest.source)
     if subject_ids is not None:
         wanted = list(subject_ids)
         by_id = {j.subject_id: j for j in jobs}
@@ -85,6 +93,34 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
             raise ValueError(f"subjects {missing} are not in manifest {manifest_uri}")
         jobs = [by_id[s] for s in wanted]
     return jobs
+
+
+def check_pending_images(jobs: Sequence[SubjectJob], source: str, *, workers: int = 8) -> None:
+    """Raise ManifestInvalid naming every unusable instance image of a subject with work left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prcore.data.schema import ManifestError, ManifestInvalid
+    from prcore.data.validate import _image_problem
+
+    pending = [j for j in jobs if j.n_todo > 0]
+    uris = sorted({u for j in pending for u in j.instance_images})
+    if not uris:
+        return
+    client = None
+    if any(u.startswith("s3://") for u in uris):
+        from prcore.store.storage import make_s3_client
+
+        client = make_s3_client()
+    with ThreadPoolExecutor(max(1, min(workers, len(uris)))) as pool:
+        problems = dict(zip(uris, pool.map(lambda u: _image_problem(u, client), uris), strict=True))
+    errors = []
+    for j in pending:
+        bad = [problems[u] for u in j.instance_images if problems.get(u)]
+        if bad:
+            row = j.requests[0].row if j.requests else None
+            errors.append(ManifestError(row, j.subject_id, "instance_images", bad[0]))
+    if errors:
+        raise ManifestInvalid(errors, source)
 
 
 # -- a subject's inputs, read once ----------------------------------------------------------------------
