@@ -102,6 +102,19 @@ def test_lora_cache_is_checked_against_the_store(setup, tmp_path):
     assert L.materialize_lora(store, "s0", first.lora_fp, tmp_path / "cache") == Path(third.local_dir)
 
 
+    # a training.json naming an embedding file outside the LoRA folder is refused, the file never read
+    import copy
+
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"not for you")
+    evil = copy.deepcopy(json.loads(local.read_text()))
+    evil["learned_embeddings"] = {"file": "../../../../outside.safetensors", "tokens": ["<x>"], "layout": "sd"}
+    local.write_text(json.dumps(evil))
+    with pytest.raises(ValueError, match="only learned_embeds.safetensors inside the folder"):
+        L.activate_lora(setup["pipe"], third)
+    assert third.adapter_name not in getattr(setup["pipe"].unet, "peft_config", {})
+
+
 def test_generate_request_writes_png_and_sidecar_then_skips_and_redoes_orphans(setup, tmp_path):
     store = open_store(str(tmp_path / "out"))
     inputs = S.read_subject_inputs(plan(setup, store)[0])

@@ -171,7 +171,8 @@ def test_s3_bad_credentials_message_names_bucket_not_secret(s3_auth_server, monk
 
 
 def test_unreachable_endpoint_is_transient():
-    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", max_attempts=1, retry_mode="standard")
+    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", max_attempts=1, retry_mode="standard",
+                       retry_budget_s=0)  # no store-level retries: the error itself is under test
     with pytest.raises(TransientStoreError, match="AWS_ENDPOINT_URL") as info:
         store.exists("a.txt")
     assert is_transient(info.value)
@@ -215,3 +216,67 @@ def test_manifest_and_images_on_s3(s3_server, s3_bucket, tmp_path):
     client.put_object(Bucket=s3_bucket, Key="in/manifest.parquet", Body=local.read_bytes())
     errors = validate(load_manifest(f"s3://{s3_bucket}/in/manifest.parquet"))
     assert len(errors) == 1 and "not a readable image" in str(errors[0]) and "row 0" in str(errors[0])
+
+
+def test_s3_endpoint_away_then_back_is_retried_within_the_budget(tmp_path):
+    """The S3 server goes away mid-run and comes back: a call made meanwhile waits (backoff) and succeeds;
+    with the server gone for longer than the budget, the call fails with a TransientStoreError in time."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import boto3
+    from conftest import wait_for_port
+    from prefect_harness import free_port
+
+    from prcore.store.storage import TransientStoreError
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port)
+        boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in env.items() if k != "AWS_DEFAULT_REGION"},
+                     region_name="us-east-1").create_bucket(Bucket="prcore-outage")
+        return proc
+
+    def stop(proc):
+        proc.terminate()
+        proc.wait(10)
+
+    import os
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    procs = [start()]
+    try:
+        store = open_store("s3://prcore-outage/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=60, retry_max_delay_s=2)
+        store.put("a.json", b"1")
+        stop(procs[0])
+        restarter = threading.Timer(4.0, lambda: procs.append(start()))
+        restarter.start()
+        started = time.monotonic()
+        store.put("b.json", b"2")  # the endpoint is away for ~4 s (+ moto's start): retried, then written
+        waited = time.monotonic() - started
+        restarter.join()
+        assert waited >= 3.5 and store.get("b.json") == b"2"
+
+        stop(procs[-1])
+        short = open_store("s3://prcore-outage/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=3, retry_max_delay_s=1)
+        started = time.monotonic()
+        with pytest.raises(TransientStoreError, match="cannot connect"):
+            short.get("b.json")
+        assert time.monotonic() - started < 15
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                stop(p)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -151,12 +151,15 @@ def try_acquire(store: Any, subject_id: str, run_id: str, ttl_s: float | None = 
             if found is None:
                 continue  # released between our two calls: try again
             holder, held_etag = found
-            if not _stale(holder, run_id):
+            if holder.get("token") == lease.token:  # our own write, whose reply was lost and retried
+                etag = held_etag
+            elif not _stale(holder, run_id):
                 return None
-            etag = store.put_if(lease.key, lease.body(), if_match=held_etag)  # take over that exact version
-            if etag is None:
-                continue  # someone else renewed or took it: look again
-            log.info("subject %s: took over the lease of run %s", subject_id, holder.get("run_id"))
+            else:
+                etag = store.put_if(lease.key, lease.body(), if_match=held_etag)  # take over that exact version
+                if etag is None:
+                    continue  # someone else renewed or took it: look again
+                log.info("subject %s: took over the lease of run %s", subject_id, holder.get("run_id"))
         lease.etag = etag
         threading.Thread(target=lease._heartbeat, name=f"lease-{subject_id}", daemon=True).start()
         return lease

@@ -312,6 +312,11 @@ class S3Options:
     connect_timeout: float = field(default_factory=lambda: float(os.environ.get("PRCORE_S3_CONNECT_TIMEOUT", "10")))
     read_timeout: float = field(default_factory=lambda: float(os.environ.get("PRCORE_S3_READ_TIMEOUT", "60")))
     presign_expires: int = 7 * 24 * 3600
+    # After botocore's own quick retries, a transient failure (endpoint away, 5xx, throttling) is retried
+    # with exponential backoff (1 s doubling to retry_max_delay_s, jittered) until retry_budget_s has
+    # passed since the call began: an S3 outage of a few minutes costs a night nothing.
+    retry_budget_s: float = field(default_factory=lambda: float(os.environ.get("PRCORE_STORE_RETRY_BUDGET_S", "600")))
+    retry_max_delay_s: float = field(default_factory=lambda: float(os.environ.get("PRCORE_STORE_RETRY_MAX_DELAY_S", "60")))
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -346,7 +351,38 @@ class S3Store:
     def _error(self, exc: BaseException, action: str, key: str | None) -> StoreError:
         return translate_s3_error(exc, bucket=self.bucket, action=action, key=self._full(key) if key else None)
 
+    def _retry(self, fn: Any) -> Any:
+        """``fn()``, retried on :class:`TransientStoreError` within the store's retry budget."""
+        import random
+        import time
+
+        started = time.monotonic()
+        delay = 1.0
+        while True:
+            try:
+                return fn()
+            except TransientStoreError:
+                if time.monotonic() - started + delay > self.options.retry_budget_s:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.options.retry_max_delay_s)
+
     def put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        self._retry(lambda: self._put(key, data, content_type, metadata))
+
+    def get(self, key: str) -> bytes:
+        return self._retry(lambda: self._get(key))
+
+    def exists(self, key: str) -> bool:
+        return self._retry(lambda: self._exists(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return iter(self._retry(lambda: list(self._list(prefix))))
+
+    def delete(self, key: str) -> None:
+        self._retry(lambda: self._delete(key))
+
+    def _put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         full = self._full(key)
         extra: dict[str, Any] = {}
         if content_type:
@@ -364,7 +400,7 @@ class S3Store:
         except Exception as exc:
             raise self._error(exc, "write", key) from None
 
-    def get(self, key: str) -> bytes:
+    def _get(self, key: str) -> bytes:
         full = self._full(key)
         try:
             return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
@@ -373,7 +409,7 @@ class S3Store:
                 raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
             raise self._error(exc, "read", key) from None
 
-    def exists(self, key: str) -> bool:
+    def _exists(self, key: str) -> bool:
         full = self._full(key)
         try:
             self.client.head_object(Bucket=self.bucket, Key=full)
@@ -383,7 +419,7 @@ class S3Store:
                 return False
             raise self._error(exc, "check", key) from None
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def _list(self, prefix: str = "") -> Iterator[str]:
         _check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")
@@ -396,7 +432,7 @@ class S3Store:
         except Exception as exc:
             raise self._error(exc, "list", None) from None
 
-    def delete(self, key: str) -> None:
+    def _delete(self, key: str) -> None:
         full = self._full(key)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=full)
@@ -415,6 +451,16 @@ class S3Store:
     # DeleteObject (AWS since 2024; the moto server honours them too); a failed condition is None/False.
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
+        return self._retry(lambda: self._get_versioned(key))
+
+    def put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+        """A retried conditional put may find its own first attempt's write (None): callers check the body."""
+        return self._retry(lambda: self._put_if(key, data, if_none_match=if_none_match, if_match=if_match))
+
+    def delete_if(self, key: str, if_match: str) -> bool:
+        return self._retry(lambda: self._delete_if(key, if_match))
+
+    def _get_versioned(self, key: str) -> tuple[bytes, str]:
         full = self._full(key)
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=full)
@@ -424,7 +470,7 @@ class S3Store:
                 raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
             raise self._error(exc, "read", key) from None
 
-    def put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+    def _put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
         full = self._full(key)
         cond: dict[str, str] = {}
         if if_none_match:
@@ -438,7 +484,7 @@ class S3Store:
                 return None
             raise self._error(exc, "write", key) from None
 
-    def delete_if(self, key: str, if_match: str) -> bool:
+    def _delete_if(self, key: str, if_match: str) -> bool:
         full = self._full(key)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=if_match)
