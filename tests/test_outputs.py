@@ -204,3 +204,30 @@ def test_catalog_on_s3(s3_bucket):
     write_catalog(store, "s1", _rows("s1", 2, "2026-01-01"))
     df = read_catalog(store)
     assert df.height == 2 and df["run_date"].unique().to_list() == ["2026-01-01"]
+
+
+def test_contact_sheet_artifact_carries_no_credentials(s3_bucket, monkeypatch):
+    """By default the artifact names the object (s3://...) and embeds no presigned link; presigning is an
+    explicit, short-lived choice; a public base URL gives plain links."""
+    from prcore.outputs.reports import SubjectResult, contact_sheets_markdown
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLESESSIONTOKEN")
+    monkeypatch.delenv("PRCORE_PUBLIC_BASE_URL", raising=False)
+    monkeypatch.delenv("PRCORE_ARTIFACT_PRESIGN_S", raising=False)
+    store = open_store(f"s3://{s3_bucket}/out")
+    results = [SubjectResult("s0", contact_sheet="runs/r1/contact_sheets/s0.png"), SubjectResult("s1", error="boom", step="train")]
+    md = contact_sheets_markdown(store, "r1", results, report_key="runs/r1/index.html")
+    assert f"s3://{s3_bucket}/out/runs/r1/contact_sheets/s0.png" in md and "runs/r1/index.html" in md
+    for secret in ("X-Amz-Credential", "X-Amz-Security-Token", "Signature", "testing", "FwoGZXIv"):
+        assert secret not in md
+    monkeypatch.setenv("PRCORE_ARTIFACT_PRESIGN_S", "600")
+    import re
+    import time
+
+    md = contact_sheets_markdown(store, "r1", results)
+    v4, v2 = re.search(r"X-Amz-Expires=(\d+)", md), re.search(r"[?&]Expires=(\d+)", md)
+    assert (v4 and int(v4[1]) == 600) or (v2 and int(v2[1]) <= time.time() + 660), md  # SigV4 or SigV2 form
+    monkeypatch.delenv("PRCORE_ARTIFACT_PRESIGN_S")
+    monkeypatch.setenv("PRCORE_PUBLIC_BASE_URL", "https://review.example.com/nightly/")
+    md = contact_sheets_markdown(store, "r1", results)
+    assert "![s0](https://review.example.com/nightly/runs/r1/contact_sheets/s0.png)" in md and "X-Amz" not in md

@@ -118,7 +118,7 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def url(self, key: str) -> str: ...
+    def url(self, key: str, expires: int | None = None) -> str: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
-    def url(self, key: str) -> str:
+    def url(self, key: str, expires: int | None = None) -> str:
         return self._path(key).as_uri()
 
     # -- conditional writes (leases): an flock on a lock file beside the key serialises them between
@@ -439,11 +439,14 @@ class S3Store:
         except Exception as exc:
             raise self._error(exc, "delete", key) from None
 
-    def url(self, key: str) -> str:
-        """A presigned GET URL (https on AWS; the endpoint's scheme on S3-compatible stores)."""
+    def url(self, key: str, expires: int | None = None) -> str:
+        """A presigned GET URL (https on AWS; the endpoint's scheme on S3-compatible stores), valid
+        ``expires`` seconds (default ``presign_expires``). A bearer link: it carries the access key id
+        (and the session token under STS); hand it only to whom may read the object."""
         full = self._full(key)
         try:
-            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=self.options.presign_expires)
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": full},
+                                                      ExpiresIn=expires or self.options.presign_expires)
         except Exception as exc:
             raise self._error(exc, "presign", key) from None
 
