@@ -60,6 +60,10 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
     store = open_store(output)
     if hasattr(store, "check"):
         store.check()
+    if hasattr(store, "clean_stale_tmp"):  # a folder: temporary files of writes a killed run interrupted
+        removed = store.clean_stale_tmp()
+        if removed:
+            logger.info("removed %d stale temporary file(s) under %s", removed, store.uri)
     jobs = plan_task(manifest, store, settings)
     # work left: images to make, or derived outputs (contact sheet, catalogue) that do not match the store
     todo = [j for j in jobs if j.n_todo > 0 or not catalog_is_current(store, j.subject_id)][: fan_out.max_subjects]

@@ -278,3 +278,56 @@ def test_prcore_run_checks_defaults_and_images_like_validate(tmp_path, tiny_sd_p
     assert done.exit_code == 2, done.output
     assert "1.png" in done.stderr and "instance_images" in done.stderr and "Traceback" not in done.output
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_killed_prcore_run_leaves_no_process_behind(tmp_path, tiny_sd_path):
+    """SIGKILL of `prcore run` while its ephemeral Prefect API runs: every process it started is gone soon after."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect_harness import descendants
+
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1, num_images=1, steps=2, train_steps=2),
+                                    subjects=1)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-c", "from prcore.cli import main; main()", "run", str(manifest), "--output",
+                             str(tmp_path / "out"), "--model", str(tiny_sd_path), "--device", "cpu", "--dtype", "float32",
+                             "--cache-dir", str(tmp_path / "cache")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:  # until the ephemeral API (a python child) is up
+            kids = descendants(proc.pid)
+            seen.update(kids)
+            if any("uvicorn" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")
+                   for k in kids if Path(f"/proc/{k}/cmdline").exists()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "prcore run ended before its ephemeral API was seen"
+        seen.update(descendants(proc.pid))
+        assert len(seen) >= 2  # the watchdog and the API server, at least
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        alive = seen
+        while time.monotonic() < deadline:
+            alive = {p for p in seen if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]}
+            if not alive:
+                break
+            time.sleep(0.5)
+        assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes() for p in alive]
+    finally:
+        for p in seen:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -280,3 +280,16 @@ def test_s3_endpoint_away_then_back_is_retried_within_the_budget(tmp_path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_stale_temporary_files_are_ignored_then_cleaned(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    store.put("images/s/p/0.json", b"{}")
+    old = tmp_path / "out" / "images" / "s" / "p" / ".tmp-abc123"
+    fresh = tmp_path / "out" / "images" / "s" / "p" / ".tmp-def456"
+    old.write_bytes(b"half a file")
+    fresh.write_bytes(b"a write in progress")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert list(store.list("images/")) == ["images/s/p/0.json"]  # ignored by every reader
+    assert store.clean_stale_tmp() == 1
+    assert not old.exists() and fresh.exists()

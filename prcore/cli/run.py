@@ -164,6 +164,9 @@ def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut
     fan_out = fan_out or FanOut(use_gpu_limit=False)  # nothing defines the limit on an ephemeral API
 
     started = time.perf_counter()
+    from prcore.cli.watchdog import start_watchdog
+
+    start_watchdog()  # a kill of this process must not leave the ephemeral Prefect API behind
     from flows.nightly import nightly_batch  # imports Prefect: after quiet_prefect()
 
     progress = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

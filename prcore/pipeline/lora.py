@@ -61,6 +61,17 @@ def _local_lora_dir(cache_dir: Path, subject_id: str, lora_fp: str) -> Path:
     return cache_dir / "loras" / subject_id / lora_fp
 
 
+def _clean_stale_dirs(folder: Path, max_age_s: float = 6 * 3600) -> None:
+    """Remove ``.train-*`` / ``.dl-*`` folders a killed run left in the cache (older than ``max_age_s``)."""
+    cutoff = time.time() - max_age_s
+    for path in [*folder.glob(".train-*"), *folder.glob(".dl-*")]:
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _download_lora(store, prefix: str, target: Path) -> None:
     """Copy every object under ``prefix`` into ``target`` (atomically: temp folder, then rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +161,7 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
 
     inputs.check_images()
     local.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_dirs(local.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=local.parent))
     try:
         result = train_subject_lora(pipe, images=inputs.images, class_noun=job.class_noun, identifier=job.identifier,

@@ -204,6 +204,24 @@ class LocalStore:
     def url(self, key: str, expires: int | None = None) -> str:
         return self._path(key).as_uri()
 
+    def clean_stale_tmp(self, max_age_s: float = 3600.0, prefix: str = "") -> int:
+        """Remove ``.tmp-*`` files of writes interrupted more than ``max_age_s`` ago (a write in progress
+        is younger); returns how many. Listing and reading skip them anyway."""
+        import time
+
+        folder = self.root.joinpath(*prefix.strip("/").split("/")) if prefix.strip("/") else self.root
+        if not folder.is_dir():
+            return 0
+        cutoff, removed = time.time() - max_age_s, 0
+        for path in folder.rglob(".tmp-*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
+
     # -- conditional writes (leases): an flock on a lock file beside the key serialises them between
     # processes on this machine (and on NFSv4); the version ("etag") is the content's sha256.
 
