@@ -23,7 +23,13 @@ from prcore.pipeline.settings import FanOut, RunSettings
 from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, shard, worker_identity
 from prcore.store.storage import open_store
 from tasks.plan import plan_task
-from tasks.report import Progress, publish_artifacts, read_shard_record_task, write_run_report_task
+from tasks.report import (
+    Progress,
+    publish_artifacts,
+    read_shard_record_task,
+    write_html_report_task,
+    write_run_report_task,
+)
 
 
 def _run_identity() -> tuple[str, str, str | None]:
@@ -123,7 +129,11 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
                "seconds": round(time.perf_counter() - started, 3), **summarize(results),
                "subjects_detail": table_rows(results)}
     keys = write_run_report_task(store, run_id, summary, failures)
-    publish_artifacts(store, run_id, results, failures)
+    try:  # the browsable report: a failure to write it is logged, never fails the night
+        keys["report"] = write_html_report_task(store, run_id, summary, jobs, results)
+    except Exception as exc:
+        logger.warning("run report not written: %s", exc)
+    publish_artifacts(store, run_id, results, failures, report_key=keys.get("report"))
     logger.info("run %s: %d generated, %d skipped, %d subject(s) failed; summary %s", run_id, summary["generated"],
                 summary["skipped"], len(failures), keys["summary"])
     progress_event(event="finished", run_id=run_id, summary=summary)

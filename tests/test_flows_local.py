@@ -75,6 +75,10 @@ def test_local_fan_out_runs_every_subject_then_rerun_does_nothing(prefect_api, t
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["subject"], r["generated"], r["failed"]) for r in rows] == [("s0", 1, 0), ("s1", 1, 0)]
     assert "contact_sheets/s0.png" in arts["nightly-batch-contact-sheets"].data
+    # the browsable run report, linked from the artifact (by its address: no bearer links)
+    assert (out / "runs" / rid / "index.html").is_file()
+    assert f"runs/{rid}/index.html" in arts["nightly-batch-contact-sheets"].data
+    assert "X-Amz" not in arts["nightly-batch-contact-sheets"].data
     assert float(arts["nightly-batch-progress"].data) == 100.0
 
     again = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache")
