@@ -70,14 +70,21 @@ for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
 """
 
 
+_started: dict[int, subprocess.Popen] = {}
+
+
 def start_watchdog() -> subprocess.Popen | None:
-    """Watch this process; clean up its descendants when it dies. None where /proc is missing."""
+    """Watch this process (one watchdog per process, however many runs it makes); clean up its
+    descendants when it dies. None where /proc is missing or PRCORE_NO_WATCHDOG is set."""
     if not os.path.isdir(f"/proc/{os.getpid()}/task") or os.environ.get("PRCORE_NO_WATCHDOG"):
         return None
+    if os.getpid() in _started and _started[os.getpid()].poll() is None:
+        return _started[os.getpid()]
     import uuid
 
     token = uuid.uuid4().hex
     watchdog = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(os.getpid()), token], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     os.environ["PRCORE_RUN_TOKEN"] = token  # inherited by everything this run starts from now on
+    _started[os.getpid()] = watchdog
     return watchdog
