@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -293,3 +294,15 @@ def test_stale_temporary_files_are_ignored_then_cleaned(tmp_path):
     assert list(store.list("images/")) == ["images/s/p/0.json"]  # ignored by every reader
     assert store.clean_stale_tmp() == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_output_root_inside_an_s3_manifest_prefix_is_not_read_as_manifests(s3_server, s3_bucket, tmp_path):
+    from prcore.data.load import load_manifest
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    buf = io.BytesIO()
+    pl.DataFrame({"subject_id": ["s"], "instance_images": [["x.png"]], "class_noun": ["dog"], "prompt": ["a {subject}"]}).write_parquet(buf)
+    client.put_object(Bucket=s3_bucket, Key="in/m.parquet", Body=buf.getvalue())
+    for key in ("in/out/catalog/s.parquet", "in/out/runs/r1/scores.parquet", "in/out/images/s/p/0123456789abcdef/0.json"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"not a manifest")
+    assert load_manifest(f"s3://{s3_bucket}/in").files == [f"s3://{s3_bucket}/in/m.parquet"]

@@ -74,7 +74,9 @@ def _list_manifest_files(uri: str) -> list[str]:
         if uri.endswith(".parquet"):
             return [uri]
         prefix = ""
-        keys = sorted(k for k in store.list(prefix) if k.endswith(".parquet"))
+        listed = list(store.list(prefix))
+        folders = {k.rsplit("/", i)[0] for k in listed for i in range(1, k.count("/") + 1)}
+        keys = sorted(k for k in listed if k.endswith(".parquet") and not _in_output_root_key(k, folders))
         if not keys:
             raise FileNotFoundError(f"no .parquet files under {uri}")
         return [f"{store.uri}/{k}" for k in keys]
@@ -96,6 +98,8 @@ def _list_manifest_files(uri: str) -> list[str]:
     return [str(path)]
 
 
+MAX_MANIFEST_BYTES = 4 * 1024**3  # an S3 manifest object is read into memory: bounded, but far above any image
+
 _OUTPUT_DIRS = ("images", "loras", "catalog", "runs", "state")
 
 
@@ -106,6 +110,17 @@ def _in_output_root(file: Path, top: Path) -> bool:
         if parent.name in ("catalog", "runs"):
             siblings = [d for d in _OUTPUT_DIRS if d != parent.name and (top / parent.parent / d).is_dir()]
             if siblings:
+                return True
+    return False
+
+
+def _in_output_root_key(key: str, folders: set[str]) -> bool:
+    """:func:`_in_output_root` for a key of an S3 prefix (``folders``: every folder prefix listed)."""
+    parts = key.split("/")[:-1]
+    for i, name in enumerate(parts):
+        if name in ("catalog", "runs"):
+            parent = "/".join(parts[:i])
+            if any((f"{parent}/{d}" if parent else d) in folders for d in _OUTPUT_DIRS if d != name):
                 return True
     return False
 
@@ -122,7 +137,7 @@ def _read_parquet(uri: str) -> pl.DataFrame:
     if uri.startswith("s3://"):
         from prcore.store.uris import read_uri_bytes
 
-        data = read_uri_bytes(uri)
+        data = read_uri_bytes(uri, max_bytes=MAX_MANIFEST_BYTES)  # a manifest file, not an image
         return pl.read_parquet(io.BytesIO(data))
     try:
         return pl.read_parquet(uri)
