@@ -19,19 +19,19 @@ from prefect import flow, get_run_logger
 from flows.common import SubjectsFailed, gpu_slot, progress_event
 from prcore.data.plan import SubjectJob
 from prcore.outputs.reports import Failure, ShardRecord, SubjectResult, failure_from
+from prcore.pipeline.lease import leased_by, subject_lease
 from prcore.pipeline.lora import deactivate_lora, lora_fingerprint
 from prcore.pipeline.models import default_model_id, load_run_pipeline
 from prcore.pipeline.settings import RunSettings
-from prcore.pipeline.lease import leased_by, subject_lease
 from prcore.pipeline.subject import (
     RunContext,
     clear_dirty,
     finished_records,
-    mark_dirty,
-    refresh_done,
     make_scorer,
+    mark_dirty,
     new_run_id,
     read_subject_inputs,
+    refresh_done,
     worker_identity,
 )
 from prcore.store.storage import Store, open_store

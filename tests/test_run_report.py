@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from prefect_harness import manifest_rows, subject_image, write_local_manifest
 from prcore_testing import record_for
+from prefect_harness import manifest_rows, subject_image, write_local_manifest
 
 from prcore.data.load import load_manifest
 from prcore.data.plan import plan

@@ -353,7 +353,6 @@ def _image_problem(uri: str, client: Any = None) -> str | None:
     from PIL import Image
 
     from prcore.data.images import max_image_pixels
-
     from prcore.store.storage import StoreError
     from prcore.store.uris import read_uri_bytes
 

@@ -27,11 +27,11 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em;border-top:1px solid #ccc;padding-top:.8em}
 h3{font-size:1em;margin:.8em 0 .3em}.bad{color:#b00020}.warn{color:#a15c00}
-.grid{display:flex;flex-wrap:wrap;gap:8px}.cell{width:%dpx;font-size:11px;line-height:1.3}
-.cell img{width:%dpx;height:%dpx;object-fit:cover;display:block;border:3px solid #ddd}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.cell{width:THUMBpx;font-size:11px;line-height:1.3}
+.cell img{width:INNERpx;height:INNERpx;object-fit:cover;display:block;border:3px solid #ddd}
 .cell.qcfail img{border-color:#d32f2f}.refs img{border-color:#1976d2}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
-""" % (THUMB, THUMB - 6, THUMB - 6)
+""".replace("THUMB", str(THUMB)).replace("INNER", str(THUMB - 6))
 
 
 def report_key(run_id: str) -> str:

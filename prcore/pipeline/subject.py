@@ -69,11 +69,8 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     """
     from prcore.data.load import load_manifest
     from prcore.data.plan import plan
-    from prcore.data.schema import ManifestInvalid
-    from prcore.data.validate import validate
-
-    from prcore.data.schema import ManifestError
-    from prcore.data.validate import validate_defaults
+    from prcore.data.schema import ManifestError, ManifestInvalid
+    from prcore.data.validate import validate, validate_defaults
 
     manifest = load_manifest(manifest_uri)
     errors = validate(manifest, check_images=False)
