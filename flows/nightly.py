@@ -20,10 +20,16 @@ from prefect.runtime import flow_run as current_run
 from flows.common import SubjectsFailed, progress_event, wait_for_flow_runs
 from prcore.outputs.reports import Failure, SubjectResult, summarize, table_rows
 from prcore.pipeline.settings import FanOut, RunSettings
-from prcore.pipeline.subject import RunContext, new_run_id, shard, worker_identity
+from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, shard, worker_identity
 from prcore.store.storage import open_store
 from tasks.plan import plan_task
-from tasks.report import Progress, publish_artifacts, read_shard_record_task, write_run_report_task
+from tasks.report import (
+    Progress,
+    publish_artifacts,
+    read_shard_record_task,
+    write_html_report_task,
+    write_run_report_task,
+)
 
 
 def _run_identity() -> tuple[str, str, str | None]:
@@ -60,8 +66,13 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
     store = open_store(output)
     if hasattr(store, "check"):
         store.check()
+    if hasattr(store, "clean_stale_tmp"):  # a folder: temporary files of writes a killed run interrupted
+        removed = store.clean_stale_tmp()
+        if removed:
+            logger.info("removed %d stale temporary file(s) under %s", removed, store.uri)
     jobs = plan_task(manifest, store, settings)
-    todo = [j for j in jobs if j.n_todo > 0][: fan_out.max_subjects]
+    # work left: images to make, or derived outputs (contact sheet, catalogue) that do not match the store
+    todo = [j for j in jobs if j.n_todo > 0 or not catalog_is_current(store, j.subject_id)][: fan_out.max_subjects]
     todo_ids = {j.subject_id for j in todo}
     shards = shard([j.subject_id for j in todo], fan_out.subjects_per_shard)
     logger.info("run %s: %d subject(s), %d with work left, %d shard(s), fan-out %s", run_id, len(jobs), len(todo),
@@ -118,7 +129,11 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
                "seconds": round(time.perf_counter() - started, 3), **summarize(results),
                "subjects_detail": table_rows(results)}
     keys = write_run_report_task(store, run_id, summary, failures)
-    publish_artifacts(store, run_id, results, failures)
+    try:  # the browsable report: a failure to write it is logged, never fails the night
+        keys["report"] = write_html_report_task(store, run_id, summary, jobs, results)
+    except Exception as exc:
+        logger.warning("run report not written: %s", exc)
+    publish_artifacts(store, run_id, results, failures, report_key=keys.get("report"))
     logger.info("run %s: %d generated, %d skipped, %d subject(s) failed; summary %s", run_id, summary["generated"],
                 summary["skipped"], len(failures), keys["summary"])
     progress_event(event="finished", run_id=run_id, summary=summary)

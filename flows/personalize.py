@@ -10,7 +10,6 @@ the flow run ends Failed if any of its subjects failed.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -20,16 +19,20 @@ from prefect import flow, get_run_logger
 from flows.common import SubjectsFailed, gpu_slot, progress_event
 from prcore.data.plan import SubjectJob
 from prcore.outputs.reports import Failure, ShardRecord, SubjectResult, failure_from
+from prcore.pipeline.lease import leased_by, subject_lease
 from prcore.pipeline.lora import deactivate_lora, lora_fingerprint
 from prcore.pipeline.models import default_model_id, load_run_pipeline
 from prcore.pipeline.settings import RunSettings
 from prcore.pipeline.subject import (
     RunContext,
     batches,
+    clear_dirty,
     finished_records,
     make_scorer,
+    mark_dirty,
     new_run_id,
     read_subject_inputs,
+    refresh_done,
     worker_identity,
 )
 from prcore.store.storage import Store, open_store
@@ -51,37 +54,50 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
     step = "fingerprint"
     adapter = None
     try:
-        inputs = read_subject_inputs(job)  # the instance images, read once for every step below
-        fp = lora_fingerprint(inputs, base_model_id=model, config=settings.train_config(job.train_overrides))
-        res.lora_fp = fp
-        with gpu_slot(use_gpu_limit):
-            step = "train"
-            lora_state = ensure_lora_task(inputs, store, model, fp, settings, return_state=True)
-            lora = lora_state.result()
-            if lora_state.name == "Cached":  # Prefect's cache by LoRA fingerprint: nothing ran now
-                lora = dataclasses.replace(lora, source="cache", seconds=0.0, train_seconds=0.0)
-            adapter = lora.adapter_name
-            res.lora_source = lora.source
-            res.model_seconds += lora.train_seconds
-            step = "sample"
+        step = "lease"
+        with subject_lease(store, job.subject_id, run) as lease:
+            if lease is None:  # another live run holds the subject: it does the work, we count nothing
+                holder = leased_by(store, job.subject_id)
+                res.step, res.leased_by = "leased", holder
+                res.seconds = time.perf_counter() - started
+                logger.info("subject %s skipped: run %s holds its lease", job.subject_id, holder)
+                progress_event(event="subject_leased", subject_id=job.subject_id, holder=holder)
+                return res, None
+            step = "fingerprint"
+            refresh_done(store, job)  # what another run finished while we waited is not redone
+            inputs = read_subject_inputs(job)  # the instance images, read once for every step below
             made = []
-            for batch in batches(job.todo_requests, settings.placement.max_batch_images):
-                for rr in generate_batch_task(inputs, batch, store, model, lora, settings, run, scorer):
-                    made.extend(rr.records)
-                    res.generated += rr.generated
-                    res.qc_failed += rr.qc_failed
-                    res.model_seconds += rr.sample_seconds
-                    progress_event(event="request_done", subject_id=job.subject_id, generated=rr.generated, skipped=rr.skipped)
+            if job.todo_requests:
+                fp = lora_fingerprint(inputs, base_model_id=model, config=settings.train_config(job.train_overrides))
+                res.lora_fp = fp
+                mark_dirty(store, run, job.subject_id)
+                with gpu_slot(use_gpu_limit):
+                    step = "train"
+                    lora = ensure_lora_task(inputs, store, model, fp, settings)
+                    adapter = lora.adapter_name
+                    res.lora_source = lora.source
+                    res.model_seconds += lora.train_seconds
+                    step = "sample"
+                    for batch in batches(job.todo_requests, settings.placement.max_batch_images):
+                        lease.check()
+                        for rr in generate_batch_task(inputs, batch, store, model, lora, settings, run, scorer):
+                            made.extend(rr.records)
+                            res.generated += rr.generated
+                            res.qc_failed += rr.qc_failed
+                            res.model_seconds += rr.sample_seconds
+                            progress_event(event="request_done", subject_id=job.subject_id, generated=rr.generated, skipped=rr.skipped)
             res.skipped = job.n_done
-        records = finished_records(store, job, made)
-        step = "catalog"
-        write_catalog_task(store, run, inputs, records, res.generated)
-        step = "contact_sheet"
-        res.contact_sheet = contact_sheet_task(store, run, inputs, records)
+            records = finished_records(store, job, made)
+            lease.check()
+            step = "contact_sheet"
+            res.contact_sheet = contact_sheet_task(store, run, inputs, records)
+            step = "catalog"  # last: with the dirty marker gone, the subject's derived outputs match its images
+            write_catalog_task(store, inputs, made)
+            clear_dirty(store, job.subject_id)
     except Exception as exc:
         failure = failure_from(exc, subject_id=job.subject_id, step=step, run_id=run.run_id, shard=shard_index)
         res.error, res.step = failure.error, step
-        res.failed = max(0, job.n_todo - res.generated) if step in ("fingerprint", "train", "sample") else 0
+        res.failed = max(0, job.n_todo - res.generated) if step in ("lease", "fingerprint", "train", "sample") else 0
         res.seconds = time.perf_counter() - started
         logger.error("subject %s failed at %s: %s: %s", job.subject_id, step, failure.error_type, failure.error)
         progress_event(event="subject_failed", subject_id=job.subject_id, step=step, error=failure.error)

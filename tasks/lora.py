@@ -1,8 +1,9 @@
 """Per-subject LoRA: fingerprint, then reuse from the store or train + upload.
 
-``ensure_lora_task`` is cached by the LoRA fingerprint (and output root): an unchanged subject
-skips even the store lookup on a machine that ran it before; on any other machine
-``prcore.pipeline.lora.ensure_lora`` finds ``loras/{subject_id}/{lora_fp}/`` in the store and downloads it.
+No Prefect cache: the store is the truth. ``prcore.pipeline.lora.ensure_lora`` asks the store every
+time (a HEAD of the record and of the weights, a GET of the small record) and uses this machine's
+folder cache only when its record matches the store's; an output root deleted or emptied since is
+noticed and the LoRA trained again, instead of a cached answer naming a LoRA that exists nowhere.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from prcore.pipeline.lora import LoraInfo, ensure_lora
 from prcore.pipeline.models import load_run_pipeline
@@ -18,21 +20,7 @@ from prcore.pipeline.subject import SubjectInputs
 from tasks.common import RETRY_OPTIONS
 
 
-def _lora_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """``prcore-lora-{output root hash}-{subject}-{lora_fp}`` (a file name in Prefect's result storage)."""
-    import hashlib
-
-    root = hashlib.sha256(parameters["store"].uri.encode()).hexdigest()[:12]
-    return f"prcore-lora-{root}-{parameters['inputs'].job.subject_id}-{parameters['lora_fp']}"
-
-
-@task(
-    name="ensure-lora",
-    cache_key_fn=_lora_cache_key,
-    persist_result=True,  # a small LoraInfo record, so the cache survives across runs
-    cache_result_in_memory=False,
-    **RETRY_OPTIONS,
-)
+@task(name="ensure-lora", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
 def ensure_lora_task(inputs: SubjectInputs, store: Any, model: str, lora_fp: str, settings: RunSettings) -> LoraInfo:
     logger = get_run_logger()
     job = inputs.job

@@ -1,4 +1,4 @@
-"""Per-subject outputs after sampling: catalogue partition and contact sheet (keys out)."""
+"""Per-subject outputs after sampling: contact sheet and catalogue file (keys out)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from tasks.common import RETRY_OPTIONS
 
 
 @task(name="write-catalog", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
-def write_catalog_task(store: Any, run: RunContext, inputs: SubjectInputs, records: list[ImageRecord], generated: int) -> str | None:
-    return write_subject_catalog(store, run, inputs.job, records, generated=generated)
+def write_catalog_task(store: Any, inputs: SubjectInputs, made_now: list[ImageRecord]) -> str:
+    """Rewrite the subject's catalogue file from the store (one row per finished image)."""
+    return write_subject_catalog(store, inputs.job, made_now)
 
 
 @task(name="contact-sheet", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)

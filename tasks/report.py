@@ -51,12 +51,21 @@ def write_run_report_task(store: Any, run_id: str, summary: dict[str, Any],
     }
 
 
+@task(name="write-html-report", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
+def write_html_report_task(store: Any, run_id: str, summary: dict[str, Any], jobs: Sequence[Any],
+                           results: Sequence[reports.SubjectResult]) -> str:
+    """``runs/{run_id}/index.html``: the browsable run report."""
+    from prcore.pipeline.report import write_report
+
+    return write_report(store, run_id, summary, jobs, results)
+
+
 def publish_artifacts(store: Any, run_id: str, results: Sequence[reports.SubjectResult],
-                      failures: Sequence[reports.Failure]) -> None:
-    """Table (one row per subject), contact sheets (markdown, S3 links presigned), failures."""
+                      failures: Sequence[reports.Failure], report_key: str | None = None) -> None:
+    """Table (one row per subject), contact sheets and the run report (addresses, no bearer links), failures."""
     create_table_artifact(table=reports.table_rows(results), key="nightly-batch-subjects",
                           description=f"Run {run_id}: one row per subject")
-    create_markdown_artifact(markdown=reports.contact_sheets_markdown(store, run_id, results),
+    create_markdown_artifact(markdown=reports.contact_sheets_markdown(store, run_id, results, report_key=report_key),
                              key="nightly-batch-contact-sheets", description=f"Run {run_id}: contact sheets")
     if failures:
         create_markdown_artifact(markdown=reports.failures_markdown(run_id, failures), key="nightly-batch-failures",

@@ -87,7 +87,7 @@ def _dreambooth_folder(root: Path) -> Path:
     for sid, colour in (("dog", (120, 80, 40)), ("backpack", (200, 0, 0))):
         (subjects / sid).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (16, 16), colour).save(subjects / sid / f"{i:02d}.jpg")
+            Image.new("RGB", (32, 32), colour).save(subjects / sid / f"{i:02d}.jpg")
     return subjects
 
 

@@ -27,7 +27,7 @@ def run_flow(manifest: Path, output: Path, model: str, cache: Path, **params):
     from prcore.pipeline.settings import FanOut, RunSettings
 
     settings = RunSettings.model_validate({"model": model, "train": TRAIN, "placement": {"device": "cpu", "dtype": "float32"},
-                                           "cache_dir": str(cache)})
+                                           "cache_dir": str(cache), "check_images": params.pop("check_images", True)})
     fan_out = FanOut(subjects_per_shard=params.pop("subjects_per_shard", 1), **params)
     return nightly_batch(manifest=str(manifest), output=str(output), settings=settings, fan_out=fan_out, return_state=True)
 
@@ -75,6 +75,10 @@ def test_local_fan_out_runs_every_subject_then_rerun_does_nothing(prefect_api, t
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["subject"], r["generated"], r["failed"]) for r in rows] == [("s0", 1, 0), ("s1", 1, 0)]
     assert "contact_sheets/s0.png" in arts["nightly-batch-contact-sheets"].data
+    # the browsable run report, linked from the artifact (by its address: no bearer links)
+    assert (out / "runs" / rid / "index.html").is_file()
+    assert f"runs/{rid}/index.html" in arts["nightly-batch-contact-sheets"].data
+    assert "X-Amz" not in arts["nightly-batch-contact-sheets"].data
     assert float(arts["nightly-batch-progress"].data) == 100.0
 
     again = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache")
@@ -89,7 +93,11 @@ def test_a_broken_subject_fails_the_run_after_the_others(prefect_api, tmp_path, 
     broken = tmp_path / "in" / "subjects" / "s0" / "1.png"
     broken.write_bytes(broken.read_bytes()[:40])  # truncated: found when training decodes it
     out = tmp_path / "out"
+    # by default the flow opens the images of subjects with work left while planning: refused, nothing written
     state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache", subjects_per_shard=2)
+    assert state.is_failed() and "1.png" in str(state.message) and not out.exists()
+    # without that check the broken image is found when training decodes it; the other subject still finishes
+    state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache", subjects_per_shard=2, check_images=False)
     assert state.is_failed()
     summary = summary_of(out)
     assert (summary["generated"], summary["failed_subjects"]) == (1, 1)
@@ -155,3 +163,202 @@ def test_waiting_for_shards_is_one_query_per_poll_with_backoff(prefect_api):
         calls.clear()
         done = wait_for_flow_runs(client, ids, timeout_s=0.5)
         assert done == {ids[0]: "COMPLETED", ids[1]: "FAILED"} and len(calls) <= 2  # one poll, maybe a last one at the deadline
+
+
+def _catalog(out: Path):
+    import polars as pl
+
+    return pl.read_parquet(str(out / "catalog" / "**" / "*.parquet"), hive_partitioning=True)
+
+
+def _assert_catalog_true(out: Path) -> None:
+    """Exactly one row per finished image in the store, each with the sidecar's current sha256."""
+    cat = _catalog(out)
+    sidecars = {p.relative_to(out).with_suffix(".png").as_posix(): json.loads(p.read_text())
+                for p in (out / "images").rglob("*.json")}
+    assert cat.height == len(sidecars) and sorted(cat["key"]) == sorted(sidecars)
+    assert {k: s for k, s in zip(cat["key"], cat["sha256"], strict=True)} == {k: v["sha256"] for k, v in sidecars.items()}
+
+
+def test_catalogue_leases_and_store_checked_cache_across_a_sequence_of_runs(prefect_api, tmp_path, tiny_sd_path):
+    """Rerun with manifest growth, a crash-leftover dirty marker, a subject leased by a live run, and an
+    output root deleted under a warm cache: the catalogue stays one row per image, the derived outputs of a
+    finished subject are reconciled, a leased subject is left to its holder, LoRAs always exist in the store."""
+    import polars as pl
+
+    from prcore.pipeline.subject import RunContext, mark_dirty
+    from prcore.store.keys import lease_key
+    from prcore.store.storage import open_store
+
+    model, cache, out = str(tiny_sd_path), tmp_path / "cache", tmp_path / "out"
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(2, prompts=1, num_images=1, steps=2), subjects=2)
+    pl.read_parquet(manifest).with_columns(pl.Series("meta_sku", ["A-1", "B-2"])).write_parquet(manifest)
+    assert run_flow(manifest, out, model, cache).is_completed()
+    _assert_catalog_true(out)
+    assert sorted(p.name for p in (out / "catalog").iterdir()) == ["s0.parquet", "s1.parquet"]
+    # meta_* columns: carried into every sidecar and the catalogue's extra_json
+    cat = _catalog(out).sort("subject_id")
+    assert [json.loads(e)["meta_sku"] for e in cat["extra_json"]] == ["A-1", "B-2"]
+    assert json.loads(next((out / "images" / "s1").rglob("*.json")).read_text())["meta_sku"] == "B-2"
+
+    # manifest growth: one more image per subject; the rerun rewrites each subject's file, never appends
+    pl.DataFrame(manifest_rows(2, prompts=1, num_images=2, steps=2)).write_parquet(manifest)
+    assert run_flow(manifest, out, model, cache).is_completed()
+    assert summary_of(out)["generated"] == 2
+    _assert_catalog_true(out)
+    assert _catalog(out).height == 4
+
+    # a run that wrote images of s1 and died before its contact sheet / catalogue: the rerun reconciles s1
+    store = open_store(str(out))
+    mark_dirty(store, RunContext("crashed", "2026-01-01"), "s1")
+    (out / "catalog" / "s1.parquet").unlink()
+    state = run_flow(manifest, out, model, cache)
+    assert state.is_completed()
+    third = summary_of(out)
+    assert (third["generated"], third["trained"], third["shards"]) == (0, 0, 1)
+    assert (out / "runs" / third["run_id"] / "contact_sheets" / "s1.png").is_file()
+    assert not (out / "state" / "dirty" / "s1.json").exists()
+    _assert_catalog_true(out)
+
+    # s0 is leased by another live run: this run leaves it alone (not failed, nothing counted twice)
+    pl.DataFrame(manifest_rows(2, prompts=1, num_images=3, steps=2)).write_parquet(manifest)
+    store.put(lease_key("s0"), json.dumps({"run_id": "other-run", "host": "elsewhere", "pid": 1,
+                                           "expires": __import__("time").time() + 3600}).encode())
+    state = run_flow(manifest, out, model, cache)
+    assert state.is_completed(), state
+    fourth = summary_of(out)
+    assert (fourth["generated"], fourth["leased"], fourth["failed_subjects"]) == (1, 1, 0)
+    assert [r["error"] for r in fourth["subjects_detail"] if r["subject"] == "s0"] == ["leased by run other-run"]
+    assert len(list((out / "images" / "s0").rglob("*.png"))) == 2 and store.exists(lease_key("s0"))
+    _assert_catalog_true(out)
+    store.delete(lease_key("s0"))
+
+    # the output root deleted, the machine's LoRA cache (and Prefect's database) still warm: retrained,
+    # and every image's LoRA exists in the store
+    import shutil
+
+    shutil.rmtree(out)
+    state = run_flow(manifest, out, model, cache)
+    assert state.is_completed(), state
+    fifth = summary_of(out)
+    assert (fifth["generated"], fifth["trained"]) == (6, 2)
+    _assert_catalog_true(out)
+    for sid, fp in set(zip(_catalog(out)["subject_id"], _catalog(out)["lora_fp"], strict=True)):
+        assert (out / "loras" / sid / fp / "training.json").is_file() and (out / "loras" / sid / fp / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_prcore_runs_at_once_do_every_image_and_lora_once(tmp_path, tiny_sd_path):
+    """Two ``prcore run`` processes on the same manifest and output root, started half a second apart
+    (each with its own ephemeral Prefect API): per-subject leases make each subject the work of one run;
+    together they train each LoRA once, make each image once and catalogue it once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(3, prompts=1, num_images=1, steps=2, train_steps=2),
+                                    subjects=3)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PRCORE_LEASE_TTL_S": "120"}
+    env.pop("PREFECT_API_URL", None)
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-c", "from prcore.cli import main; main()", "run", str(manifest), "--output", str(out),
+               "--model", str(tiny_sd_path), "--device", "cpu", "--dtype", "float32", "--subjects-per-shard", "1",
+               "--cache-dir", str(tmp_path / f"cache{i}")]
+        procs.append(subprocess.Popen(cmd, env={**env, "PREFECT_HOME": str(tmp_path / f"prefect{i}")},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+        time.sleep(0.5)
+    outputs = []
+    for p in procs:
+        text, _ = p.communicate(timeout=600)
+        outputs.append(text.decode(errors="replace"))
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    summaries = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/summary.json"))]
+    assert len(summaries) == 2
+    assert sum(s["generated"] for s in summaries) == 3 and sum(s["trained"] for s in summaries) == 3, summaries
+    assert len(list((out / "images").rglob("*.png"))) == 3
+    assert len([p for p in (out / "loras").rglob("training.json")]) == 3
+    _assert_catalog_true(out)
+    from prcore.store.storage import open_store
+
+    assert list(open_store(str(out)).list("state/")) == []  # every lease released, no dirty marker left
+    print("split between the runs (generated, trained, leased):",
+          [(s["generated"], s["trained"], s["leased"]) for s in summaries])
+
+
+def test_prcore_run_checks_defaults_and_images_like_validate(tmp_path, tiny_sd_path):
+    """CLI defaults are checked by the manifest's rules, and instance images are checked by default
+    (as validate does): exit 2, one line, before Prefect starts, nothing written."""
+    from typer.testing import CliRunner
+
+    from prcore.cli import build_app
+
+    app = build_app("run", "demo")
+    runner = CliRunner()
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1), subjects=1)
+    out = tmp_path / "out"
+    for option, words in ((["--num-images", "0"], "num_images"), (["--guidance", "nope"], "guidance"),
+                          (["--identifier", "two words"], "identifier")):
+        done = runner.invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tiny_sd_path), *option])
+        assert done.exit_code == 2, done.output
+        assert words in done.stderr and "Traceback" not in done.output
+    broken = tmp_path / "in" / "subjects" / "s0" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    done = runner.invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tiny_sd_path)])
+    assert done.exit_code == 2, done.output
+    assert "1.png" in done.stderr and "instance_images" in done.stderr and "Traceback" not in done.output
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_killed_prcore_run_leaves_no_process_behind(tmp_path, tiny_sd_path):
+    """SIGKILL of `prcore run` while its ephemeral Prefect API runs: every process it started is gone soon after."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect_harness import descendants
+
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1, num_images=1, steps=2, train_steps=2),
+                                    subjects=1)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-c", "from prcore.cli import main; main()", "run", str(manifest), "--output",
+                             str(tmp_path / "out"), "--model", str(tiny_sd_path), "--device", "cpu", "--dtype", "float32",
+                             "--cache-dir", str(tmp_path / "cache")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:  # until the ephemeral API (a python child) is up
+            kids = descendants(proc.pid)
+            seen.update(kids)
+            if any("uvicorn" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")
+                   for k in kids if Path(f"/proc/{k}/cmdline").exists()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "prcore run ended before its ephemeral API was seen"
+        seen.update(descendants(proc.pid))
+        assert len(seen) >= 2  # the watchdog and the API server, at least
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        alive = seen
+        while time.monotonic() < deadline:
+            alive = {p for p in seen if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]}
+            if not alive:
+                break
+            time.sleep(0.5)
+        assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes() for p in alive]
+    finally:
+        for p in seen:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -26,7 +26,7 @@ def images(tmp_path) -> list[str]:
     folder.mkdir()
     out = []
     for i in range(3):
-        Image.new("RGB", (8, 8), (i * 80, 10, 10)).save(folder / f"{i}.png")
+        Image.new("RGB", (32, 32), (i * 80, 10, 10)).save(folder / f"{i}.png")
         out.append(f"refs/{i}.png")
     return out
 
@@ -384,3 +384,122 @@ def test_consistency_window_columns_validate_and_keep_old_fingerprints(tmp_path)
     assert windowed[2].params["consistency_stop"] == 0.6 and windowed[1].params["consistency_start"] == 0.0
     bad = validate(pl.DataFrame({**base, "consistency_start": [0.5, -0.1, 0.2], "consistency_stop": [0.4, 1.0, 1.5]}), check_images=False)
     assert [(e.row, e.column) for e in bad] == [(0, "consistency_stop"), (1, "consistency_start"), (2, "consistency_stop")]
+
+
+# -- inputs that used to crash validate, hang it, or pass it and fail after work was spent -------------
+
+
+def test_float_outside_int_range_is_an_error_naming_the_row(tmp_path, images):
+    data = pl.DataFrame(rows(images)).with_columns(pl.Series("num_images", [1.0, 1e30, 2.0]), pl.Series("seed", [None, None, 2.0**64]))
+    errors = errors_for(tmp_path, data, check_images=False)
+    assert_one(errors, 1, "num_images", "64-bit range")
+    assert_one(errors, 2, "seed", "64-bit range")
+
+
+def test_files_storing_instance_images_differently_load_together(tmp_path, images):
+    (tmp_path / "many").mkdir()
+    single = [images[0]]
+    write(tmp_path / "many", [{**rows(single)[0]}], "a.parquet")  # a list
+    one = pl.DataFrame([{**rows(single)[1], "instance_images": images[0]}])  # a plain string
+    one.write_parquet(tmp_path / "many" / "b.parquet")
+    (tmp_path / "many" / "refs").symlink_to(tmp_path / "refs")
+    m = load_manifest(tmp_path / "many")
+    assert validate(m) == []
+    assert [len(j.instance_images) for j in plan(m, check=False)] == [1]
+
+
+def test_user_column_colliding_with_an_internal_one(tmp_path, images):
+    data = pl.DataFrame(rows(images)).with_columns(pl.lit("x").alias("__file"), pl.lit(1).alias("__pid"))
+    errors = errors_for(tmp_path, data, check_images=False)
+    assert_one(errors, None, "__file", "reserves")
+    assert_one(errors, None, "__pid", "reserves")
+    assert_one(errors_for(tmp_path, pl.DataFrame(rows(images)).with_columns(pl.lit("x").alias("meta_api_token")),
+                          check_images=False), None, "meta_api_token", "credential")
+
+
+def test_scheduler_names_have_one_owner_and_class_names_are_refused(tmp_path, images):
+    from prcore.data.schema import SCHEDULER_NAMES
+    from prcore.method.schedulers import SCHEDULER_NAMES as SAMPLER_NAMES
+
+    assert SCHEDULER_NAMES == SAMPLER_NAMES
+    for bad in ("DPMSolverMultistepScheduler", "nope"):
+        data = pl.DataFrame(rows(images)).with_columns(pl.lit(bad).alias("scheduler"))
+        assert_one(errors_for(tmp_path, data, check_images=False), 0, "scheduler", "dpmpp_2m")
+    ok = pl.DataFrame(rows(images)).with_columns(pl.lit("DPM++-2M").alias("scheduler"))  # spelled as the sampler normalises it
+    assert errors_for(tmp_path, ok, check_images=False) == []
+
+
+def test_caption_count_must_be_one_or_one_per_image(tmp_path, images):
+    two = pl.DataFrame(rows(images)).with_columns(pl.lit(["a {subject}", "b {subject}"]).alias("instance_prompts"))
+    assert_one(errors_for(tmp_path, two, check_images=False), 0, "instance_prompts", "2 captions for 3")
+    one = pl.DataFrame(rows(images)).with_columns(pl.lit(["a photo of {subject}"]).alias("instance_prompts"))
+    assert errors_for(tmp_path, one, check_images=False) == []
+    job = plan(load_manifest(write(tmp_path, one)), check=False)[0]
+    assert job.instance_prompts == ["a photo of {subject}"] * 3  # one for all: repeated per image for training
+
+
+def test_base_model_folder_must_exist(tmp_path, images):
+    missing = pl.DataFrame(rows(images)).with_columns(pl.lit(str(tmp_path / "no-model")).alias("base_model"))
+    assert_one(errors_for(tmp_path, missing, check_images=False), 0, "base_model", "not a folder")
+    (tmp_path / "empty-model").mkdir()
+    empty = pl.DataFrame(rows(images)).with_columns(pl.lit(str(tmp_path / "empty-model")).alias("base_model"))
+    assert_one(errors_for(tmp_path, empty, check_images=False), 0, "base_model", "model_index.json")
+    hub = pl.DataFrame(rows(images)).with_columns(pl.lit("org/some-model").alias("base_model"))
+    assert errors_for(tmp_path, hub, check_images=False) == []
+
+
+def test_instance_image_too_small_or_too_many_pixels(tmp_path, images, monkeypatch):
+    Image.new("RGB", (16, 16)).save(tmp_path / "refs" / "tiny.png")
+    data = pl.DataFrame(rows(images)).with_columns(pl.lit(["refs/tiny.png"]).alias("instance_images"))
+    assert_one(errors_for(tmp_path, data), 0, "instance_images", "too small")
+    monkeypatch.setenv("PRCORE_MAX_IMAGE_PIXELS", "1000")  # 32x32 = 1024 pixels
+    assert_one(errors_for(tmp_path, pl.DataFrame(rows(images))), 0, "instance_images", "pixel limit")
+    from prcore.data.images import ImageTooLargeError, decode_image
+
+    with pytest.raises(ImageTooLargeError):
+        decode_image(str(tmp_path / "refs" / "0.png"))
+
+
+def test_fifo_and_device_files_are_refused_without_hanging(tmp_path, images, monkeypatch):
+    import os
+    import time
+
+    from prcore.store.uris import InputTooLargeError, read_uri_bytes
+
+    fifo = tmp_path / "refs" / "fifo.png"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    for uri in ("refs/fifo.png", "/dev/zero"):
+        data = pl.DataFrame(rows(images)).with_columns(pl.lit([uri]).alias("instance_images"))
+        assert_one(errors_for(tmp_path, data), 0, "instance_images", "not a regular file")
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_uri_bytes(str(fifo))
+    from prcore.data.images import UnreadableImageError, decode_image
+
+    with pytest.raises(UnreadableImageError, match="not a regular file"):
+        decode_image(str(fifo))
+    assert time.monotonic() - started < 10
+    big = tmp_path / "refs" / "big.png"
+    big.write_bytes(b"\0" * 2048)
+    monkeypatch.setenv("PRCORE_MAX_INPUT_BYTES", "1024")
+    with pytest.raises(InputTooLargeError):
+        read_uri_bytes(str(big))
+
+
+def test_output_root_inside_a_folder_of_manifests_is_not_read_as_manifests(tmp_path, images):
+    write(tmp_path, rows(images), "m.parquet")
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "catalog").mkdir()
+    pl.DataFrame({"key": ["x"]}).write_parquet(out / "catalog" / "s0.parquet")
+    (out / "runs" / "r1").mkdir(parents=True)
+    pl.DataFrame({"key": ["x"]}).write_parquet(out / "runs" / "r1" / "scores.parquet")
+    m = load_manifest(tmp_path)
+    assert m.files == [str(tmp_path / "m.parquet")] and validate(m) == []
+
+
+def test_meta_columns_are_carried_into_every_request(tmp_path, images):
+    data = pl.DataFrame(rows(images)).with_columns(pl.Series("meta_sku", ["A1", None, "C3"]), pl.lit(7).alias("meta_batch"))
+    jobs = plan(load_manifest(write(tmp_path, data)), check=False)
+    metas = [r.meta for j in jobs for r in j.requests]
+    assert metas == [{"meta_sku": "A1", "meta_batch": 7}, {"meta_batch": 7}, {"meta_sku": "C3", "meta_batch": 7}]

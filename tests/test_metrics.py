@@ -307,6 +307,8 @@ def test_evaluate_outputs_updates_sidecars_and_writes_scores(scorer, tmp_path):
         assert row["clip_t"] == pytest.approx(expect["clip_t"], abs=1e-6)
         # cat2 recorded qc_dino=0 with its parameters: both thresholds apply there
         assert sidecar["qc_thresholds"] == ({"clip_t": -1.0, "dino": 0.0} if row["subject_id"] == "cat2" else {"clip_t": -1.0})
+    # the subjects' catalogue rows are stale now: marked, so the next run rewrites their catalogue files
+    assert sorted(p.name for p in (root / "state" / "dirty").iterdir()) == ["cat2.json", "dog1.json"]
     # only one run; its table goes to runs/{run_id}/
     only = evaluate_outputs(store, scorer, run_id="run-b")
     assert {r["subject_id"] for r in only.rows} == {"cat2"} and only.scores_key == "runs/run-b/scores.parquet"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import json
 
 import duckdb
@@ -29,7 +29,7 @@ def test_keys_follow_the_layout():
     assert sidecar_key("dog1", "beach", FP, 3) == f"images/dog1/beach/{FP}/3.json"
     assert lora_prefix("dog1", FP) == f"loras/dog1/{FP}/"
     assert run_key("20260101T000000Z", "summary.json") == "runs/20260101T000000Z/summary.json"
-    assert catalog_key("2026-01-02", "dog1", "r1") == "catalog/run_date=2026-01-02/r1--dog1.parquet"
+    assert catalog_key("dog1") == "catalog/dog1.parquet"
 
 
 def test_every_image_key_parses_back_and_nothing_else_does():
@@ -52,7 +52,7 @@ def test_every_image_key_parses_back_and_nothing_else_does():
         lambda: image_key("s", "p", FP, -1),
         lambda: lora_prefix("s", "not-hex"),
         lambda: run_key("r", "../x"),
-        lambda: catalog_key("2026/01/02", "s", "r"),
+        lambda: catalog_key("../s"),
     ],
 )
 def test_unsafe_parts_never_become_keys(call):
@@ -154,31 +154,78 @@ def _rows(subject, n, run_date):
 
 def test_catalog_readable_by_polars_pyarrow_duckdb(tmp_path):
     store = LocalStore(tmp_path / "out")
-    k1 = write_catalog(store, "2026-01-01", "s1", _rows("s1", 2, "2026-01-01"), run_id="r1")
-    write_catalog(store, dt.date(2026, 1, 2), "s1", _rows("s1", 1, "2026-01-02"), run_id="r2")
-    write_catalog(store, "2026-01-02", "s2", _rows("s2", 3, "2026-01-02"), run_id="r2")
-    assert k1 == "catalog/run_date=2026-01-01/r1--s1.parquet"
+    k1 = write_catalog(store, "s1", _rows("s1", 2, "2026-01-01"))
+    write_catalog(store, "s2", _rows("s2", 3, "2026-01-02"))
+    assert k1 == "catalog/s1.parquet"
     root = tmp_path / "out" / "catalog"
 
     df = pl.scan_parquet(str(root / "**" / "*.parquet"), hive_partitioning=True).collect()
-    assert df.height == 6 and set(df["run_date"].cast(pl.String)) == {"2026-01-01", "2026-01-02"}
+    assert df.height == 5 and set(df["run_date"].cast(pl.String)) == {"2026-01-01", "2026-01-02"}
     assert set(CATALOG_SCHEMA) <= set(df.columns)
     s2 = df.filter(pl.col("subject_id") == "s2")
     assert json.loads(s2["extra_json"][0])["meta_sku"] == "x" and s2["seconds"].to_list() == [1.5] * 3
     assert s2["clip_t"].to_list() == [0.3] * 3 and s2["dino"].null_count() == 3  # scores are columns
 
     table = pads.dataset(str(root), format="parquet", partitioning="hive").to_table()
-    assert table.num_rows == 6 and "run_date" in table.column_names
+    assert table.num_rows == 5 and "run_date" in table.column_names
 
     n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true) WHERE run_date = '2026-01-02'").fetchall()[0][0]
-    assert n == 4
+    assert n == 3
 
     whole = read_catalog(store)
-    assert whole.height == 6 and whole.filter(pl.col("run_id") == "r2").height == 4
+    assert whole.height == 5 and whole["key"].n_unique() == 5
+
+
+def test_catalog_rewrite_replaces_never_appends(tmp_path):
+    """Rewriting a subject (a rerun, a second run) leaves one row per key, the last record's sha256;
+    a file of the old one-file-per-run layout for the subject is removed when its current file is written."""
+    store = LocalStore(tmp_path / "out")
+    legacy = "catalog/run_date=2026-01-01/r0--s1.parquet"
+    store.put(legacy, b"old layout")
+    store.put("catalog/run_date=2026-01-01/r0--s10.parquet", b"another subject's")
+    first = _rows("s1", 3, "2026-01-01")
+    write_catalog(store, "s1", first)
+    redone = [dataclasses.replace(r, sha256="cd" * 32) if r.index == 1 else r for r in first]
+    write_catalog(store, "s1", first + redone)  # a key given twice: the last record wins
+    write_catalog(store, "s1", redone + _rows("s1", 4, "2026-01-02")[3:])  # manifest growth: one more image
+    df = pl.scan_parquet(str(tmp_path / "out" / "catalog" / "*.parquet")).collect()
+    assert df.height == 4 and df["key"].n_unique() == 4
+    assert df.filter(pl.col("index") == 1)["sha256"].to_list() == ["cd" * 32]
+    assert not store.exists(legacy) and store.exists("catalog/run_date=2026-01-01/r0--s10.parquet")
+    with pytest.raises(ValueError, match="subject"):
+        write_catalog(store, "s2", first)
 
 
 def test_catalog_on_s3(s3_bucket):
     store = open_store(f"s3://{s3_bucket}/out")
-    write_catalog(store, "2026-01-01", "s1", _rows("s1", 2, "2026-01-01"), run_id="r1")
+    write_catalog(store, "s1", _rows("s1", 2, "2026-01-01"))
+    write_catalog(store, "s1", _rows("s1", 2, "2026-01-01"))
     df = read_catalog(store)
     assert df.height == 2 and df["run_date"].unique().to_list() == ["2026-01-01"]
+
+
+def test_contact_sheet_artifact_carries_no_credentials(s3_bucket, monkeypatch):
+    """By default the artifact names the object (s3://...) and embeds no presigned link; presigning is an
+    explicit, short-lived choice; a public base URL gives plain links."""
+    from prcore.outputs.reports import SubjectResult, contact_sheets_markdown
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLESESSIONTOKEN")
+    monkeypatch.delenv("PRCORE_PUBLIC_BASE_URL", raising=False)
+    monkeypatch.delenv("PRCORE_ARTIFACT_PRESIGN_S", raising=False)
+    store = open_store(f"s3://{s3_bucket}/out")
+    results = [SubjectResult("s0", contact_sheet="runs/r1/contact_sheets/s0.png"), SubjectResult("s1", error="boom", step="train")]
+    md = contact_sheets_markdown(store, "r1", results, report_key="runs/r1/index.html")
+    assert f"s3://{s3_bucket}/out/runs/r1/contact_sheets/s0.png" in md and "runs/r1/index.html" in md
+    for secret in ("X-Amz-Credential", "X-Amz-Security-Token", "Signature", "testing", "FwoGZXIv"):
+        assert secret not in md
+    monkeypatch.setenv("PRCORE_ARTIFACT_PRESIGN_S", "600")
+    import re
+    import time
+
+    md = contact_sheets_markdown(store, "r1", results)
+    v4, v2 = re.search(r"X-Amz-Expires=(\d+)", md), re.search(r"[?&]Expires=(\d+)", md)
+    assert (v4 and int(v4[1]) == 600) or (v2 and int(v2[1]) <= time.time() + 660), md  # SigV4 or SigV2 form
+    monkeypatch.delenv("PRCORE_ARTIFACT_PRESIGN_S")
+    monkeypatch.setenv("PRCORE_PUBLIC_BASE_URL", "https://review.example.com/nightly/")
+    md = contact_sheets_markdown(store, "r1", results)
+    assert "![s0](https://review.example.com/nightly/runs/r1/contact_sheets/s0.png)" in md and "X-Amz" not in md

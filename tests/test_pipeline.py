@@ -74,9 +74,46 @@ def test_half_uploaded_lora_is_not_reused(setup, tmp_path):
     """Weights without training.json (an upload cut short) do not count as a LoRA in the store."""
     store = open_store(str(tmp_path / "out"))
     store.put("loras/s1/0123456789abcdef/pytorch_lora_weights.safetensors", b"partial upload")
-    with pytest.raises(FileNotFoundError, match="neither in"):
+    with pytest.raises(FileNotFoundError, match=r"not \(complete\) in"):
         L.materialize_lora(store, "s1", "0123456789abcdef", tmp_path / "cache")
     assert not (tmp_path / "cache" / "loras" / "s1").exists()
+
+
+def test_lora_cache_is_checked_against_the_store(setup, tmp_path):
+    """The store decides: an emptied output root retrains even with a warm local cache; a record whose
+    weights are gone retrains; a local copy that differs from the store's is replaced by the store's."""
+    import shutil
+
+    store = open_store(str(tmp_path / "out"))
+    inputs = S.read_subject_inputs(plan(setup, store)[0])
+    first = lora_for(setup, inputs, store, tmp_path / "cache")
+    assert first.source == "trained"
+    shutil.rmtree(tmp_path / "out")  # the output root deleted; this machine's cache is still warm
+    again = lora_for(setup, inputs, store, tmp_path / "cache")
+    assert again.source == "trained" and store.exists(f"loras/s0/{first.lora_fp}/pytorch_lora_weights.safetensors")
+
+    store.delete(f"loras/s0/{first.lora_fp}/pytorch_lora_weights.safetensors")  # marked complete, weights gone
+    third = lora_for(setup, inputs, store, tmp_path / "cache")
+    assert third.source == "trained" and store.exists(f"loras/s0/{first.lora_fp}/pytorch_lora_weights.safetensors")
+
+    local = Path(third.local_dir) / "training.json"
+    local.write_text("{}")  # a local copy that is not the store's LoRA
+    assert lora_for(setup, inputs, store, tmp_path / "cache").source == "store"
+    assert local.read_bytes() == store.get(f"loras/s0/{first.lora_fp}/training.json")
+    assert L.materialize_lora(store, "s0", first.lora_fp, tmp_path / "cache") == Path(third.local_dir)
+
+
+    # a training.json naming an embedding file outside the LoRA folder is refused, the file never read
+    import copy
+
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"not for you")
+    evil = copy.deepcopy(json.loads(local.read_text()))
+    evil["learned_embeddings"] = {"file": "../../../../outside.safetensors", "tokens": ["<x>"], "layout": "sd"}
+    local.write_text(json.dumps(evil))
+    with pytest.raises(ValueError, match="only learned_embeds.safetensors inside the folder"):
+        L.activate_lora(setup["pipe"], third)
+    assert third.adapter_name not in getattr(setup["pipe"].unet, "peft_config", {})
 
 
 def test_generate_request_writes_png_and_sidecar_then_skips_and_redoes_orphans(setup, tmp_path):
@@ -128,7 +165,7 @@ def test_catalog_and_contact_sheet_for_a_subject(setup, tmp_path):
     inputs = S.read_subject_inputs(plan(setup, store)[0])
     run = S.RunContext("r0", "2026-01-02")
     assert S.finished_records(store, inputs.job) == []  # nothing finished yet
-    assert S.write_subject_catalog(store, run, inputs.job, [], generated=0) is None
+    assert S.catalog_is_current(store, "s0")  # nothing in the store, no file: nothing to reconcile
     assert S.write_subject_contact_sheet(store, run, inputs, []) is None
     # Two finished images written as a run would (sampling is tested above; any PIL image will do here).
     from prcore_testing import record_for
@@ -140,11 +177,18 @@ def test_catalog_and_contact_sheet_for_a_subject(setup, tmp_path):
         write_image(store, record_for(request, i, run_id="r0", lora_fp="0" * 16), Image.open(io.BytesIO(subject_image(7 + i))))
     job = plan(setup, store)[0]
     records = S.finished_records(store, job)
-    key = S.write_subject_catalog(store, run, job, records, generated=2)
-    assert key == "catalog/run_date=2026-01-02/r0--s0.parquet"
+    assert not S.catalog_is_current(store, "s0")  # images without a catalogue file: a rerun writes it
+    key = S.write_subject_catalog(store, job)
+    assert key == "catalog/s0.parquet" and S.catalog_is_current(store, "s0")
     frame = pl.read_parquet(io.BytesIO(store.get(key)))
     assert sorted(frame["key"].to_list()) == sorted(request.keys)
-    assert S.write_subject_catalog(store, S.RunContext("r1", "2026-01-02"), job, records, generated=0) is None
+    store.delete(sidecar_key_for(request.keys[1]))  # an image removed by hand: the file no longer matches
+    assert not S.catalog_is_current(store, "s0")
+    assert S.write_subject_catalog(store, job) == key and pl.read_parquet(io.BytesIO(store.get(key)))["key"].to_list() == request.keys[:1]
+    S.mark_dirty(store, run, "s0")  # a run that wrote images and crashed before its catalogue
+    assert not S.catalog_is_current(store, "s0")
+    S.clear_dirty(store, "s0")
+    assert S.catalog_is_current(store, "s0")
 
     from prcore.outputs.contact_sheet import write_contact_sheet
 
@@ -188,7 +232,7 @@ def test_shards_records_and_failure_report(tmp_path):
     assert reports.ShardRecord.from_json(record.to_json()) == record
     assert reports.summarize([ok, bad]) | {} == {
         "subjects": 2, "failed_subjects": 1, "requests": 3, "images": 6, "generated": 3, "skipped": 1, "failed": 2,
-        "trained": 1, "model_seconds": 1.5, "qc_failed": 0}
+        "trained": 1, "model_seconds": 1.5, "qc_failed": 0, "leased": 0}
     rows = reports.table_rows([ok, bad])
     assert [r["subject"] for r in rows] == ["a", "x"] and rows[1]["error"].startswith("train: training of subject")
 
@@ -253,7 +297,7 @@ def test_scores_and_qc_land_in_sidecars_and_catalogue(setup, tmp_path_factory, t
         assert [sc["qc_pass"] for sc in second] == [d >= threshold for d in dino]
         assert res.qc_failed == 1
 
-        S.write_subject_catalog(store, S.RunContext("r-qc", "2026-11-25"), replanned.job, res.records, generated=res.generated)
+        S.write_subject_catalog(store, replanned.job, res.records)
         cat = read_catalog(store).sort("index")
         assert cat["qc_pass"].to_list() == [d >= threshold for d in dino]
         assert cat["dino"].to_list() == pytest.approx([sc["dino"] for sc in second])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -171,7 +172,8 @@ def test_s3_bad_credentials_message_names_bucket_not_secret(s3_auth_server, monk
 
 
 def test_unreachable_endpoint_is_transient():
-    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", max_attempts=1, retry_mode="standard")
+    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", max_attempts=1, retry_mode="standard",
+                       retry_budget_s=0)  # no store-level retries: the error itself is under test
     with pytest.raises(TransientStoreError, match="AWS_ENDPOINT_URL") as info:
         store.exists("a.txt")
     assert is_transient(info.value)
@@ -195,7 +197,7 @@ def test_manifest_and_images_on_s3(s3_server, s3_bucket, tmp_path):
     """An s3:// manifest prefix whose relative image paths resolve to the same prefix; plan lists S3."""
     client = boto3.client("s3", endpoint_url=s3_server)
     img = tmp_path / "i.png"
-    Image.new("RGB", (8, 8), (200, 0, 0)).save(img)
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(img)
     client.put_object(Bucket=s3_bucket, Key="in/refs/0.png", Body=img.read_bytes())
     client.put_object(Bucket=s3_bucket, Key="in/refs/bad.png", Body=b"not an image")
     rows = [{"subject_id": "s1", "instance_images": ["refs/0.png"], "class_noun": "dog", "prompt": "a {subject}"}]
@@ -215,3 +217,92 @@ def test_manifest_and_images_on_s3(s3_server, s3_bucket, tmp_path):
     client.put_object(Bucket=s3_bucket, Key="in/manifest.parquet", Body=local.read_bytes())
     errors = validate(load_manifest(f"s3://{s3_bucket}/in/manifest.parquet"))
     assert len(errors) == 1 and "not a readable image" in str(errors[0]) and "row 0" in str(errors[0])
+
+
+def test_s3_endpoint_away_then_back_is_retried_within_the_budget(tmp_path):
+    """The S3 server goes away mid-run and comes back: a call made meanwhile waits (backoff) and succeeds;
+    with the server gone for longer than the budget, the call fails with a TransientStoreError in time."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import boto3
+    from conftest import wait_for_port
+    from prefect_harness import free_port
+
+    from prcore.store.storage import TransientStoreError
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port)
+        boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in env.items() if k != "AWS_DEFAULT_REGION"},
+                     region_name="us-east-1").create_bucket(Bucket="prcore-outage")
+        return proc
+
+    def stop(proc):
+        proc.terminate()
+        proc.wait(10)
+
+    import os
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    procs = [start()]
+    try:
+        store = open_store("s3://prcore-outage/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=60, retry_max_delay_s=2)
+        store.put("a.json", b"1")
+        stop(procs[0])
+        restarter = threading.Timer(4.0, lambda: procs.append(start()))
+        restarter.start()
+        started = time.monotonic()
+        store.put("b.json", b"2")  # the endpoint is away for ~4 s (+ moto's start): retried, then written
+        waited = time.monotonic() - started
+        restarter.join()
+        assert waited >= 3.5 and store.get("b.json") == b"2"
+
+        stop(procs[-1])
+        short = open_store("s3://prcore-outage/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=3, retry_max_delay_s=1)
+        started = time.monotonic()
+        with pytest.raises(TransientStoreError, match="cannot connect"):
+            short.get("b.json")
+        assert time.monotonic() - started < 15
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                stop(p)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_stale_temporary_files_are_ignored_then_cleaned(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    store.put("images/s/p/0.json", b"{}")
+    old = tmp_path / "out" / "images" / "s" / "p" / ".tmp-abc123"
+    fresh = tmp_path / "out" / "images" / "s" / "p" / ".tmp-def456"
+    old.write_bytes(b"half a file")
+    fresh.write_bytes(b"a write in progress")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert list(store.list("images/")) == ["images/s/p/0.json"]  # ignored by every reader
+    assert store.clean_stale_tmp() == 1
+    assert not old.exists() and fresh.exists()
+
+
+def test_output_root_inside_an_s3_manifest_prefix_is_not_read_as_manifests(s3_server, s3_bucket, tmp_path):
+    from prcore.data.load import load_manifest
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    buf = io.BytesIO()
+    pl.DataFrame({"subject_id": ["s"], "instance_images": [["x.png"]], "class_noun": ["dog"], "prompt": ["a {subject}"]}).write_parquet(buf)
+    client.put_object(Bucket=s3_bucket, Key="in/m.parquet", Body=buf.getvalue())
+    for key in ("in/out/catalog/s.parquet", "in/out/runs/r1/scores.parquet", "in/out/images/s/p/0123456789abcdef/0.json"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"not a manifest")
+    assert load_manifest(f"s3://{s3_bucket}/in").files == [f"s3://{s3_bucket}/in/m.parquet"]

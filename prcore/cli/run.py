@@ -147,9 +147,13 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     except StoreError as exc:
         raise UserError(f"--output {output}: {exc}") from None
     loaded = load_manifest(manifest)
-    errors = validate(loaded, check_images=settings.check_images)
+    errors = validate(loaded, check_images=False)
     if errors:
         raise ManifestInvalid(errors, loaded.source)
+    # the run's defaults by the manifest's rules, and the instance images of the subjects with work left
+    from prcore.pipeline.subject import plan_jobs
+
+    plan_jobs(manifest, store, model_id=model, defaults=settings.generation, check_images=settings.check_images)
     return settings.model_copy(update={"model": model, "check_images": False})  # images checked: once is enough
 
 
@@ -165,6 +169,9 @@ def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut
     fan_out = fan_out or FanOut(use_gpu_limit=False)  # nothing defines the limit on an ephemeral API
 
     started = time.perf_counter()
+    from prcore.cli.watchdog import start_watchdog
+
+    start_watchdog()  # a kill of this process must not leave the ephemeral Prefect API behind
     from flows.nightly import nightly_batch  # imports Prefect: after quiet_prefect()
 
     progress = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -240,7 +247,8 @@ def run_command(
     clip_model: str | None = typer.Option(None, "--clip-model", help="Score images with this CLIP model (folder or hub id)."),
     dino_model: str | None = typer.Option(None, "--dino-model", help="Score images with this DINO model."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Local cache for models and LoRAs (default ~/.cache/prcore)."),
-    check_images: bool = typer.Option(False, "--check-images", help="Open every instance image before starting."),
+    check_images: bool = typer.Option(True, "--check-images/--no-check-images",
+                                      help="Open the instance images of every subject with work left before starting (as validate does)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
 ) -> None:
     """Run the nightly batch on MANIFEST into --output, here (Prefect's ephemeral API), with live progress."""
@@ -264,8 +272,8 @@ def run_command(
 
 def settings_from_options(*, model: str | None = None, generation: dict[str, Any] | None = None,
                           train: dict[str, Any] | None = None, device: str | None = None, dtype: str | None = None,
-                          max_batch_rows: int | None = None, vae_tiling: bool = False, clip_model: str | None = None, dino_model: str | None = None, cache_dir: str | None = None,
-                          check_images: bool = False) -> RunSettings:
+                          max_batch_rows: int | None = None, vae_tiling: bool = False, clip_model: str | None = None,
+                          dino_model: str | None = None, cache_dir: str | None = None, check_images: bool = True) -> RunSettings:
     """:class:`RunSettings` from command-line options (None: the default); invalid values are one
     clear error, like a bad manifest cell."""
     from pydantic import ValidationError

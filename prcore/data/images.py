@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prcore.data.schema import IMAGE_SUFFIXES
+from prcore.data.schema import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_INPUT_BYTES
 
 ImageSource = Image.Image | bytes | str | Path
 
@@ -34,6 +34,10 @@ class ImageTooSmallError(ImageInputError):
     pass
 
 
+class ImageTooLargeError(ImageInputError):
+    pass
+
+
 def min_image_side(resolution: int) -> int:
     """Smallest accepted shorter side: half the training resolution (more upscaling only adds blur)."""
     return max(1, resolution // 2)
@@ -46,6 +50,44 @@ def describe(source: ImageSource, index: int) -> str:
     return f"'{name}'" if name else f"#{index}"
 
 
+def read_regular_file(path: Path, limit: int | None = None) -> bytes:
+    """A regular file's bytes, at most ``limit`` (default ``PRCORE_MAX_INPUT_BYTES`` or MAX_INPUT_BYTES).
+    Opened non-blocking so a FIFO never hangs; FIFOs, devices and sockets are refused before any read.
+    (``prcore.store.uris.read_uri_bytes`` does the same for every URI; this is the model side's copy.)"""
+    import os
+    import stat
+
+    raw = os.environ.get("PRCORE_MAX_INPUT_BYTES")
+    limit = limit if limit is not None else (int(raw) if raw and raw.isdigit() else MAX_INPUT_BYTES)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableImageError(f"instance image '{path}' is not a regular file (a FIFO, device or socket); give an image file")
+        if st.st_size > limit:
+            raise UnreadableImageError(f"instance image '{path}' is {st.st_size} bytes, over the {limit}-byte limit (PRCORE_MAX_INPUT_BYTES)")
+        os.set_blocking(fh.fileno(), True)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise UnreadableImageError(f"instance image '{path}' is over the {limit}-byte limit (PRCORE_MAX_INPUT_BYTES)")
+    return data
+
+
+def max_image_pixels() -> int:
+    import os
+
+    raw = os.environ.get("PRCORE_MAX_IMAGE_PIXELS")
+    return int(raw) if raw and raw.isdigit() else MAX_IMAGE_PIXELS
+
+
+def check_pixels(img: Image.Image, label: str) -> None:
+    """Refuse an image with more than :func:`max_image_pixels` pixels (read from its header)."""
+    w, h = img.size
+    if w * h > max_image_pixels():
+        raise ImageTooLargeError(f"instance image {label} is {w}x{h} = {w * h} pixels, over the {max_image_pixels()}-pixel "
+                                 "limit (PRCORE_MAX_IMAGE_PIXELS); downscale it")
+
+
 def decode_image(source: ImageSource, index: int = 0) -> Image.Image:
     """Open and fully decode one image (a PIL image, encoded bytes, or a file path).
 
@@ -56,11 +98,18 @@ def decode_image(source: ImageSource, index: int = 0) -> Image.Image:
     try:
         if isinstance(source, Image.Image):
             img = source
+            check_pixels(img, label)
             img.load()
         else:
-            data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+            if isinstance(source, (str, Path)):
+                data = read_regular_file(Path(source))  # regular files only, size-capped
+            else:
+                data = bytes(source)
             img = Image.open(io.BytesIO(data))
+            check_pixels(img, label)  # from the header, before any pixel is decoded
             img.load()
+    except ImageInputError:
+        raise
     except FileNotFoundError as exc:
         raise UnreadableImageError(f"instance image {label} does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

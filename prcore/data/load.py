@@ -21,6 +21,7 @@ import polars as pl
 from prcore.data.schema import (
     BOOL,
     COLUMNS,
+    CREDENTIAL_LIKE,
     FLOAT,
     INT,
     LIST_STR,
@@ -43,6 +44,7 @@ class Manifest:
     source: str = "<memory>"
     files: list[str] = field(default_factory=list)
     bases: list[str] = field(default_factory=lambda: [os.getcwd()])  # folder of each file, for relative URIs
+    load_errors: list[ManifestError] = field(default_factory=list)  # problems found while reading the files
 
     def __len__(self) -> int:
         return self.df.height
@@ -60,7 +62,8 @@ class Manifest:
 
     @cached_property
     def normalized(self) -> tuple[pl.DataFrame, list[ManifestError]]:
-        return _normalize(self.df)
+        df, errors = _normalize(self.df)
+        return df, [*self.load_errors, *errors]
 
 
 def _list_manifest_files(uri: str) -> list[str]:
@@ -71,7 +74,9 @@ def _list_manifest_files(uri: str) -> list[str]:
         if uri.endswith(".parquet"):
             return [uri]
         prefix = ""
-        keys = sorted(k for k in store.list(prefix) if k.endswith(".parquet"))
+        listed = list(store.list(prefix))
+        folders = {k.rsplit("/", i)[0] for k in listed for i in range(1, k.count("/") + 1)}
+        keys = sorted(k for k in listed if k.endswith(".parquet") and not _in_output_root_key(k, folders))
         if not keys:
             raise FileNotFoundError(f"no .parquet files under {uri}")
         return [f"{store.uri}/{k}" for k in keys]
@@ -84,7 +89,7 @@ def _list_manifest_files(uri: str) -> list[str]:
             raise FileNotFoundError(f"no Parquet files match {uri}")
         return files
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        files = sorted(str(p) for p in path.rglob("*.parquet") if not _in_output_root(p, path))
         if not files:
             raise FileNotFoundError(f"no .parquet files in folder {uri}")
         return files
@@ -93,11 +98,46 @@ def _list_manifest_files(uri: str) -> list[str]:
     return [str(path)]
 
 
+MAX_MANIFEST_BYTES = 4 * 1024**3  # an S3 manifest object is read into memory: bounded, but far above any image
+
+_OUTPUT_DIRS = ("images", "loras", "catalog", "runs", "state")
+
+
+def _in_output_root(file: Path, top: Path) -> bool:
+    """True for a Parquet file of a prcore output root (its catalogue, run scores) kept inside a folder
+    of manifests: a ``catalog/`` or ``runs/`` folder beside another output-root folder."""
+    for parent in file.relative_to(top).parents:
+        if parent.name in ("catalog", "runs"):
+            siblings = [d for d in _OUTPUT_DIRS if d != parent.name and (top / parent.parent / d).is_dir()]
+            if siblings:
+                return True
+    return False
+
+
+def _in_output_root_key(key: str, folders: set[str]) -> bool:
+    """:func:`_in_output_root` for a key of an S3 prefix (``folders``: every folder prefix listed)."""
+    parts = key.split("/")[:-1]
+    for i, name in enumerate(parts):
+        if name in ("catalog", "runs"):
+            parent = "/".join(parts[:i])
+            if any((f"{parent}/{d}" if parent else d) in folders for d in _OUTPUT_DIRS if d != name):
+                return True
+    return False
+
+
+def _as_list_columns(df: pl.DataFrame) -> pl.DataFrame:
+    """A list[str] column written as one string per row in this file becomes one-element lists, so files
+    that store it differently (both valid alone) concatenate."""
+    fix = [pl.concat_list(pl.col(n)).alias(n) for n, spec in COLUMNS.items()
+           if spec.kind == LIST_STR and n in df.columns and df[n].dtype == pl.String]
+    return df.with_columns(fix) if fix else df
+
+
 def _read_parquet(uri: str) -> pl.DataFrame:
     if uri.startswith("s3://"):
         from prcore.store.uris import read_uri_bytes
 
-        data = read_uri_bytes(uri)
+        data = read_uri_bytes(uri, max_bytes=MAX_MANIFEST_BYTES)  # a manifest file, not an image
         return pl.read_parquet(io.BytesIO(data))
     try:
         return pl.read_parquet(uri)
@@ -113,14 +153,24 @@ def load_manifest(uri: str | os.PathLike[str]) -> Manifest:
     """
     text = os.fspath(uri)
     files = _list_manifest_files(text)
+    load_errors: list[ManifestError] = []
     frames = []
     bases = []
     for i, f in enumerate(files):
         df = _read_parquet(f)
         bases.append(f.rsplit("/", 1)[0] if f.startswith("s3://") else str(Path(f).resolve().parent))
+        reserved = [c for c in df.columns if c.startswith("__")]
+        for name in reserved:  # prcore's own working columns start with "__": a user's would collide
+            load_errors.append(ManifestError(None, None, name, f"column name {name!r} (in {f}) starts with '__', which prcore reserves "
+                                             f"for its internal columns; rename it (your own columns: prefix '{USER_COLUMN_PREFIX}')"))
+        df = _as_list_columns(df.drop(reserved))
         frames.append(df if len(files) == 1 else df.with_columns(pl.lit(i, pl.Int32).alias("__file")))
-    df = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
-    return Manifest(df=df, source=text, files=files, bases=bases)
+    try:
+        df = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+    except Exception as exc:  # columns whose types cannot be reconciled across the files
+        raise ValueError(f"the files of manifest {text} do not agree on their column types ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); write every file with the same dtype per column") from None
+    return Manifest(df=df, source=text, files=files, bases=bases, load_errors=load_errors)
 
 
 def as_manifest(manifest: Manifest | pl.DataFrame) -> Manifest:
@@ -151,6 +201,8 @@ def _kind_ok(series: pl.Series, kind: str) -> tuple[pl.Series | None, str]:
         if dt.is_float():
             finite = series.drop_nulls().drop_nans()
             if finite.len() == series.drop_nulls().len() and (finite == finite.round(0)).all():
+                if finite.len() and not ((finite >= -(2.0**63)) & (finite < 2.0**63)).all():
+                    return None, "integers in the 64-bit range (-2**63..2**63-1); a float this large is not an exact integer"
                 return series.cast(pl.Int64), ""  # e.g. pandas wrote an int column with NaN as float
         return None, "integers"
     if kind == FLOAT:
@@ -169,6 +221,17 @@ def _kind_ok(series: pl.Series, kind: str) -> tuple[pl.Series | None, str]:
     return None, "lists of strings"
 
 
+def _first_bad_int(df: pl.DataFrame, name: str) -> tuple[int | None, str | None, float | None]:
+    """The first row of float column ``name`` that is not an integer in the 64-bit range."""
+    v = pl.col(name)
+    bad = v.is_not_null() & (v.is_nan() | (v != v.round(0)) | (v < -(2.0**63)) | (v >= 2.0**63))
+    hits = df.with_row_index("__i").filter(bad).head(1)
+    if hits.height == 0:
+        return None, None, None
+    sid = hits["subject_id"][0] if "subject_id" in hits.columns and hits["subject_id"].dtype == pl.String else None
+    return int(hits["__i"][0]), sid, float(hits[name][0])
+
+
 def _normalize(df: pl.DataFrame) -> tuple[pl.DataFrame, list[ManifestError]]:
     """Canonical dtypes, every known column present (nulls where absent), plus ``__row``.
 
@@ -183,6 +246,10 @@ def _normalize(df: pl.DataFrame) -> tuple[pl.DataFrame, list[ManifestError]]:
             spec = COLUMNS[name]
             errors.append(ManifestError(None, None, name, f"required column is missing: add a column '{name}' of {spec.kind} ({spec.doc}); see manifests/README.md"))
     for name in df.columns:
+        if name.startswith(USER_COLUMN_PREFIX) and re.search(CREDENTIAL_LIKE, name, re.IGNORECASE):
+            errors.append(ManifestError(None, None, name, "looks like a credential (secret, password, token, credential, access_key), "
+                                        "which is never written to sidecars or the catalogue; rename the column or drop it"))
+            continue
         if name in COLUMNS or name.startswith(USER_COLUMN_PREFIX) or name.startswith("__"):
             continue
         if name.startswith("train_"):
@@ -203,8 +270,10 @@ def _normalize(df: pl.DataFrame) -> tuple[pl.DataFrame, list[ManifestError]]:
             continue
         cast, expected = _kind_ok(df[name], spec.kind)
         if cast is None:
+            row, sid, value = _first_bad_int(df, name) if spec.kind == INT and df[name].dtype.is_float() else (None, None, None)
+            what = f"value {value!r} of a column with dtype {df[name].dtype}" if row is not None else f"has dtype {df[name].dtype} but"
             errors.append(
-                ManifestError(None, None, name, f"has dtype {df[name].dtype} but must hold {expected}; convert the column (e.g. polars .cast) and rewrite the file")
+                ManifestError(row, sid, name, f"{what} must hold {expected}; convert the column (e.g. polars .cast) and rewrite the file")
             )
             cols.append(pl.lit(None, _POLARS[spec.kind]).alias(name))
         else:

@@ -34,6 +34,7 @@ from prcore.data.schema import (
     REQUEST_PARAM_COLUMNS,
     SEED_MAX,
     TRAIN_FIELDS,
+    USER_COLUMN_PREFIX,
     GenerationDefaults,
     ManifestError,
     ManifestInvalid,
@@ -58,6 +59,7 @@ class ImageRequest:
     done: list[bool]
     keys: list[str]
     row: int = -1
+    meta: dict[str, Any] = field(default_factory=dict)  # the row's meta_* cells (non-null), carried into every record
 
     @property
     def num_images(self) -> int:
@@ -94,6 +96,7 @@ class SubjectJob:
     _offset: int = field(default=0, repr=False, compare=False)
     _params: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
     _requests: list[ImageRequest] | None = field(default=None, repr=False, compare=False)
+    _meta: pl.DataFrame | None = field(default=None, repr=False, compare=False)  # meta_* columns by row, shared
 
     @property
     def n_todo(self) -> int:
@@ -117,10 +120,13 @@ def _build_requests(job: SubjectJob) -> list[ImageRequest]:
     cols = job._rows.slice(job._offset, job.n_requests).to_dict(as_series=False)
     out = []
     sid = job.subject_id
-    for row, pid, prompt, n, base, fp_u64, done_idx, spec in zip(
+    meta_rows = None
+    if job._meta is not None and job._meta.width:
+        meta_rows = job._meta[cols["__row"]].to_dicts()
+    for j, (row, pid, prompt, n, base, fp_u64, done_idx, spec) in enumerate(zip(
         cols["__row"], cols["__pid"], cols["prompt"], cols["num_images"], cols["__base_seed"],
         cols["__req_u64"], cols["__done_idx"], cols["__spec"], strict=True,
-    ):
+    )):
         fp = f"{fp_u64:016x}"
         done_set = set(done_idx) if done_idx else ()
         out.append(
@@ -134,6 +140,7 @@ def _build_requests(job: SubjectJob) -> list[ImageRequest]:
                 done=[i in done_set for i in range(n)],
                 keys=[keys.image_key(sid, pid, fp, i) for i in range(n)],
                 row=row,
+                meta={k: _plain(v) for k, v in meta_rows[j].items() if v is not None} if meta_rows else {},
             )
         )
     return out
@@ -158,6 +165,25 @@ def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int 
         pl.col("req_fp").alias("__req_fp"),
         pl.col("index").cast(pl.Int64, strict=False).alias("__index"),
     ).drop_nulls()
+
+
+def _plain(value: Any) -> Any:
+    """A meta_ cell as a JSON value (dates, decimals, ... become text; lists stay lists)."""
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def _captions(captions: Any, n_images: int) -> list[str] | None:
+    """The subject's training captions: one given for all images is repeated per image."""
+    if captions is None:
+        return None
+    captions = list(captions)
+    return captions * n_images if len(captions) == 1 and n_images > 1 else captions
 
 
 def plan(
@@ -289,6 +315,8 @@ def plan(
         pl.len().alias("n"), pl.col("num_images").sum().alias("images"), pl.col("__done_idx").list.len().fill_null(0).sum().alias("done")
     )
     rows = df.select(row_cols)
+    meta_cols = [c for c in m.df.columns if c.startswith(USER_COLUMN_PREFIX)]
+    meta = m.df.select(meta_cols) if meta_cols else None
     jobs: list[SubjectJob] = []
     offset = 0
     for (s, overrides, fp), (n, images, n_done) in zip(subject_info, counts.select("n", "images", "done").iter_rows(), strict=True):
@@ -298,7 +326,7 @@ def plan(
                 class_noun=s["class_noun"],
                 identifier=s["identifier"],
                 instance_images=s["instance_images"],
-                instance_prompts=list(s["instance_prompts"]) if s["instance_prompts"] is not None else None,
+                instance_prompts=_captions(s["instance_prompts"], len(s["instance_images"])),
                 train_overrides=overrides,
                 base_model=s["base_model"],
                 qc_thresholds={m: s[c] for m, c in QC_COLUMNS.items() if s[c] is not None},
@@ -309,6 +337,7 @@ def plan(
                 _rows=rows,
                 _offset=offset,
                 _params=params_list,
+                _meta=meta,
             )
         )
         offset += n

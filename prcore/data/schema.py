@@ -26,9 +26,19 @@ import numpy as np
 # -- names ------------------------------------------------------------------------------------------
 
 GUIDANCE_MODES: tuple[str, ...] = ("parallel_rescaled", "consistency", "cfg", "pretrained")
+# The scheduler names the sampler knows (prcore.method.schedulers keys its diffusers mapping by the
+# same names; tests/test_manifest.py checks that they agree). Manifests, CLI options and flow
+# settings are validated against this list, spelled as make_scheduler normalises it.
+SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "pndm")
+
+
+def scheduler_key(name: str) -> str:
+    """A scheduler name as the sampler looks it up ("DPM++-2M" -> "dpmpp_2m")."""
+    return name.strip().lower().replace("-", "_").replace("+", "p")
+
+
 MIXED_PRECISION: tuple[str, ...] = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes' AdamW8bit (install bitsandbytes)
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # model weights; fp16 needs a GPU
 QC_METRICS: tuple[str, ...] = ("clip_t", "clip_i", "dino")
 QC_COLUMNS: dict[str, str] = {m: f"qc_{m}" for m in QC_METRICS}  # metric -> manifest column / flow setting
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -36,6 +46,8 @@ SUBJECT_PLACEHOLDER = "{subject}"
 DEFAULT_CAPTION = "a photo of a {subject}"
 DEFAULT_IDENTIFIER = "sks"
 USER_COLUMN_PREFIX = "meta_"
+# Field names never stored in a sidecar or the catalogue (a meta_ column so named is refused up front)
+CREDENTIAL_LIKE = r"(secret|password|token|credential|access_key)"
 
 # -- ranges -----------------------------------------------------------------------------------------
 
@@ -43,6 +55,12 @@ MAX_SIZE = 4096
 MAX_STEPS = 1000
 MAX_NUM_IMAGES = 64
 SEED_MAX = 2**63 - 1
+# Instance images: a read stops past MAX_INPUT_BYTES (a device file or a huge upload never fills
+# memory) and a decode refuses more than MAX_IMAGE_PIXELS (a decompression bomb). Both overridable
+# by the environment (PRCORE_MAX_INPUT_BYTES, PRCORE_MAX_IMAGE_PIXELS); the read cap is enforced in
+# prcore.store.uris, which owns reads and has the same default.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 # -- defaults -------------------------------------------------------------------------------------
@@ -213,7 +231,7 @@ _REQUEST_DOCS = {
     "height": "pixels, multiple of 8",
     "width": "pixels, multiple of 8",
     "negative_prompt": "negative prompt",
-    "scheduler": "scheduler name (prcore sample --help lists them) or diffusers class name",
+    "scheduler": "scheduler name: " + " | ".join(SCHEDULER_NAMES),
     "consistency_start": "start of the consistency window, fraction of the schedule (0..1)",
     "consistency_stop": "end of the consistency window, fraction of the schedule (0..1)",
 }

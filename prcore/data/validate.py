@@ -23,8 +23,10 @@ from prcore.data.schema import (
     MIXED_PRECISION,
     OPTIMIZERS,
     QC_COLUMNS,
+    SCHEDULER_NAMES,
     SUBJECT_COLUMNS,
     ManifestError,
+    scheduler_key,
 )
 from prcore.store.keys import SAFE_ID_PATTERN
 
@@ -204,6 +206,26 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
             ~pl.col("guidance").is_in(list(GUIDANCE_MODES)),
             lambda r: f"unknown guidance mode {r['__value']!r}; use one of {', '.join(GUIDANCE_MODES)}",
         )
+    if usable("scheduler"):
+        c.values(
+            "scheduler",
+            ~pl.col("scheduler").map_elements(lambda v: scheduler_key(v) in SCHEDULER_NAMES, return_dtype=pl.Boolean),
+            lambda r: f"unknown scheduler {r['__value']!r}; use one of {', '.join(SCHEDULER_NAMES)} "
+                      "(names, not diffusers class names), or null for the model's own",
+        )
+    if usable("instance_prompts") and usable("instance_images"):
+        n_caps, n_imgs = pl.col("instance_prompts").list.len(), pl.col("instance_images").list.len()
+        c.rows(
+            pl.col("instance_prompts").is_not_null() & (n_caps > 1) & (n_caps != n_imgs),
+            "instance_prompts",
+            lambda r: f"has {r['__caps']} captions for {r['__imgs']} instance images; give one caption for all, one per image, or null",
+            extra=[n_caps.alias("__caps"), n_imgs.alias("__imgs")],
+            per_subject=True,
+        )
+    if usable("base_model"):
+        problems = {v: p for v in c.df["base_model"].drop_nulls().unique().to_list() if (p := base_model_problem(v))}
+        if problems:
+            c.rows(pl.col("base_model").is_in(list(problems)), "base_model", lambda r: problems[r["__value"]], per_subject=True)
     _validate_train(c, usable)
 
     # -- instance images -----------------------------------------------------------------------------
@@ -227,6 +249,43 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
     out = errors + c.errors
     out.sort(key=lambda e: (-1 if e.row is None else e.row, e.column or ""))
     return out
+
+
+def validate_defaults(defaults: Any, *, base_model: str | None = None) -> list[str]:
+    """The run's defaults for null manifest cells (``GenerationDefaults``; CLI options, flow settings)
+    checked by the same rules as manifest cells: one message per bad value, naming the setting."""
+    from dataclasses import asdict
+
+    cells = {k: v for k, v in asdict(defaults).items() if v is not None}
+    if base_model:
+        cells["base_model"] = base_model
+    row = {"subject_id": "defaults", "instance_images": ["unused.png"], "class_noun": "thing", "prompt": "a {subject}", **cells}
+    errors = validate(pl.DataFrame([row]), check_images=False)
+    out = []
+    for e in errors:
+        text = e.message if hasattr(e, "message") else str(e)
+        out.append(f"default {e.column} (a run setting, e.g. --{(e.column or '').replace('_', '-')}): {text}")
+    return out
+
+
+def base_model_problem(value: str) -> str | None:
+    """What is wrong with a ``base_model`` that names a local folder (a path: absolute, ``./``, ``../``,
+    ``~`` or ``file://``); hub ids and ``prcore:`` ids are checked when the run resolves the model."""
+    import os
+
+    text = value.strip()
+    if not text or text.startswith("prcore:"):
+        return None
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif not (text.startswith(("/", "./", "../", "~")) or os.sep == "\\" and text[1:3] == ":\\"):
+        return None
+    folder = os.path.expanduser(text)
+    if not os.path.isdir(folder):
+        return f"{value!r} is not a folder; give an existing diffusers model folder (with model_index.json) or a hub id"
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        return f"{value!r} has no model_index.json; give a diffusers model folder (save_pretrained) or a hub id"
+    return None
 
 
 def _validate_train(c: _Collector, usable: Callable[[str], bool]) -> None:
@@ -297,10 +356,15 @@ def _validate_uris(c: _Collector, m: Manifest, *, check_images: bool, workers: i
         )
 
 
+MIN_INSTANCE_SIDE = 32  # = min_image_side(64), the smallest train_resolution allowed
+
+
 def _image_problem(uri: str, client: Any = None) -> str | None:
-    """None when ``uri`` holds a decodable image, else what is wrong."""
+    """None when ``uri`` holds a decodable image, else what is wrong. Reads the file once (regular
+    files only, size-capped), checks size and pixel count from the header, then the PNG/JPEG structure."""
     from PIL import Image
 
+    from prcore.data.images import max_image_pixels
     from prcore.store.storage import StoreError
     from prcore.store.uris import read_uri_bytes
 
@@ -312,6 +376,11 @@ def _image_problem(uri: str, client: Any = None) -> str | None:
         return f"{uri!r} cannot be read: {exc}"
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size  # from the header: no pixel decoded yet
+            if w * h > max_image_pixels():
+                return f"{uri!r} is {w}x{h} pixels, over the {max_image_pixels()}-pixel limit (PRCORE_MAX_IMAGE_PIXELS); downscale it"
+            if min(w, h) < MIN_INSTANCE_SIDE:
+                return f"{uri!r} is {w}x{h} pixels, too small to train on; give images at least {MIN_INSTANCE_SIDE} pixels on the shorter side"
             im.verify()
     except Exception:
         return f"{uri!r} is not a readable image; give a PNG/JPEG/WebP file"

@@ -1,8 +1,13 @@
-"""The catalogue: one Parquet file per subject per run under ``catalog/run_date=YYYY-MM-DD/``.
+"""The catalogue: one Parquet file per subject, ``catalog/{subject_id}.parquet``, with exactly one row
+per finished image of the subject (its current sidecar: the current sha256), rewritten whole in
+one put whenever the subject changes (atomic on a folder and on S3: a reader sees the old file or
+the new, never half). Nothing is appended: a rerun, a crash, a second run or a manifest edit
+leaves one row per image.
 
 Its columns are the fields of :class:`prcore.outputs.sidecar.ImageRecord` (scalar fields as
-columns, nested ones in ``extra_json``; ``run_date`` comes from the folder name), so every file
-has the same explicit schema and the folder reads as one hive-partitioned data set::
+columns, ``run_date`` included: the date of the run that made the image; nested ones in
+``extra_json``), so every file has the same explicit schema and the folder reads as one data set
+(the ``**`` and ``hive`` forms of earlier versions keep working; there are no partition folders)::
 
     pl.scan_parquet("out/catalog/**/*.parquet", hive_partitioning=True)
     pyarrow.dataset.dataset("out/catalog", format="parquet", partitioning="hive")
@@ -11,29 +16,26 @@ has the same explicit schema and the folder reads as one hive-partitioned data s
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import json
-import uuid
 from collections.abc import Iterable
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any
 
 import polars as pl
 
 from prcore.outputs.sidecar import ImageRecord
-from prcore.store.keys import CATALOG_PREFIX, catalog_key, catalog_run_date
+from prcore.store.keys import CATALOG_PREFIX, catalog_key, catalog_subject, legacy_catalog_key
 
 _POLARS = {"str": pl.String(), "int": pl.Int64(), "float": pl.Float64(), "bool": pl.Boolean()}
-PARTITION = "run_date"  # from the folder name, not a column of the files
 
 
 def _column_type(annotation: str) -> pl.DataType | None:
     return _POLARS.get(str(annotation).replace(" | None", ""))
 
 
-SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ImageRecord) if f.name != PARTITION and _column_type(f.type) is not None)
-NESTED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ImageRecord) if f.name != PARTITION and _column_type(f.type) is None)
+SCALAR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ImageRecord) if _column_type(f.type) is not None)
+NESTED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ImageRecord) if _column_type(f.type) is None)
 CATALOG_SCHEMA: dict[str, pl.DataType] = {
     **{f.name: _column_type(f.type) for f in fields(ImageRecord) if f.name in SCALAR_FIELDS},  # type: ignore[misc]
     "extra_json": pl.String(),
@@ -51,24 +53,38 @@ def catalog_frame(records: Iterable[ImageRecord]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=CATALOG_SCHEMA)
 
 
-def write_catalog(store: Any, run_date: str | _dt.date, subject_id: str, records: Iterable[ImageRecord], *, run_id: str | None = None) -> str:
-    """Write one subject's rows for one run; returns the key. Rewriting the same run replaces the file."""
-    if isinstance(run_date, _dt.date):
-        run_date = run_date.isoformat()
-    run_id = run_id or uuid.uuid4().hex[:12]
-    key = catalog_key(run_date, subject_id, run_id)
-    records = [r if r.run_id else replace(r, run_id=run_id) for r in records]  # a record without a run: this one's
+def write_catalog(store: Any, subject_id: str, records: Iterable[ImageRecord]) -> str:
+    """Replace the subject's catalogue file with ``records`` (one row per key: a key given twice keeps
+    its last record); returns the key. Files of the old layout for the subject are removed after."""
+    by_key: dict[str, ImageRecord] = {}
+    for record in records:
+        if record.subject_id != subject_id:
+            raise ValueError(f"record of subject {record.subject_id!r} in the catalogue of {subject_id!r}")
+        by_key[record.key] = record
+    key = catalog_key(subject_id)
     buf = io.BytesIO()
-    catalog_frame(records).write_parquet(buf, compression="zstd")
+    rows = sorted(by_key.values(), key=lambda r: (r.prompt_id, r.req_fp, r.index))
+    catalog_frame(rows).write_parquet(buf, compression="zstd")
     store.put(key, buf.getvalue(), content_type="application/vnd.apache.parquet")
+    for old in list(store.list(f"{CATALOG_PREFIX}/run_date=")):
+        if legacy_catalog_key(old) == subject_id:
+            store.delete(old)
     return key
 
 
+def read_subject_catalog(store: Any, subject_id: str) -> pl.DataFrame | None:
+    """The subject's catalogue file, or None when it has none."""
+    from prcore.store.storage import KeyNotFoundError
+
+    try:
+        return pl.read_parquet(io.BytesIO(store.get(catalog_key(subject_id))))
+    except KeyNotFoundError:
+        return None
+
+
 def read_catalog(store: Any) -> pl.DataFrame:
-    """The whole catalogue of ``store`` as one frame, ``run_date`` included (from the folder names)."""
-    found = [(k, catalog_run_date(k)) for k in store.list(f"{CATALOG_PREFIX}/")]
-    found = sorted((k, d) for k, d in found if d is not None)
+    """The whole catalogue of ``store`` as one frame (files of the old layout are not read)."""
+    found = sorted(k for k in store.list(f"{CATALOG_PREFIX}/") if catalog_subject(k) is not None)
     if not found:
-        return pl.DataFrame(schema={**CATALOG_SCHEMA, PARTITION: pl.String()})
-    frames = [pl.read_parquet(io.BytesIO(store.get(k))).with_columns(pl.lit(d).alias(PARTITION)) for k, d in found]
-    return pl.concat(frames, how="vertical_relaxed")
+        return pl.DataFrame(schema=CATALOG_SCHEMA)
+    return pl.concat([pl.read_parquet(io.BytesIO(store.get(k))) for k in found], how="vertical_relaxed")

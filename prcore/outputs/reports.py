@@ -33,6 +33,7 @@ class SubjectResult:
     error: str | None = None
     step: str | None = None
     worker: dict[str, Any] = field(default_factory=dict)
+    leased_by: str | None = None  # skipped: this run id held the subject's lease (it does the work)
 
     @property
     def ok(self) -> bool:
@@ -117,6 +118,7 @@ def summarize(results: Sequence[SubjectResult]) -> dict[str, Any]:
         "trained": sum(1 for r in results if r.lora_source == "trained"),
         "model_seconds": round(sum(r.model_seconds for r in results), 3),
         "qc_failed": sum(r.qc_failed for r in results),
+        "leased": sum(1 for r in results if r.leased_by),
     }
 
 
@@ -132,21 +134,50 @@ def table_rows(results: Sequence[SubjectResult]) -> list[dict[str, Any]]:
             "seconds": round(r.seconds, 2),
             "qc_failed": r.qc_failed,
             "lora": f"{r.lora_source or '-'} {r.lora_fp or ''}".strip(),
-            "error": f"{r.step}: {r.error}" if r.error else "",
+            "error": f"{r.step}: {r.error}" if r.error else (f"leased by run {r.leased_by}" if r.leased_by else ""),
         }
         for r in results
     ]
 
 
-def contact_sheets_markdown(store, run_id: str, results: Sequence[SubjectResult]) -> str:
-    """Markdown with one contact sheet per subject (S3 links presigned by ``store.url``)."""
+def artifact_link(store, key: str) -> tuple[str, str | None]:
+    """(text, href) for a key shown in a Prefect artifact, carrying no credentials by default:
+
+    - ``PRCORE_PUBLIC_BASE_URL`` set (an S3 static website / CDN / reverse proxy in front of the output
+      root, behind your own access control): ``{base}/{key}``, an image the UI can show;
+    - ``PRCORE_ARTIFACT_PRESIGN_S`` set (opt-in): a presigned link valid that many seconds. It is a bearer
+      link (it carries the access key id, and the session token under STS) readable by every user of
+      the Prefect UI until it expires;
+    - otherwise no href: the object's address (``s3://bucket/key`` or the local path), as text.
+    """
+    import os
+
+    base = os.environ.get("PRCORE_PUBLIC_BASE_URL", "").strip()
+    if base:
+        return key, f"{base.rstrip('/')}/{key}"
+    presign = os.environ.get("PRCORE_ARTIFACT_PRESIGN_S", "").strip()
+    address = f"{store.uri.rstrip('/')}/{key}"
+    if presign.isdigit() and int(presign) > 0 and address.startswith("s3://"):
+        return address, store.url(key, expires=int(presign))
+    return address, None
+
+
+def contact_sheets_markdown(store, run_id: str, results: Sequence[SubjectResult], report_key: str | None = None) -> str:
+    """Markdown with one contact sheet per subject; links from :func:`artifact_link` (no credentials
+    unless presigning is chosen)."""
     lines = [f"# Contact sheets, run `{run_id}`", "", f"Output: `{store.uri}`", ""]
+    if report_key:
+        text, href = artifact_link(store, report_key)
+        lines += [f"Run report: [{text}]({href})" if href else f"Run report: `{text}` (open it from the store)", ""]
     for r in results:
         lines.append(f"## {r.subject_id}")
         if r.contact_sheet:
-            url = store.url(r.contact_sheet)
-            lines.append(f"![{r.subject_id}]({url})")
-            lines.append(f"[{r.contact_sheet}]({url})")
+            text, href = artifact_link(store, r.contact_sheet)
+            if href:
+                lines.append(f"![{r.subject_id}]({href})")
+                lines.append(f"[{r.contact_sheet}]({href})")
+            else:
+                lines.append(f"`{text}`")
         else:
             lines.append("_no images_" + (f" (failed at {r.step}: {r.error})" if r.error else ""))
         lines.append("")

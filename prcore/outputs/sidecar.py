@@ -21,12 +21,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prcore.data.fingerprint import canonical_json, sha256_bytes
+from prcore.data.schema import CREDENTIAL_LIKE
 from prcore.store.keys import sidecar_key_for
 
 PNG_TEXT_KEY = "parameters"  # the tEXt/iTXt key image viewers (and A1111-style tools) show
 SIDECAR_VERSION = 2
 
-_FORBIDDEN_KEYS = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
+_FORBIDDEN_KEYS = re.compile(CREDENTIAL_LIKE, re.IGNORECASE)
 
 
 def code_version() -> str:

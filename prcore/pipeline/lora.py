@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prcore.data.schema import TrainConfig
 from prcore.pipeline.subject import SubjectInputs
-from prcore.store.keys import LORA_RECORD_FILE, lora_prefix, lora_record_key
+from prcore.store.keys import LORA_RECORD_FILE, LORA_WEIGHTS_FILE, lora_prefix, lora_record_key
 
 log = logging.getLogger("prcore.pipeline")
 _ADAPTER_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
@@ -61,6 +61,17 @@ def _local_lora_dir(cache_dir: Path, subject_id: str, lora_fp: str) -> Path:
     return cache_dir / "loras" / subject_id / lora_fp
 
 
+def _clean_stale_dirs(folder: Path, max_age_s: float = 6 * 3600) -> None:
+    """Remove ``.train-*`` / ``.dl-*`` folders a killed run left in the cache (older than ``max_age_s``)."""
+    cutoff = time.time() - max_age_s
+    for path in [*folder.glob(".train-*"), *folder.glob(".dl-*")]:
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _download_lora(store, prefix: str, target: Path) -> None:
     """Copy every object under ``prefix`` into ``target`` (atomically: temp folder, then rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,29 +103,56 @@ def _upload_lora(store, local: Path, prefix: str) -> None:
         store.put(prefix + rel, path.read_bytes(), content_type=ctype)
 
 
+def store_has_lora(store, subject_id: str, lora_fp: str) -> bytes | None:
+    """The LoRA's record when the store holds a complete LoRA (record and weights), else None. A folder
+    marked complete whose weights are gone counts as absent: it is trained again."""
+    from prcore.store.storage import KeyNotFoundError
+
+    prefix = lora_prefix(subject_id, lora_fp)
+    try:
+        record = store.get(lora_record_key(subject_id, lora_fp))
+    except KeyNotFoundError:
+        return None
+    if not store.exists(prefix + LORA_WEIGHTS_FILE):
+        log.warning("LoRA %s of subject %s has a record but no %s in %s: training it again", lora_fp, subject_id,
+                    LORA_WEIGHTS_FILE, store.uri)
+        return None
+    return record
+
+
+def _local_matches(local: Path, record: bytes) -> bool:
+    """This machine's copy is usable only when it is the store's LoRA: same record bytes, weights present."""
+    try:
+        return (local / LORA_RECORD_FILE).read_bytes() == record and (local / LORA_WEIGHTS_FILE).is_file()
+    except OSError:
+        return False
+
+
 def materialize_lora(store, subject_id: str, lora_fp: str, cache_dir: Path) -> Path:
-    """The local folder of a LoRA that is in the store, downloading it into the cache if needed."""
+    """The local folder of a LoRA that is in the store, downloading it into the cache if this machine
+    lacks it or holds a copy that differs from the store's."""
     local = _local_lora_dir(cache_dir, subject_id, lora_fp)
-    if (local / LORA_RECORD_FILE).is_file():
-        return local
-    if not store.exists(lora_record_key(subject_id, lora_fp)):
-        raise FileNotFoundError(f"LoRA {lora_fp} of subject {subject_id!r} is neither in {local} nor in {store.uri}/{lora_prefix(subject_id, lora_fp)}")
-    _download_lora(store, lora_prefix(subject_id, lora_fp), local)
+    record = store_has_lora(store, subject_id, lora_fp)
+    if record is None:
+        raise FileNotFoundError(f"LoRA {lora_fp} of subject {subject_id!r} is not (complete) in {store.uri}/{lora_prefix(subject_id, lora_fp)}")
+    if not _local_matches(local, record):
+        _download_lora(store, lora_prefix(subject_id, lora_fp), local)
     return local
 
 
 def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora_fp: str, base_model_id: str,
                 cache_dir: Path, progress: bool = False) -> LoraInfo:
     """The subject's LoRA ``lora_fp``: reused from the store (downloaded into the cache if this
-    machine lacks it), else trained and uploaded."""
+    machine lacks it or its copy differs), else trained and uploaded. The store decides, never the cache."""
     started = time.perf_counter()
     job = inputs.job
     prefix = lora_prefix(job.subject_id, lora_fp)
     local = _local_lora_dir(cache_dir, job.subject_id, lora_fp)
 
-    if store.exists(lora_record_key(job.subject_id, lora_fp)):
+    record = store_has_lora(store, job.subject_id, lora_fp)
+    if record is not None:
         source = "cache"
-        if not (local / LORA_RECORD_FILE).is_file():
+        if not _local_matches(local, record):
             _download_lora(store, prefix, local)
             source = "store"
         return LoraInfo(job.subject_id, lora_fp, prefix, str(local), source, seconds=time.perf_counter() - started)
@@ -123,6 +161,7 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
 
     inputs.check_images()
     local.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_dirs(local.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=local.parent))
     try:
         result = train_subject_lora(pipe, images=inputs.images, class_noun=job.class_noun, identifier=job.identifier,

@@ -66,7 +66,7 @@ class RunSettings(BaseModel):
     placement: Placement = Field(default_factory=Placement)
     scoring: Scoring = Field(default_factory=Scoring)
     cache_dir: str | None = Field(None, description="local cache for the embedded model and downloaded LoRAs (default ~/.cache/prcore or $PRCORE_CACHE_DIR)")
-    check_images: bool = Field(False, description="open every instance image before anything runs")
+    check_images: bool = Field(True, description="open the instance images of every subject with work left before anything runs")
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir or os.environ.get("PRCORE_CACHE_DIR") or Path.home() / ".cache" / "prcore").expanduser()

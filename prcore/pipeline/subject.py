@@ -69,14 +69,19 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     """
     from prcore.data.load import load_manifest
     from prcore.data.plan import plan
-    from prcore.data.schema import ManifestInvalid
-    from prcore.data.validate import validate
+    from prcore.data.schema import ManifestError, ManifestInvalid
+    from prcore.data.validate import validate, validate_defaults
 
     manifest = load_manifest(manifest_uri)
-    errors = validate(manifest, check_images=check_images)
+    errors = validate(manifest, check_images=False)
     if errors:
         raise ManifestInvalid(errors, manifest.source)
+    bad_defaults = validate_defaults(defaults)
+    if bad_defaults:
+        raise ManifestInvalid([ManifestError(None, None, None, m) for m in bad_defaults], "the run's settings")
     jobs = plan(manifest, store=store, defaults=defaults, base_model=model_id, check=False)
+    if check_images:
+        check_pending_images(jobs, manifest.source)
     if subject_ids is not None:
         wanted = list(subject_ids)
         by_id = {j.subject_id: j for j in jobs}
@@ -85,6 +90,34 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
             raise ValueError(f"subjects {missing} are not in manifest {manifest_uri}")
         jobs = [by_id[s] for s in wanted]
     return jobs
+
+
+def check_pending_images(jobs: Sequence[SubjectJob], source: str, *, workers: int = 8) -> None:
+    """Raise ManifestInvalid naming every unusable instance image of a subject with work left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prcore.data.schema import ManifestError, ManifestInvalid
+    from prcore.data.validate import _image_problem
+
+    pending = [j for j in jobs if j.n_todo > 0]
+    uris = sorted({u for j in pending for u in j.instance_images})
+    if not uris:
+        return
+    client = None
+    if any(u.startswith("s3://") for u in uris):
+        from prcore.store.storage import make_s3_client
+
+        client = make_s3_client()
+    with ThreadPoolExecutor(max(1, min(workers, len(uris)))) as pool:
+        problems = dict(zip(uris, pool.map(lambda u: _image_problem(u, client), uris), strict=True))
+    errors = []
+    for j in pending:
+        bad = [problems[u] for u in j.instance_images if problems.get(u)]
+        if bad:
+            row = j.requests[0].row if j.requests else None
+            errors.append(ManifestError(row, j.subject_id, "instance_images", bad[0]))
+    if errors:
+        raise ManifestInvalid(errors, source)
 
 
 # -- a subject's inputs, read once ----------------------------------------------------------------------
@@ -206,7 +239,7 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
                 lora_fp=lora_fp, device=device, dtype=dtype, peak_memory_bytes=out.peak_memory_bytes, unet_rows=out.unet_rows,
                 seconds=round(out.seconds / len(todo), 4),
                 run_id=run.run_id if run else None, run_date=run.run_date if run else None,
-                worker=run.worker if run else None,
+                worker=run.worker if run else None, extra=dict(request.meta),
             ).with_scores(image_scores)
             result.records.append(write_image(store, record, image))
             result.qc_failed += record.qc_pass is False
@@ -238,16 +271,72 @@ def finished_records(store, job: SubjectJob, made_now: Sequence[ImageRecord] = (
     return out
 
 
-def write_subject_catalog(store, run: RunContext, job: SubjectJob, records: Sequence[ImageRecord], *, generated: int) -> str | None:
-    """``catalog/run_date=D/{run_id}--{subject_id}.parquet`` when this run generated images of the
-    subject: one row per finished image of its requests (images an interrupted earlier run made,
-    whose catalogue file was never written, are listed too; each row's ``run_id`` is the run that
-    made the image). Nothing generated: nothing written."""
-    from prcore.outputs.catalog import write_catalog
+def subject_sidecar_keys(store, subject_id: str) -> list[str]:
+    """Every finished image of the subject in the store (its sidecar keys), whatever the manifest says now."""
+    from prcore.store.keys import parse_image_key, subject_images_prefix
 
-    if generated <= 0 or not records:
-        return None
-    return write_catalog(store, run.run_date, job.subject_id, records, run_id=run.run_id)
+    return [k for k in store.list(subject_images_prefix(subject_id)) if (p := parse_image_key(k)) is not None and p.ext == "json"]
+
+
+def refresh_done(store, job: SubjectJob) -> SubjectJob:
+    """Re-mark which of the job's images are done from one listing of the store (a run that waited
+    for another, or was planned long ago, must not redo what the other finished meanwhile)."""
+    from prcore.store.keys import png_key_for
+
+    done = {png_key_for(k) for k in subject_sidecar_keys(store, job.subject_id)}
+    n_done = 0
+    for request in job.requests:
+        request.done = [key in done for key in request.keys]
+        n_done += sum(request.done)
+    job.n_done = n_done
+    return job
+
+
+def write_subject_catalog(store, job: SubjectJob, made_now: Sequence[ImageRecord] = ()) -> str:
+    """Rewrite ``catalog/{subject_id}.parquet`` from the store: one row per sidecar of the subject (the
+    records made now as returned, every other one read from its sidecar), so the file matches the
+    store exactly after any sequence of crashes, reruns and manifest edits."""
+    from prcore.outputs.catalog import write_catalog
+    from prcore.store.keys import png_key_for
+
+    now = {r.key: r for r in made_now}
+    records = []
+    for sidecar in subject_sidecar_keys(store, job.subject_id):
+        png = png_key_for(sidecar)
+        records.append(now[png] if png in now else read_sidecar(store, png))
+    return write_catalog(store, job.subject_id, records)
+
+
+def catalog_is_current(store, subject_id: str) -> bool:
+    """True when the subject's derived outputs need nothing: no dirty marker (no run wrote images of it
+    without finishing its contact sheet and catalogue) and its catalogue file lists exactly the
+    images in the store. Cheap: one HEAD, one GET and one LIST."""
+    from prcore.outputs.catalog import read_subject_catalog
+    from prcore.store.keys import dirty_key, png_key_for
+
+    if store.exists(dirty_key(subject_id)):
+        return False
+    cat = read_subject_catalog(store, subject_id)
+    stored = {png_key_for(k) for k in subject_sidecar_keys(store, subject_id)}
+    if cat is None:
+        return not stored
+    keys = cat["key"].to_list()
+    return len(keys) == len(set(keys)) and set(keys) == stored
+
+
+def mark_dirty(store, run: RunContext, subject_id: str) -> None:
+    import json
+
+    from prcore.store.keys import dirty_key
+
+    store.put(dirty_key(subject_id), json.dumps({"run_id": run.run_id, "worker": run.worker}).encode(),
+              content_type="application/json")
+
+
+def clear_dirty(store, subject_id: str) -> None:
+    from prcore.store.keys import dirty_key
+
+    store.delete(dirty_key(subject_id))
 
 
 def write_subject_contact_sheet(store, run: RunContext, inputs: SubjectInputs, records: Sequence[ImageRecord]) -> str | None:

@@ -193,6 +193,14 @@ def evaluate_outputs(
                 **{m: image_scores.get(m) for m in scorer.metrics}, "qc_pass": passed,
             }
         )
+    if write:  # the catalogue rows of these subjects are stale now: the next run rewrites them
+        import json as _json
+
+        from prcore.store.keys import dirty_key
+
+        for sid in sorted({r["subject_id"] for r in rows}):
+            store.put(dirty_key(sid), _json.dumps({"reason": "scores updated by prcore eval"}).encode(),
+                      content_type="application/json")
     table_key = None
     if write and rows:
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")

@@ -4,8 +4,10 @@ Layout under one root (a folder or ``s3://bucket/prefix``)::
 
     loras/{subject_id}/{lora_fp}/                      LORA_WEIGHTS_FILE, LORA_EMBEDDINGS_FILE, LORA_RECORD_FILE (last)
     images/{subject_id}/{prompt_id}/{req_fp}/{i}.png   + {i}.json sidecar (written last: the commit marker)
-    catalog/run_date=YYYY-MM-DD/{run_id}--{subject_id}.parquet
+    catalog/{subject_id}.parquet                       one row per finished image of the subject (rewritten whole)
     runs/{run_id}/                                     summary.json, failures.json, shards/, contact_sheets/
+    state/leases/{subject_id}.json                     who works on the subject now (a lease with an expiry)
+    state/dirty/{subject_id}.json                      images written since the subject's catalogue was last rewritten
 
 Keys are built only from safe ids (:func:`is_safe_id`) and hex fingerprints; anything else raises
 ``ValueError`` before a key exists, so an id can never become a path outside the root. Pure Python:
@@ -21,6 +23,7 @@ IMAGES_PREFIX = "images"
 LORAS_PREFIX = "loras"
 CATALOG_PREFIX = "catalog"
 RUNS_PREFIX = "runs"
+STATE_PREFIX = "state"
 
 # The files of a LoRA folder (local cache and store alike). The record is written last: a LoRA
 # folder counts only when it is there and names its weights.
@@ -173,19 +176,40 @@ def contact_sheet_key(run_id: str, subject_id: str) -> str:
     return run_key(run_id, f"contact_sheets/{safe_id('subject_id', subject_id)}.png")
 
 
-def catalog_key(run_date: str, subject_id: str, run_id: str) -> str:
-    """``catalog/run_date=YYYY-MM-DD/{run_id}--{subject_id}.parquet`` (one file per subject per run)."""
-    if not isinstance(run_date, str) or not _DATE.match(run_date):
-        raise ValueError(f"run_date {run_date!r} must be YYYY-MM-DD")
-    return f"{CATALOG_PREFIX}/run_date={run_date}/{safe_id('run_id', run_id)}--{safe_id('subject_id', subject_id)}.parquet"
+def catalog_key(subject_id: str) -> str:
+    """``catalog/{subject_id}.parquet``: the subject's whole catalogue, one row per finished image,
+    rewritten in one put (atomic on both stores) whenever it changes."""
+    return f"{CATALOG_PREFIX}/{safe_id('subject_id', subject_id)}.parquet"
 
 
-def catalog_run_date(key: str) -> str | None:
-    """The ``run_date`` partition of a catalogue key, or None for any other key."""
+def catalog_subject(key: str) -> str | None:
+    """The subject of a catalogue key (``catalog/{subject_id}.parquet``), or None for any other key."""
+    parts = key.split("/")
+    if len(parts) == 2 and parts[0] == CATALOG_PREFIX and parts[1].endswith(".parquet"):
+        sid = parts[1][: -len(".parquet")]
+        return sid if is_safe_id(sid) else None
+    return None
+
+
+def legacy_catalog_key(key: str) -> str | None:
+    """The subject of a catalogue file of the old layout (``catalog/run_date=D/{run_id}--{subject}.parquet``,
+    one file per subject per run; removed when the subject's current file is written), else None."""
     parts = key.split("/")
     if len(parts) == 3 and parts[0] == CATALOG_PREFIX and parts[1].startswith("run_date=") and parts[2].endswith(".parquet"):
-        return parts[1].removeprefix("run_date=")
+        _, sep, sid = parts[2][: -len(".parquet")].rpartition("--")
+        return sid if sep and is_safe_id(sid) else None
     return None
+
+
+def lease_key(subject_id: str) -> str:
+    """``state/leases/{subject_id}.json``: the lease of the run working on the subject."""
+    return f"{STATE_PREFIX}/leases/{safe_id('subject_id', subject_id)}.json"
+
+
+def dirty_key(subject_id: str) -> str:
+    """``state/dirty/{subject_id}.json``: put before a run writes images of the subject, removed once the
+    subject's contact sheet and catalogue file match them (a crash in between leaves it: the rerun reconciles)."""
+    return f"{STATE_PREFIX}/dirty/{safe_id('subject_id', subject_id)}.json"
 
 
 # -- a DreamBench output root (``prcore bench dreambench``) ---------------------------------------------

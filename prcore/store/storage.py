@@ -19,6 +19,7 @@ the bucket/key and what to check; they never contain credentials.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -117,7 +118,7 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def url(self, key: str) -> str: ...
+    def url(self, key: str, expires: int | None = None) -> str: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class LocalStore:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append((entry.path, f"{rel}{entry.name}/"))
-                    elif not entry.name.startswith(".tmp-"):
+                    elif not entry.name.startswith((".tmp-", ".lock-")):
                         keys.append(rel + entry.name)
         if prefix and not prefix.endswith("/"):
             keys = [k for k in keys if k.startswith(prefix)]
@@ -200,8 +201,75 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
-    def url(self, key: str) -> str:
+    def url(self, key: str, expires: int | None = None) -> str:
         return self._path(key).as_uri()
+
+    def clean_stale_tmp(self, max_age_s: float = 3600.0, prefix: str = "") -> int:
+        """Remove ``.tmp-*`` files of writes interrupted more than ``max_age_s`` ago (a write in progress
+        is younger); returns how many. Listing and reading skip them anyway."""
+        import time
+
+        folder = self.root.joinpath(*prefix.strip("/").split("/")) if prefix.strip("/") else self.root
+        if not folder.is_dir():
+            return 0
+        cutoff, removed = time.time() - max_age_s, 0
+        for path in folder.rglob(".tmp-*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
+
+    # -- conditional writes (leases): an flock on a lock file beside the key serialises them between
+    # processes on this machine (and on NFSv4); the version ("etag") is the content's sha256.
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[Path]:
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / f".lock-{path.name}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        import hashlib
+
+        return hashlib.sha256(data).hexdigest()
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, self._etag(data)
+
+    def put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+        """Write only if the key is absent (``if_none_match``) or still has version ``if_match``; the new
+        version, or None when the condition does not hold."""
+        with self._locked(key) as path:
+            try:
+                current = self._etag(path.read_bytes())
+            except FileNotFoundError:
+                current = None
+            if (if_none_match and current is not None) or (if_match is not None and current != if_match):
+                return None
+            self.put(key, data)
+            return self._etag(data)
+
+    def delete_if(self, key: str, if_match: str) -> bool:
+        with self._locked(key) as path:
+            try:
+                if self._etag(path.read_bytes()) != if_match:
+                    return False
+            except FileNotFoundError:
+                return False
+            path.unlink()
+            return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +326,15 @@ class S3Options:
     retry_mode: str = field(default_factory=lambda: os.environ.get("AWS_RETRY_MODE", "adaptive"))
     max_attempts: int = field(default_factory=lambda: int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
     multipart_threshold: int = 64 * 1024 * 1024
+    # every S3 call has a deadline: connecting, and each read of the socket (no read hangs forever)
+    connect_timeout: float = field(default_factory=lambda: float(os.environ.get("PRCORE_S3_CONNECT_TIMEOUT", "10")))
+    read_timeout: float = field(default_factory=lambda: float(os.environ.get("PRCORE_S3_READ_TIMEOUT", "60")))
     presign_expires: int = 7 * 24 * 3600
+    # After botocore's own quick retries, a transient failure (endpoint away, 5xx, throttling) is retried
+    # with exponential backoff (1 s doubling to retry_max_delay_s, jittered) until retry_budget_s has
+    # passed since the call began: an S3 outage of a few minutes costs a night nothing.
+    retry_budget_s: float = field(default_factory=lambda: float(os.environ.get("PRCORE_STORE_RETRY_BUDGET_S", "600")))
+    retry_max_delay_s: float = field(default_factory=lambda: float(os.environ.get("PRCORE_STORE_RETRY_MAX_DELAY_S", "60")))
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -293,7 +369,38 @@ class S3Store:
     def _error(self, exc: BaseException, action: str, key: str | None) -> StoreError:
         return translate_s3_error(exc, bucket=self.bucket, action=action, key=self._full(key) if key else None)
 
+    def _retry(self, fn: Any) -> Any:
+        """``fn()``, retried on :class:`TransientStoreError` within the store's retry budget."""
+        import random
+        import time
+
+        started = time.monotonic()
+        delay = 1.0
+        while True:
+            try:
+                return fn()
+            except TransientStoreError:
+                if time.monotonic() - started + delay > self.options.retry_budget_s:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.options.retry_max_delay_s)
+
     def put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        self._retry(lambda: self._put(key, data, content_type, metadata))
+
+    def get(self, key: str) -> bytes:
+        return self._retry(lambda: self._get(key))
+
+    def exists(self, key: str) -> bool:
+        return self._retry(lambda: self._exists(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        return iter(self._retry(lambda: list(self._list(prefix))))
+
+    def delete(self, key: str) -> None:
+        self._retry(lambda: self._delete(key))
+
+    def _put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         full = self._full(key)
         extra: dict[str, Any] = {}
         if content_type:
@@ -311,7 +418,7 @@ class S3Store:
         except Exception as exc:
             raise self._error(exc, "write", key) from None
 
-    def get(self, key: str) -> bytes:
+    def _get(self, key: str) -> bytes:
         full = self._full(key)
         try:
             return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
@@ -320,7 +427,7 @@ class S3Store:
                 raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
             raise self._error(exc, "read", key) from None
 
-    def exists(self, key: str) -> bool:
+    def _exists(self, key: str) -> bool:
         full = self._full(key)
         try:
             self.client.head_object(Bucket=self.bucket, Key=full)
@@ -330,7 +437,7 @@ class S3Store:
                 return False
             raise self._error(exc, "check", key) from None
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def _list(self, prefix: str = "") -> Iterator[str]:
         _check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")
@@ -343,20 +450,70 @@ class S3Store:
         except Exception as exc:
             raise self._error(exc, "list", None) from None
 
-    def delete(self, key: str) -> None:
+    def _delete(self, key: str) -> None:
         full = self._full(key)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=full)
         except Exception as exc:
             raise self._error(exc, "delete", key) from None
 
-    def url(self, key: str) -> str:
-        """A presigned GET URL (https on AWS; the endpoint's scheme on S3-compatible stores)."""
+    def url(self, key: str, expires: int | None = None) -> str:
+        """A presigned GET URL (https on AWS; the endpoint's scheme on S3-compatible stores), valid
+        ``expires`` seconds (default ``presign_expires``). A bearer link: it carries the access key id
+        (and the session token under STS); hand it only to whom may read the object."""
         full = self._full(key)
         try:
-            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=self.options.presign_expires)
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": full},
+                                                      ExpiresIn=expires or self.options.presign_expires)
         except Exception as exc:
             raise self._error(exc, "presign", key) from None
+
+    # -- conditional writes (leases): S3's If-None-Match / If-Match on PutObject and If-Match on
+    # DeleteObject (AWS since 2024; the moto server honours them too); a failed condition is None/False.
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        return self._retry(lambda: self._get_versioned(key))
+
+    def put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+        """A retried conditional put may find its own first attempt's write (None): callers check the body."""
+        return self._retry(lambda: self._put_if(key, data, if_none_match=if_none_match, if_match=if_match))
+
+    def delete_if(self, key: str, if_match: str) -> bool:
+        return self._retry(lambda: self._delete_if(key, if_match))
+
+    def _get_versioned(self, key: str) -> tuple[bytes, str]:
+        full = self._full(key)
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=full)
+            return obj["Body"].read(), obj["ETag"]
+        except Exception as exc:
+            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise KeyNotFoundError(f"no such key {key!r} under {self.uri}") from None
+            raise self._error(exc, "read", key) from None
+
+    def _put_if(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+        full = self._full(key)
+        cond: dict[str, str] = {}
+        if if_none_match:
+            cond["IfNoneMatch"] = "*"
+        if if_match is not None:
+            cond["IfMatch"] = if_match
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType="application/json", **cond)["ETag"]
+        except Exception as exc:
+            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+                return None
+            raise self._error(exc, "write", key) from None
+
+    def _delete_if(self, key: str, if_match: str) -> bool:
+        full = self._full(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=if_match)
+            return True
+        except Exception as exc:
+            if _error_code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404", "NotFound"):
+                return False
+            raise self._error(exc, "delete", key) from None
 
     def check(self) -> None:
         """Fail fast: one ``HeadBucket``; raises :class:`StoreError` naming the bucket and what to check."""
@@ -373,7 +530,8 @@ def make_s3_client(options: S3Options | None = None) -> Any:
 
     options = options or S3Options()
     session = boto3.session.Session(profile_name=options.profile) if options.profile else boto3.session.Session()
-    config = Config(retries={"mode": options.retry_mode, "max_attempts": options.max_attempts}, **options.extra)
+    config = Config(retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
+                    connect_timeout=options.connect_timeout, read_timeout=options.read_timeout, **options.extra)
     kwargs: dict[str, Any] = {"config": config}
     if options.endpoint_url:
         kwargs["endpoint_url"] = options.endpoint_url
