@@ -76,10 +76,9 @@ def sample_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the steps."),
 ) -> None:
     """Sample a personalized subject with parallel-rescaled consistency guidance and write PNGs."""
-    from prcore.data.schema import GUIDANCE_MODES
+    from prcore.data.schema import GUIDANCE_MODES, SCHEDULER_NAMES, scheduler_key
     from prcore.method.models import ModelNotFoundError
     from prcore.method.sampler import render_prompts
-    from prcore.method.schedulers import SCHEDULER_NAMES
 
     with user_errors(ModelNotFoundError):
         # Everything checkable without the model is checked before loading it.
@@ -89,7 +88,7 @@ def sample_command(
         for flag, value in (("--guidance-scale", guidance_scale), ("--consistency-scale", consistency_scale), ("--parallel-scale", parallel_scale)):
             if value < 0:
                 raise UserError(f"{flag} must be >= 0, got {value}")
-        if scheduler is not None and scheduler.lower().replace("-", "_") not in SCHEDULER_NAMES:
+        if scheduler is not None and scheduler_key(scheduler) not in SCHEDULER_NAMES:
             raise UserError(f"--scheduler {scheduler!r} is unknown; choose one of: {', '.join(SCHEDULER_NAMES)}")
         if num_inference_steps < 1 or num_images < 1 or seed < 0:
             raise UserError("--num-inference-steps and --num-images must be >= 1 and --seed >= 0")

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-# name -> (diffusers class name, config overrides)
+from prcore.data.schema import SCHEDULER_NAMES, scheduler_key
+
+# name (prcore.data.schema.SCHEDULER_NAMES, the one list of names) -> (diffusers class name, config overrides)
 _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -20,7 +22,7 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
 
-SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
+assert tuple(_SCHEDULERS) == SCHEDULER_NAMES, "every scheduler name needs its diffusers class here"
 
 
 class UnknownSchedulerError(ValueError):
@@ -40,7 +42,7 @@ def make_scheduler(name: str | None, base_config: Any) -> Any:
         if cls is None:
             raise UnknownSchedulerError("the pipeline's scheduler config has no _class_name; pass scheduler=<name>")
         return cls.from_config(base_config)
-    key = name.strip().lower().replace("-", "_").replace("+", "p")
+    key = scheduler_key(name)
     if key not in _SCHEDULERS:
         raise UnknownSchedulerError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
     class_name, overrides = _SCHEDULERS[key]
