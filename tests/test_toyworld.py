@@ -115,34 +115,47 @@ def scorer():
 
 
 def test_instruments_accuracy_floor_on_fresh_pictures(scorer):
-    """Held-out floors (chance: background 1/12, style 1/5, shape 1/6, color 1/8). Sketch pictures
-    carry no colors, so background/color floors are checked on photo-style pictures."""
+    """Held-out floors on fresh base-world pictures, half stylized (chance: background 1/12, style 1/5,
+    shape 1/6, tones 1/8 or 1/28; measured on 1500: 0.94, 0.98, 0.83, 0.84; photo-style background/tones
+    0.996/0.97; split 0.77, mark 0.75)."""
+    from prcore.toyworld.instruments import attribute_correct
+
     rng = np.random.default_rng(20261125)
     specs = [world.random_spec(rng, style_prob=0.5) for _ in range(300)]
     preds = scorer.classify([world.render(s) for s in specs])
+    correct = [attribute_correct(p, s) for p, s in zip(preds, specs, strict=True)]
 
     def acc(key, style=None):
-        pairs = [(p, s) for p, s in zip(preds, specs, strict=True) if style is None or s.style == style]
-        return np.mean([p[key] == getattr(s, key) for p, s in pairs])
+        return np.mean([c[key] for c, s in zip(correct, specs, strict=True) if style is None or s.style == style])
 
-    assert acc("background", "photo") >= 0.95 and acc("color", "photo") >= 0.85
-    assert acc("style") >= 0.8 and acc("background") >= 0.8
-    assert acc("shape") >= 0.3 and acc("pattern") >= 0.7
+    assert acc("background", "photo") >= 0.95 and acc("color", "photo") >= 0.9
+    assert acc("style") >= 0.9 and acc("background") >= 0.85
+    assert acc("shape") >= 0.7 and acc("color") >= 0.7 and acc("pattern") >= 0.85
+    assert acc("split") >= 0.6 and acc("mark") >= 0.6
 
 
-def test_identity_embedding_separates_subjects(scorer):
-    """Fresh pictures of each subject (new pose, 5 backgrounds) are closer to its own references than
-    to the other subjects' on average, and top-1 in most cases (measured: 22/30, mean margin 0.25)."""
+def test_identity_embedding_separates_subjects_and_held_out_looks(scorer):
+    """Fresh pictures of each subject (new pose, 5 backgrounds) are identified as that subject among the
+    six (measured: 35/36 with a sixth background); second views of 100 fresh base-world looks (never
+    trained on) retrieve their first view (measured top-1 0.80 among 200)."""
+    from prcore.toyworld.train_instruments import identity_set
+
     refs = {s.subject_id: scorer.embed_references(subjects.references(s)) for s in subjects.SUBJECTS}
     top, margins = 0, []
     for s in subjects.SUBJECTS:
-        for bg in ("scene:night", "scene:snow", "red", "green", "yellow"):
-            fresh = s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99)
-            sims = {k: scorer.score([fresh], None, r)[0]["fidelity"] for k, r in refs.items()}
+        fresh = [s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99)
+                 for bg in ("scene:night", "scene:snow", "red", "green", "yellow")]
+        for row in scorer.identify(fresh, refs):
+            top += row["subject"] == s.subject_id
+            sims = dict(row["sims"])
             own = sims.pop(s.subject_id)
-            top += own > max(sims.values())
-            margins.append(own - np.mean(list(sims.values())))
-    assert top >= 18 and np.mean(margins) > 0.15, (top, np.mean(margins))
+            margins.append(own - max(sims.values()))
+    assert top >= 26 and np.mean(margins) > 0.3, (top, np.mean(margins))
+    ids, _ = identity_set(100, 2, np.random.default_rng([777, 1]))
+    _, ea = scorer.predict(list(ids[:, 0]))
+    _, eb = scorer.predict(list(ids[:, 1]))
+    top1 = float(((ea @ eb.T).argmax(-1) == np.arange(100)).float().mean())
+    assert top1 >= 0.6, top1
 
 
 def test_scorer_has_the_product_scorer_interface(scorer):
@@ -172,6 +185,8 @@ def test_quick_benchmark_runs_and_writes_well_formed_results(tmp_path):
     summary = json.loads((tmp_path / "toyworld_summary.json").read_text())
     assert scores.height == summary["images"] == 2 * 2 * 2 * len(summary["settings"])
     assert set(scores["kind"]) == {"plain", "stylized"}
+    assert set(scores["identified"].unique()) <= {0.0, 1.0}
+    assert "identified" in summary["figures"] and "fidelity_gap_paired" in summary["figures"]
     for col in ("alignment", "fidelity"):
         v = scores[col].to_numpy()
         assert np.isfinite(v).all() and (v >= -1).all() and (v <= 1).all()
