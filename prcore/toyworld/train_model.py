@@ -69,6 +69,10 @@ def build_unet():
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
         norm_num_groups=16,
+        # the prompt also conditions every ResNet globally (attention-pooled text added to the time
+        # embedding): background, style and colors are learnt far faster than through cross-attention alone
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
     )
 
 
@@ -313,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--lr-floor", type=float, default=0.3, help="cosine schedule ends at this fraction of --lr")
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR-gamma loss weighting; 0: off")
+    ap.add_argument("--high-noise-boost", type=float, default=1.0,
+                    help="also weight the loss by min(1 / alphas_cumprod_t, this) (1: off)")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
@@ -419,12 +425,25 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
     n = imgs.shape[0]
     start = 0
+    rewarm = -1  # after an optimizer restart: warm up again over --warmup steps from here
     state_file = out / "train_state.pt"  # exact resume: a re-run of the same command continues here
     if state_file.is_file():
         st = torch.load(state_file, weights_only=False)
+        grown = False
         for mod, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
-            mod.load_state_dict(st[key])
-        opt.load_state_dict(st["opt"])
+            missing, unexpected = mod.load_state_dict(st[key], strict=False)
+            if unexpected or (missing and not all(k.startswith("add_embedding.") for k in missing)):
+                raise ValueError(f"{state_file} does not fit this model: missing {missing}, unexpected {unexpected}")
+            if missing:  # a state from before the global text embedding: it starts as a no-op
+                grown = True
+                with torch.no_grad():
+                    mod.add_embedding.norm2.weight.zero_()
+                    mod.add_embedding.norm2.bias.zero_()
+        if grown:
+            log("state had no add_embedding: added (zero-initialised output), optimizer state restarted")
+            rewarm = st["step"]
+        else:
+            opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         start = st["step"]
         log(f"resumed from {state_file} at step {start}")
@@ -446,11 +465,15 @@ def main(argv: list[str] | None = None) -> None:
         per = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
         if args.snr_gamma > 0:  # min-SNR-gamma weighting (epsilon prediction): min(snr, gamma) / snr
             per = per * (snr[t].clamp(max=args.snr_gamma) / snr[t])
+        if args.high_noise_boost > 1:  # x 1/abar_t (the v-loss factor), capped: the prompt decides the
+            # picture at high noise, where an epsilon loss barely sees it
+            per = per * (1.0 / abar[t]).clamp(max=args.high_noise_boost)
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (args.lr_floor + (1 - args.lr_floor) * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        warm = min(1.0, (step + 1) / args.warmup) if rewarm < 0 else min(1.0, (step + 1 - rewarm) / args.warmup)
+        lr = args.lr * warm * (args.lr_floor + (1 - args.lr_floor) * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for g_ in opt.param_groups:
             g_["lr"] = lr
         opt.step()
