@@ -85,8 +85,11 @@ def setting_words(st: Setting, cfg: float) -> str:
     return f"DCO, CFG {cfg:g} + parallel-rescaled w {st.consistency_scale:g} eta {st.parallel_scale:g}"
 
 
-def settings(consistency_scales: tuple[float, ...], parallel_scales: tuple[float, ...]) -> list[Setting]:
-    out = [Setting("pretrained", "pretrained", None), Setting("db_cfg", "cfg", "db"), Setting("dco_cfg", "cfg", "dco")]
+def settings(consistency_scales: tuple[float, ...], parallel_scales: tuple[float, ...], dreambooth: bool = True) -> list[Setting]:
+    out = [Setting("pretrained", "pretrained", None)]
+    if dreambooth:
+        out.append(Setting("db_cfg", "cfg", "db"))
+    out.append(Setting("dco_cfg", "cfg", "dco"))
     for w in consistency_scales:
         out.append(Setting("dco_cons", "consistency", "dco", w, 1.0))
         for eta in parallel_scales:
@@ -278,9 +281,9 @@ def sample_sheet(rows: list[tuple[str, str, list, list[str]]], refs: list, path:
     s, z = 32, 3  # pictures drawn 3x
     cell = s * z + 6
     label_w = 430
-    width = max(len(r[2]) for r in rows)
+    width = max([len(refs)] + [len(r[2]) for r in rows])
     line_h = cell + 12
-    sheet = Image.new("RGB", (label_w + width * cell, 18 + (len(rows) + 1) * line_h), "white")
+    sheet = Image.new("RGB", (max(label_w + width * cell, 8 + 6 * len(title)), 18 + (len(rows) + 1) * line_h), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 2), title, fill="black")
 
@@ -316,7 +319,7 @@ def run(args: argparse.Namespace) -> dict:
     subj = list(subjects.SUBJECTS[: args.subjects])
     prompts = [(i, p, "plain") for i, p in enumerate(PLAIN_PROMPTS[: args.prompts_per_kind])]
     prompts += [(len(PLAIN_PROMPTS) + i, p, "stylized") for i, p in enumerate(STYLIZED_PROMPTS[: args.prompts_per_kind])]
-    plan = settings(tuple(args.consistency_scales), tuple(args.parallel_scales))
+    plan = settings(tuple(args.consistency_scales), tuple(args.parallel_scales), dreambooth=not args.skip_dreambooth)
     seeds = list(range(args.seeds))
     t0 = time.time()
     rows: list[dict] = []
@@ -327,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
         refs = subjects.references(s)
         ref_emb = all_refs[s.subject_id]
         adapters = {}
-        for kind, beta in (("db", 0.0), ("dco", args.dco_beta)):
+        for kind, beta in ((("db", 0.0),) if not args.skip_dreambooth else ()) + (("dco", args.dco_beta),):
             cfg = TrainConfig(steps=args.lora_steps, learning_rate=args.lora_lr, rank=args.lora_rank, alpha=float(args.lora_rank),
                               batch_size=args.lora_batch, dco_beta=beta, seed=0)
             res = train_subject_lora(pipe, images=refs, class_noun=s.class_noun, identifier=IDENTIFIER,
@@ -339,7 +342,11 @@ def run(args: argparse.Namespace) -> dict:
             adapters[kind] = name
         sheet_rows: list[tuple[str, list]] = []
         for pid, template, kind in prompts:
+            if args.sheets_only and pid not in sheet_prompts:
+                continue
             for st in plan:
+                if args.sheets_only and st.label not in args.sheet_settings:
+                    continue
                 o = sample(pipe, prompt=template, class_noun=s.class_noun, identifier=IDENTIFIER,
                            adapter_name=adapters[st.lora] if st.lora else None, guidance=st.guidance,
                            cfg_scale=args.cfg_scale, consistency_scale=st.consistency_scale or 0.0,
@@ -542,11 +549,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lora-batch", type=int, default=2)
     ap.add_argument("--dco-beta", type=float, default=1000.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-dreambooth", action="store_true", help="no DreamBooth-loss LoRA / db_cfg rows")
     ap.add_argument("--base-quality", action="store_true", help="only measure the base model's text-to-image accuracy")
     ap.add_argument("--base-prompts", type=int, default=200)
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild table, plot and report from OUT/toyworld_scores.parquet and OUT/toyworld_summary.json")
     ap.add_argument("--sheet-settings", nargs="*", default=["pretrained", "dco_cfg", "dco_cons@3", "dco_par0.5@3"])
+    ap.add_argument("--sheets-only", action="store_true",
+                    help="sample only the contact sheets' prompts and settings (same seeds and cached LoRAs: the same pictures)")
     ap.add_argument("--sheet-prompts", type=int, nargs="*", default=[0, 4, 6], help="prompt ids shown on the contact sheets")
     args = ap.parse_args(argv)
     if args.quick:
