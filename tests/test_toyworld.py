@@ -107,6 +107,10 @@ def test_shipped_model_loads_through_load_pipeline_and_generates():
     assert np.isfinite(out.images).all() and out.images.std() > 0.01
 
 
+# floors for test_base_model_follows_prompts, set from the measured base quality
+BASE_FLOORS = {"background": 0.3, "style": 0.25, "shape": 0.2, "color": 0.2}  # measured 0.46, 0.38, 0.29, 0.33
+
+
 @pytest.fixture(scope="module")
 def scorer():
     from prcore.toyworld.instruments import ToyScorer
@@ -156,6 +160,26 @@ def test_identity_embedding_separates_subjects_and_held_out_looks(scorer):
     _, eb = scorer.predict(list(ids[:, 1]))
     top1 = float(((ea @ eb.T).argmax(-1) == np.arange(100)).float().mean())
     assert top1 >= 0.6, top1
+
+
+def test_base_model_follows_prompts(scorer):
+    """The shipped model on 24 fresh captions (10 DDIM steps, CFG 5): the instruments recognise the
+    prompted background and style well above chance (1/12, 1/5). Floors sit below the measured figures
+    of the 200-caption --base-quality run (docs/toyworld.md)."""
+    import torch
+
+    from prcore.models import load_pipeline
+    from prcore.toyworld.instruments import attribute_correct
+
+    pipe = load_pipeline(model_path(), device="cpu", dtype="float32")
+    rng = np.random.default_rng(31337)
+    specs = [world.random_spec(rng, style_prob=0.5) for _ in range(24)]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(specs))]
+    images = pipe([world.caption(s) for s in specs], num_inference_steps=10, guidance_scale=5.0, generator=gens).images
+    correct = [attribute_correct(p, s) for p, s in zip(scorer.classify(images), specs, strict=True)]
+    acc = {k: np.mean([c[k] for c in correct]) for k in ("background", "style", "shape", "color")}
+    assert acc["background"] >= BASE_FLOORS["background"] and acc["style"] >= BASE_FLOORS["style"], acc
+    assert acc["shape"] >= BASE_FLOORS["shape"] and acc["color"] >= BASE_FLOORS["color"], acc
 
 
 def test_scorer_has_the_product_scorer_interface(scorer):
