@@ -75,8 +75,21 @@ class Setting:
         return self.method
 
 
-def settings(consistency_scales: tuple[float, ...], parallel_scales: tuple[float, ...]) -> list[Setting]:
-    out = [Setting("pretrained", "pretrained", None), Setting("db_cfg", "cfg", "db"), Setting("dco_cfg", "cfg", "dco")]
+def setting_words(st: Setting, cfg: float) -> str:
+    if st.method == "pretrained":
+        return f"base model, CFG {cfg:g}"
+    if st.method in ("db_cfg", "dco_cfg"):
+        return f"{'DreamBooth' if st.lora == 'db' else 'DCO'} LoRA, CFG {cfg:g}"
+    if st.method == "dco_cons":
+        return f"DCO, CFG {cfg:g} + consistency w {st.consistency_scale:g}"
+    return f"DCO, CFG {cfg:g} + parallel-rescaled w {st.consistency_scale:g} eta {st.parallel_scale:g}"
+
+
+def settings(consistency_scales: tuple[float, ...], parallel_scales: tuple[float, ...], dreambooth: bool = True) -> list[Setting]:
+    out = [Setting("pretrained", "pretrained", None)]
+    if dreambooth:
+        out.append(Setting("db_cfg", "cfg", "db"))
+    out.append(Setting("dco_cfg", "cfg", "dco"))
     for w in consistency_scales:
         out.append(Setting("dco_cons", "consistency", "dco", w, 1.0))
         for eta in parallel_scales:
@@ -119,9 +132,11 @@ def summarize(scores: pl.DataFrame) -> pl.DataFrame:
                 continue
             a, a_ci, cells = cell_ci(part, "alignment")
             f, f_ci, _ = cell_ci(part, "fidelity")
+            i_, i_ci, _ = cell_ci(part, "identified") if "identified" in part.columns else (float("nan"),) * 3
             rows.append({"setting": label, "method": first["method"], "consistency_scale": first["consistency_scale"],
                          "parallel_scale": first["parallel_scale"], "split": split, "alignment": a, "alignment_ci": a_ci,
-                         "fidelity": f, "fidelity_ci": f_ci, "images": part.height, "cells": cells})
+                         "fidelity": f, "fidelity_ci": f_ci, "identified": i_, "identified_ci": i_ci,
+                         "images": part.height, "cells": cells})
     return pl.DataFrame(rows)
 
 
@@ -180,11 +195,46 @@ def choose_default(table: pl.DataFrame) -> dict:
     return t.row(best, named=True)
 
 
+def personalization_figures(table: pl.DataFrame, scores: pl.DataFrame | None) -> dict:
+    """Plain prompts: identification top-1 per setting, and the fidelity gap of every DCO setting over
+    the pretrained model (paired by subject, prompt and seed when the scores are at hand)."""
+    t = table.filter(pl.col("split") == "plain")
+    out: dict = {"identified": {r["setting"]: [r["identified"], r["identified_ci"]] for r in t.iter_rows(named=True)}}
+    pre = t.filter(pl.col("setting") == "pretrained")
+    if pre.height:
+        f0 = pre["fidelity"][0]
+        out["fidelity_gap"] = {r["setting"]: r["fidelity"] - f0 for r in t.iter_rows(named=True) if r["setting"] != "pretrained"}
+    if scores is not None and pre.height:
+        keys = ["subject", "prompt_id", "seed"]
+        sp = scores.filter(pl.col("kind") == "plain")
+        base = sp.filter(pl.col("setting") == "pretrained").select(keys + [pl.col("fidelity").alias("f0")])
+        gaps = {}
+        for label in dict.fromkeys(sp["setting"].to_list()):
+            if label == "pretrained":
+                continue
+            j = sp.filter(pl.col("setting") == label).join(base, on=keys).with_columns((pl.col("fidelity") - pl.col("f0")).alias("gap"))
+            m, ci, _ = cell_ci(j, "gap")
+            gaps[label] = [m, ci]
+        out["fidelity_gap_paired"] = gaps
+    return out
+
+
+def figures_markdown(fig: dict) -> str:
+    lines = ["| setting (plain prompts) | identified as own subject, top-1 of 6 (95% CI) | fidelity gap over pretrained (95% CI, paired) |",
+             "|---|---|---|"]
+    for label, (v, ci) in fig["identified"].items():
+        gap = fig.get("fidelity_gap_paired", {}).get(label)
+        g = f"{gap[0]:+.3f} ± {gap[1]:.3f}" if gap else "—"
+        lines.append(f"| {label} | {v:.2f} ± {ci:.2f} | {g} |")
+    return "\n".join(lines)
+
+
 def table_markdown(table: pl.DataFrame) -> str:
-    lines = ["| setting | split | alignment (95% CI) | fidelity (95% CI) | images |", "|---|---|---|---|---|"]
+    lines = ["| setting | split | alignment (95% CI) | fidelity (95% CI) | identified top-1 (95% CI) | images |",
+             "|---|---|---|---|---|---|"]
     for r in table.iter_rows(named=True):
         lines.append(f"| {r['setting']} | {r['split']} | {r['alignment']:.3f} ± {r['alignment_ci']:.3f} | "
-                     f"{r['fidelity']:.3f} ± {r['fidelity_ci']:.3f} | {r['images']} |")
+                     f"{r['fidelity']:.3f} ± {r['fidelity_ci']:.3f} | {r['identified']:.2f} ± {r['identified_ci']:.2f} | {r['images']} |")
     return "\n".join(lines)
 
 
@@ -222,22 +272,33 @@ def pareto_plot(table: pl.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def sample_sheet(rows: list[tuple[str, list]], refs: list, path: Path) -> None:
-    """One subject: references in the first row, then one row per setting (images side by side)."""
+def sample_sheet(rows: list[tuple[str, str, list, list[str]]], refs: list, path: Path, title: str = "") -> None:
+    """One subject: references in the first row, then one row per (setting, prompt): its label (setting
+    and guidance, the prompt sampled) and its images, each with its fidelity (``*``: identified as this
+    subject, top-1 among all subjects' references)."""
     from PIL import Image, ImageDraw
 
-    s = 32
-    width = max(len(r[1]) for r in rows)
-    sheet = Image.new("RGB", (110 + width * (s + 2), (len(rows) + 1) * (s + 2)), "white")
+    s, z = 32, 3  # pictures drawn 3x
+    cell = s * z + 6
+    label_w = 430
+    width = max([len(refs)] + [len(r[2]) for r in rows])
+    line_h = cell + 12
+    sheet = Image.new("RGB", (max(label_w + width * cell, 8 + 6 * len(title)), 18 + (len(rows) + 1) * line_h), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((2, 10), "references", fill="black")
-    for i, im in enumerate(refs):
-        sheet.paste(im.resize((s, s)), (110 + i * (s + 2), 0))
-    for j, (label, ims) in enumerate(rows, start=1):
-        draw.text((2, j * (s + 2) + 10), label, fill="black")
+    draw.text((4, 2), title, fill="black")
+
+    def put(j: int, label: str, prompt: str, ims: list, notes: list[str]) -> None:
+        y = 18 + j * line_h
+        draw.text((4, y + 20), label, fill="black")
+        draw.text((4, y + 40), prompt, fill=(60, 60, 160))
         for i, im in enumerate(ims):
-            sheet.paste(im.resize((s, s)), (110 + i * (s + 2), j * (s + 2)))
-    sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST)
+            sheet.paste(im.convert("RGB").resize((s * z, s * z), Image.NEAREST), (label_w + i * cell, y))
+            if notes:
+                draw.text((label_w + i * cell + 2, y + s * z), notes[i], fill="black")
+
+    put(0, "references", "", refs, [])
+    for j, (label, prompt, ims, notes) in enumerate(rows, start=1):
+        put(j, label, prompt, ims, notes)
     sheet.save(path)
 
 
@@ -260,17 +321,18 @@ def run(args: argparse.Namespace) -> dict:
     subj = list(subjects.SUBJECTS[: args.subjects])
     prompts = [(i, p, "plain") for i, p in enumerate(PLAIN_PROMPTS[: args.prompts_per_kind])]
     prompts += [(len(PLAIN_PROMPTS) + i, p, "stylized") for i, p in enumerate(STYLIZED_PROMPTS[: args.prompts_per_kind])]
-    plan = settings(tuple(args.consistency_scales), tuple(args.parallel_scales))
+    plan = settings(tuple(args.consistency_scales), tuple(args.parallel_scales), dreambooth=not args.skip_dreambooth)
     seeds = list(range(args.seeds))
     t0 = time.time()
     rows: list[dict] = []
     train_seconds = 0.0
-    sheet_prompts = {0, len(PLAIN_PROMPTS)}
+    sheet_prompts = set(args.sheet_prompts)
+    all_refs = {x.subject_id: scorer.embed_references(subjects.references(x)) for x in subjects.SUBJECTS}
     for s in subj:
         refs = subjects.references(s)
-        ref_emb = scorer.embed_references(refs)
+        ref_emb = all_refs[s.subject_id]
         adapters = {}
-        for kind, beta in (("db", 0.0), ("dco", args.dco_beta)):
+        for kind, beta in ((("db", 0.0),) if not args.skip_dreambooth else ()) + (("dco", args.dco_beta),):
             cfg = TrainConfig(steps=args.lora_steps, learning_rate=args.lora_lr, rank=args.lora_rank, alpha=float(args.lora_rank),
                               batch_size=args.lora_batch, dco_beta=beta, seed=0)
             res = train_subject_lora(pipe, images=refs, class_noun=s.class_noun, identifier=IDENTIFIER,
@@ -282,22 +344,34 @@ def run(args: argparse.Namespace) -> dict:
             adapters[kind] = name
         sheet_rows: list[tuple[str, list]] = []
         for pid, template, kind in prompts:
+            if args.sheets_only and pid not in sheet_prompts:
+                continue
             for st in plan:
+                if args.sheets_only and st.label not in args.sheet_settings:
+                    continue
                 o = sample(pipe, prompt=template, class_noun=s.class_noun, identifier=IDENTIFIER,
                            adapter_name=adapters[st.lora] if st.lora else None, guidance=st.guidance,
                            guidance_scale=args.guidance_scale, consistency_scale=st.consistency_scale or 0.0,
                            parallel_scale=st.parallel_scale, num_inference_steps=args.steps, seed=seeds,
                            num_images=len(seeds), progress=False)
                 scores = scorer.score(o.images, o.base_prompt, ref_emb)
-                for seed, sc in zip(o.seeds, scores, strict=False):
+                ident = scorer.identify(o.images, all_refs)
+                for seed, sc, idn in zip(o.seeds, scores, ident, strict=False):
+                    others = max(v for k, v in idn["sims"].items() if k != s.subject_id)
                     rows.append({"subject": s.subject_id, "prompt_id": pid, "prompt": template, "kind": kind,
                                  "setting": st.label, "method": st.method, "guidance": st.guidance,
                                  "consistency_scale": st.consistency_scale, "parallel_scale": st.parallel_scale,
-                                 "guidance_scale": args.guidance_scale, "seed": seed, **sc})
+                                 "guidance_scale": args.guidance_scale, "seed": seed, **sc,
+                                 "identified": float(idn["subject"] == s.subject_id), "id_margin": sc["fidelity"] - others})
                 if pid in sheet_prompts and st.label in args.sheet_settings:
-                    sheet_rows.append((f"{st.label} p{pid}", o.images))
+                    prompt_text = o.personal_prompt if st.lora else o.base_prompt
+                    sheet_rows.append((f"{st.label}: {setting_words(st, args.guidance_scale)}", prompt_text, o.images,
+                                       [f"{r['fidelity']:.2f}{'*' if i['subject'] == s.subject_id else ''}"
+                                        for r, i in zip(scores, ident, strict=False)]))
         if sheet_rows:
-            sample_sheet(sheet_rows, refs, out / f"toyworld_sheet_{s.subject_id}.png")
+            sample_sheet(sheet_rows, refs, out / f"toyworld_sheet_{s.subject_id}.png",
+                         title=f"{s.subject_id}: references, then per row setting / prompt / seeds {seeds}; "
+                               "under each image its fidelity, * = identified as this subject (top-1 of 6)")
         for name in adapters.values():
             unload_subject_lora(pipe, name)
         print(f"{s.subject_id}: {len(rows)} images scored, {time.time() - t0:.0f}s", flush=True)
@@ -323,6 +397,7 @@ def write_results(out: Path, rows: list[dict], args: argparse.Namespace, plan: l
                                        "batch": args.lora_batch, "dco_beta": args.dco_beta},
         "seconds_total": seconds, "seconds_training": train_seconds,
         "matched_fidelity": matched, "default": choose_default(table),
+        "figures": personalization_figures(table, scores),
     }
     (out / "toyworld_summary.json").write_text(json.dumps(summary, indent=2, default=float))
     (out / "toyworld.md").write_text(report_markdown(table, summary, scores))
@@ -337,6 +412,7 @@ def rebuild_report(out: Path) -> dict:
     pareto_plot(table, out / "toyworld_pareto.png")
     summary["matched_fidelity"] = {split: matched_fidelity(table, split) for split in ("all", "plain", "stylized")}
     summary["default"] = choose_default(table)
+    summary["figures"] = personalization_figures(table, scores)
     (out / "toyworld_summary.json").write_text(json.dumps(summary, indent=2, default=float))
     (out / "toyworld.md").write_text(report_markdown(table, summary, scores))
     return summary
@@ -372,6 +448,10 @@ def report_markdown(table: pl.DataFrame, summary: dict, scores: pl.DataFrame | N
         "",
         "Alignment = mean classifier probability of the prompt's background/scene and style; fidelity = mean identity-embedding "
         "cosine to the 4 references. ± = 95% CI half-width over (subject, prompt) cell means.",
+        "",
+        "## Identification and fidelity gap (plain prompts)",
+        "",
+        figures_markdown(personalization_figures(table, scores)),
         "",
         "## Matched-fidelity comparison (parallel-rescaled vs consistency guidance)",
         "",
@@ -417,12 +497,30 @@ def base_quality(args: argparse.Namespace) -> dict:
     for i in range(0, len(caps), 50):
         g = [torch.Generator().manual_seed(1000 + j) for j in range(i, min(i + 50, len(caps)))]
         images += pipe(caps[i : i + 50], num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=g).images
+    from prcore.toyworld.instruments import attribute_correct
+
     preds = scorer.classify(images)
-    acc = {k: float(np.mean([p[k] == getattr(s, k) for p, s in zip(preds, specs, strict=True)])) for k in HEADS}
+    correct = [attribute_correct(p, sp) for p, sp in zip(preds, specs, strict=True)]
+
+    def rate(key: str, keep=lambda sp: True) -> float:
+        v = [c[key] for c, sp in zip(correct, specs, strict=True) if key in c and keep(sp)]
+        return float(np.mean(v)) if v else float("nan")
+
+    keys = ["shape", "color", "background", "style", "pattern", "split", "mark", "mark_color"]
+    acc = {k: rate(k) for k in keys}
+    photo = {k: rate(k, lambda sp: sp.style == "photo") for k in keys}
+    solid = rate("background", lambda sp: not sp.background.startswith("scene:"))
     chance = {k: 1.0 / len(v) for k, v in HEADS.items()}
+    # the instruments on rendered pictures of the same captions: the ceiling the generated pictures are read against
+    rendered = scorer.classify([world.render(sp) for sp in specs])
+    ceiling = {}
+    for k in keys:
+        v = [c[k] for c in (attribute_correct(p, sp) for p, sp in zip(rendered, specs, strict=True)) if k in c]
+        ceiling[k] = float(np.mean(v))
     result = {"command": " ".join(["python", "benchmarks/toyworld_personalization.py", *sys.argv[1:]]),
-              "prompts": len(caps), "guidance_scale": args.guidance_scale, "steps": args.steps, "accuracy": acc, "chance": chance,
-              "seconds": time.time() - t0}
+              "prompts": len(caps), "guidance_scale": args.guidance_scale, "steps": args.steps, "accuracy": acc,
+              "accuracy_photo": photo, "solid_background_followed": solid, "instruments_on_rendered": ceiling,
+              "chance": chance, "seconds": time.time() - t0}
     (out / "toyworld_base_quality.json").write_text(json.dumps(result, indent=2))
     cols = 8
     rows = min(8, len(images) // cols)
@@ -445,24 +543,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--guidance-scale", type=float, default=5.0)
-    ap.add_argument("--consistency-scales", type=float, nargs="+", default=[1.0, 3.0])
-    ap.add_argument("--parallel-scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    ap.add_argument("--consistency-scales", type=float, nargs="+", default=[1.0, 3.0, 5.0])
+    ap.add_argument("--parallel-scales", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--lora-steps", type=int, default=80)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--lora-batch", type=int, default=2)
     ap.add_argument("--dco-beta", type=float, default=1000.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-dreambooth", action="store_true", help="no DreamBooth-loss LoRA / db_cfg rows")
     ap.add_argument("--base-quality", action="store_true", help="only measure the base model's text-to-image accuracy")
     ap.add_argument("--base-prompts", type=int, default=200)
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild table, plot and report from OUT/toyworld_scores.parquet and OUT/toyworld_summary.json")
-    ap.add_argument("--sheet-settings", nargs="*", default=["pretrained", "db_cfg", "dco_cfg", "dco_cons@3", "dco_par0.5@3"])
+    ap.add_argument("--sheet-settings", nargs="*", default=["pretrained", "dco_cfg", "dco_cons@3", "dco_par0.5@3"])
+    ap.add_argument("--sheets-only", action="store_true",
+                    help="sample only the contact sheets' prompts and settings (same seeds and cached LoRAs: the same pictures)")
+    ap.add_argument("--sheet-prompts", type=int, nargs="*", default=[0, 4, 6], help="prompt ids shown on the contact sheets")
     args = ap.parse_args(argv)
     if args.quick:
         args.subjects, args.prompts_per_kind, args.seeds, args.steps = 2, 1, 2, 8
         args.consistency_scales, args.parallel_scales = [1.0, 3.0], [0.0, 0.5]
         args.lora_steps = 20
+        args.sheet_prompts = [0, len(PLAIN_PROMPTS)]
         if args.out == str(REPO / "benchmarks" / "results"):
             ap.error("--quick needs --out (keep the committed full results)")
     return args

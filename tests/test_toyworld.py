@@ -34,6 +34,9 @@ def test_captions_use_plain_world_words():
     assert world.caption(spec) == "a green square on a red background"
     styled = world.Spec("circle", "orange", "dotted", "scene:snow", "sketch")
     assert world.caption(styled) == "an orange dotted circle in the snow in sketch style"
+    two = world.Spec("star", "red", background="scene:night", color2="blue", split="diagonal", mark="ring", mark_color="white")
+    assert world.caption(two) == "a red and blue diagonal split star with a white ring at night"
+    assert world.caption(two, drop=frozenset({"color", "mark"})) == "a star at night"
     _, caps, _ = world.dataset(200, seed=0)
     vocab = set(world.WORDS)
     assert all(set(c.split()) <= vocab for c in caps)
@@ -41,10 +44,26 @@ def test_captions_use_plain_world_words():
         assert required in vocab
 
 
-def test_base_world_never_contains_subjects():
+def test_base_world_draws_splits_and_marks_but_never_a_subjects_look():
     rng = np.random.default_rng(0)
-    assert not any(subjects.is_subject_like(world.random_spec(rng)) for _ in range(2000))
-    assert all(subjects.is_subject_like(s.spec) for s in subjects.SUBJECTS)
+    specs = [world.random_spec(rng) for _ in range(3000)]
+    held = world.held_out_looks()
+    assert len(held) == len(subjects.SUBJECTS)
+    assert not any(world.identity_key(s) in held for s in specs)
+    # every ingredient of every subject is in the base world: its shape two-toned in its colors with its
+    # split axis, and its mark in its mark color, just never all at once
+    for sub in subjects.SUBJECTS:
+        t = sub.spec
+        assert any(s.shape == t.shape and s.color2 is not None for s in specs)
+        assert any({s.color, s.color2} == {t.color, t.color2} for s in specs)
+        assert any(s.split == t.split for s in specs) and any((s.mark, s.mark_color) == (t.mark, t.mark_color) for s in specs)
+    assert 0.35 < np.mean([s.color2 is not None for s in specs]) < 0.55
+    assert 0.35 < np.mean([s.mark is not None for s in specs]) < 0.55
+    # a mirror image (tones swapped) of a subject is the same look, also held out
+    s0 = subjects.SUBJECTS[0].spec
+    from dataclasses import replace
+
+    assert world.identity_key(replace(s0, color=s0.color2, color2=s0.color)) in held
 
 
 def test_bad_spec_is_one_clear_error():
@@ -76,7 +95,7 @@ def test_shipped_model_loads_through_load_pipeline_and_generates():
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     total = sum(p.stat().st_size for p in weights_dir().rglob("*") if p.is_file())
-    assert total <= 25 * 2**20
+    assert total <= 40 * 2**20
     pipe = load_pipeline(folder, device="cpu", dtype="float32")
     assert isinstance(pipe, StableDiffusionPipeline)
     tok = pipe.tokenizer
@@ -88,6 +107,10 @@ def test_shipped_model_loads_through_load_pipeline_and_generates():
     assert np.isfinite(out.images).all() and out.images.std() > 0.01
 
 
+# floors for test_base_model_follows_prompts, set from the measured base quality
+BASE_FLOORS = {"background": 0.3, "style": 0.25, "shape": 0.2, "color": 0.2}  # measured 0.46, 0.38, 0.29, 0.33
+
+
 @pytest.fixture(scope="module")
 def scorer():
     from prcore.toyworld.instruments import ToyScorer
@@ -96,34 +119,67 @@ def scorer():
 
 
 def test_instruments_accuracy_floor_on_fresh_pictures(scorer):
-    """Held-out floors (chance: background 1/12, style 1/5, shape 1/6, color 1/8). Sketch pictures
-    carry no colors, so background/color floors are checked on photo-style pictures."""
+    """Held-out floors on fresh base-world pictures, half stylized (chance: background 1/12, style 1/5,
+    shape 1/6, tones 1/8 or 1/28; measured on 1500: 0.94, 0.98, 0.83, 0.84; photo-style background/tones
+    0.996/0.97; split 0.77, mark 0.75)."""
+    from prcore.toyworld.instruments import attribute_correct
+
     rng = np.random.default_rng(20261125)
     specs = [world.random_spec(rng, style_prob=0.5) for _ in range(300)]
     preds = scorer.classify([world.render(s) for s in specs])
+    correct = [attribute_correct(p, s) for p, s in zip(preds, specs, strict=True)]
 
     def acc(key, style=None):
-        pairs = [(p, s) for p, s in zip(preds, specs, strict=True) if style is None or s.style == style]
-        return np.mean([p[key] == getattr(s, key) for p, s in pairs])
+        return np.mean([c[key] for c, s in zip(correct, specs, strict=True) if style is None or s.style == style])
 
-    assert acc("background", "photo") >= 0.95 and acc("color", "photo") >= 0.85
-    assert acc("style") >= 0.8 and acc("background") >= 0.8
-    assert acc("shape") >= 0.3 and acc("pattern") >= 0.7
+    assert acc("background", "photo") >= 0.95 and acc("color", "photo") >= 0.9
+    assert acc("style") >= 0.9 and acc("background") >= 0.85
+    assert acc("shape") >= 0.7 and acc("color") >= 0.7 and acc("pattern") >= 0.85
+    assert acc("split") >= 0.6 and acc("mark") >= 0.6
 
 
-def test_identity_embedding_separates_subjects(scorer):
-    """Fresh pictures of each subject (new pose, 5 backgrounds) are closer to its own references than
-    to the other subjects' on average, and top-1 in most cases (measured: 22/30, mean margin 0.25)."""
+def test_identity_embedding_separates_subjects_and_held_out_looks(scorer):
+    """Fresh pictures of each subject (new pose, 5 backgrounds) are identified as that subject among the
+    six (measured: 35/36 with a sixth background); second views of 100 fresh base-world looks (never
+    trained on) retrieve their first view (measured top-1 0.80 among 200)."""
+    from prcore.toyworld.train_instruments import identity_set
+
     refs = {s.subject_id: scorer.embed_references(subjects.references(s)) for s in subjects.SUBJECTS}
     top, margins = 0, []
     for s in subjects.SUBJECTS:
-        for bg in ("scene:night", "scene:snow", "red", "green", "yellow"):
-            fresh = s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99)
-            sims = {k: scorer.score([fresh], None, r)[0]["fidelity"] for k, r in refs.items()}
+        fresh = [s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99)
+                 for bg in ("scene:night", "scene:snow", "red", "green", "yellow")]
+        for row in scorer.identify(fresh, refs):
+            top += row["subject"] == s.subject_id
+            sims = dict(row["sims"])
             own = sims.pop(s.subject_id)
-            top += own > max(sims.values())
-            margins.append(own - np.mean(list(sims.values())))
-    assert top >= 18 and np.mean(margins) > 0.15, (top, np.mean(margins))
+            margins.append(own - max(sims.values()))
+    assert top >= 26 and np.mean(margins) > 0.3, (top, np.mean(margins))
+    ids, _ = identity_set(100, 2, np.random.default_rng([777, 1]))
+    _, ea = scorer.predict(list(ids[:, 0]))
+    _, eb = scorer.predict(list(ids[:, 1]))
+    top1 = float(((ea @ eb.T).argmax(-1) == np.arange(100)).float().mean())
+    assert top1 >= 0.6, top1
+
+
+def test_base_model_follows_prompts(scorer):
+    """The shipped model on 24 fresh captions (10 DDIM steps, CFG 5): the instruments recognise the
+    prompted background and style well above chance (1/12, 1/5). Floors sit below the measured figures
+    of the 200-caption --base-quality run (docs/toyworld.md)."""
+    import torch
+
+    from prcore.method.models import load_pipeline
+    from prcore.toyworld.instruments import attribute_correct
+
+    pipe = load_pipeline(model_path(), device="cpu", dtype="float32")
+    rng = np.random.default_rng(31337)
+    specs = [world.random_spec(rng, style_prob=0.5) for _ in range(24)]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(specs))]
+    images = pipe([world.caption(s) for s in specs], num_inference_steps=10, guidance_scale=5.0, generator=gens).images
+    correct = [attribute_correct(p, s) for p, s in zip(scorer.classify(images), specs, strict=True)]
+    acc = {k: np.mean([c[k] for c in correct]) for k in ("background", "style", "shape", "color")}
+    assert acc["background"] >= BASE_FLOORS["background"] and acc["style"] >= BASE_FLOORS["style"], acc
+    assert acc["shape"] >= BASE_FLOORS["shape"] and acc["color"] >= BASE_FLOORS["color"], acc
 
 
 def test_scorer_has_the_product_scorer_interface(scorer):
@@ -153,6 +209,8 @@ def test_quick_benchmark_runs_and_writes_well_formed_results(tmp_path):
     summary = json.loads((tmp_path / "toyworld_summary.json").read_text())
     assert scores.height == summary["images"] == 2 * 2 * 2 * len(summary["settings"])
     assert set(scores["kind"]) == {"plain", "stylized"}
+    assert set(scores["identified"].unique()) <= {0.0, 1.0}
+    assert "identified" in summary["figures"] and "fidelity_gap_paired" in summary["figures"]
     for col in ("alignment", "fidelity"):
         v = scores[col].to_numpy()
         assert np.isfinite(v).all() and (v >= -1).all() and (v <= 1).all()

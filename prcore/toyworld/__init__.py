@@ -27,3 +27,6 @@ def model_path() -> Path:
 def subjects_dir() -> Path:
     """Shipped reference PNGs: ``<subjects_dir>/<subject_id>/{0..3}.png``."""
     return weights_dir() / "subjects"
+
+
+from prcore.toyworld import subjects as _subjects  # noqa: E402,F401  (registers the subjects' looks: the world never draws them)

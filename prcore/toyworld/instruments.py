@@ -34,8 +34,11 @@ HEADS: dict[str, tuple[str, ...]] = {
     "background": world.BACKGROUNDS,
     "style": world.STYLES,
     "shape": world.SHAPES,
-    "color": tuple(world.COLORS),
+    "color": tuple(world.COLORS),  # the object's tones: one (one-toned) or the top two (two-toned)
     "pattern": world.PATTERNS,
+    "split": ("none",) + world.SPLITS,
+    "mark": ("none",) + world.MARKS,
+    "mark_color": tuple(world.COLORS),  # meaningful only when a mark is there
 }
 EMBED_DIM = 64
 WEIGHTS_FILE = "instruments.safetensors"
@@ -54,7 +57,7 @@ class InstrumentNet(nn.Module):
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
-            _block(3, width), nn.MaxPool2d(2),  # 16
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 16
             _block(width, 2 * width), nn.MaxPool2d(2),  # 8
             _block(2 * width, 4 * width), nn.MaxPool2d(2),  # 4
         )
@@ -91,8 +94,49 @@ def to_tensor(images: Sequence[Any]) -> torch.Tensor:
     return x.div(127.5).sub(1.0)
 
 
+IGNORE = -100
+
+
 def labels_of(spec: world.Spec) -> dict[str, int]:
-    return {k: HEADS[k].index(getattr(spec, k)) for k in HEADS}
+    """Class index per head (``color``: the first tone; see :func:`tones_of`); ``mark_color`` is
+    ``IGNORE`` for unmarked objects."""
+    out = {k: HEADS[k].index(getattr(spec, k)) for k in ("background", "style", "shape", "color", "pattern")}
+    out["split"] = HEADS["split"].index(spec.split or "none")
+    out["mark"] = HEADS["mark"].index(spec.mark or "none")
+    out["mark_color"] = HEADS["mark_color"].index(spec.mark_color) if spec.mark is not None else IGNORE
+    return out
+
+
+def tones_of(spec: world.Spec) -> frozenset[str]:
+    return frozenset((spec.color, spec.color2)) if spec.color2 is not None else frozenset((spec.color,))
+
+
+def color_target(specs: Sequence[world.Spec]) -> torch.Tensor:
+    """Soft targets of the ``color`` head: 1 on a one-toned object's color, 1/2 on each of two tones."""
+    t = torch.zeros(len(specs), len(HEADS["color"]))
+    for i, s in enumerate(specs):
+        tones = tones_of(s)
+        for c in tones:
+            t[i, HEADS["color"].index(c)] = 1.0 / len(tones)
+    return t
+
+
+def attribute_correct(pred: dict[str, Any], spec: world.Spec) -> dict[str, bool]:
+    """Whether each attribute of ``spec`` is recognised in ``pred`` (a :meth:`ToyScorer.classify` row):
+    ``color`` compares the set of tones (the top one or two of the color head, as many as ``spec`` has)."""
+    k = len(tones_of(spec))
+    out = {
+        "background": pred["background"] == spec.background,
+        "style": pred["style"] == spec.style,
+        "shape": pred["shape"] == spec.shape,
+        "color": frozenset(pred["colors_ranked"][:k]) == tones_of(spec),
+        "pattern": pred["pattern"] == spec.pattern,
+        "split": pred["split"] == (spec.split or "none"),
+        "mark": pred["mark"] == (spec.mark or "none"),
+    }
+    if spec.mark is not None:
+        out["mark_color"] = pred["mark_color"] == spec.mark_color
+    return out
 
 
 _BG_RE = re.compile(r"on an? (\w+) background")
@@ -172,9 +216,28 @@ class ToyScorer:
             embs.append(emb)
         return {k: torch.cat(v) for k, v in probs.items()}, torch.cat(embs)
 
-    def classify(self, images: Sequence[Any]) -> list[dict[str, str]]:
+    def classify(self, images: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per image: the top class of every head, and ``colors_ranked`` (all colors, most likely tone first)."""
         probs, _ = self.predict(images)
-        return [{k: HEADS[k][int(probs[k][i].argmax())] for k in HEADS} for i in range(len(images))]
+        out = []
+        for i in range(len(images)):
+            row: dict[str, Any] = {k: HEADS[k][int(probs[k][i].argmax())] for k in HEADS}
+            row["colors_ranked"] = [HEADS["color"][int(j)] for j in probs["color"][i].argsort(descending=True)]
+            out.append(row)
+        return out
+
+    def identify(self, images: Sequence[Any], references: dict[str, Sequence[Any] | ToyRefEmbeddings]) -> list[dict[str, Any]]:
+        """Which subject each image shows: ``{"subject": top-1 id, "sims": {id: mean cosine to its references}}``
+        against every subject in ``references`` (id -> reference images or embeddings)."""
+        _, emb = self.predict(list(images))
+        refs = {k: v if isinstance(v, ToyRefEmbeddings) else self.embed_references(v) for k, v in references.items()}
+        sims = {k: (emb @ r.identity.T).mean(-1) for k, r in refs.items()}
+        keys = list(refs)
+        out = []
+        for i in range(emb.shape[0]):
+            row = {k: float(sims[k][i]) for k in keys}
+            out.append({"subject": max(row, key=row.get), "sims": row})
+        return out
 
     def embed_references(self, references: Sequence[Any]) -> ToyRefEmbeddings:
         if len(references) == 0:

@@ -1,9 +1,11 @@
 """Personalization subjects: novel objects the base model never saw as a whole.
 
 Each subject is a world shape (its class noun) painted in two tones split along a fixed axis, with a
-mark of a third color. The base model's training data contains every shape and color but never a
-two-tone split or a mark (``world.random_spec`` cannot produce them), so a subject can only be
-generated after personalization. Four reference pictures per subject vary pose and background.
+mark of a third color. The base world draws all of these ingredients compositionally and names them
+in its captions ("a red and blue vertical split circle with a yellow dot"), but never a subject's exact
+combination (``world.held_out_looks``), and the personal prompt ("a sks circle on a red background")
+does not describe it: only the subject's LoRA can supply the look. Four reference pictures per subject
+vary pose and background.
 """
 
 from __future__ import annotations
@@ -94,5 +96,18 @@ def write_references(folder: str | Path) -> dict[str, list[Path]]:
 
 
 def is_subject_like(spec: world.Spec) -> bool:
-    """True for any two-toned or marked object; the base model's data must contain none."""
+    """True for any two-toned or marked object (the base world draws many; see :func:`is_subject_look`)."""
     return spec.color2 is not None or spec.mark is not None
+
+
+def is_subject_look(spec: world.Spec) -> bool:
+    """True when ``spec`` has one subject's exact look (mirror images included); the base world never does."""
+    return world.identity_key(spec) in world.held_out_looks()
+
+
+def description(subject: Subject) -> str:
+    """The subject's look in world words, e.g. "a red and blue vertical split circle with a yellow dot"."""
+    return world.object_phrase(subject.spec)
+
+
+world.hold_out(world.identity_key(s.spec) for s in SUBJECTS)  # the base world never draws a subject's exact look

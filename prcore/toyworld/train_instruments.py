@@ -26,34 +26,34 @@ import torch
 import torch.nn.functional as F
 
 from prcore.toyworld import subjects, world
-from prcore.toyworld.instruments import HEADS, InstrumentNet, labels_of, to_tensor
+from prcore.toyworld.instruments import HEADS, IGNORE, InstrumentNet, color_target, labels_of, to_tensor
 
 
 def random_identity(rng: np.random.Generator) -> world.Spec:
-    colors = list(world.COLORS)
-    c1, c2, c3 = rng.choice(len(colors), size=3, replace=False)
-    return world.Spec(
-        world.SHAPES[rng.integers(len(world.SHAPES))], colors[c1], "plain", "white", "photo", 0,
-        color2=colors[c2], split=("vertical", "horizontal", "diagonal")[rng.integers(3)],
-        mark=("dot", "ring", "bar")[rng.integers(3)], mark_color=colors[c3],
-    )
+    """A random look of the base world (one- or two-toned, marked or not; never a benchmark subject)."""
+    return replace(world.random_spec(rng, style_prob=0.0, two_tone_prob=0.6, mark_prob=0.6), background="white", seed=0)
 
 
 def _identity_key(s: world.Spec) -> tuple:
-    return (s.shape, s.color, s.color2, s.split, s.mark, s.mark_color)
+    return world.identity_key(s)
 
 
 def identity_views(spec: world.Spec, rng: np.random.Generator, n: int) -> list[world.Spec]:
+    """``n`` pictures of one look: fresh pose and background each (never a background the object wears)."""
     out = []
+    worn = {spec.color, spec.color2}
     for _ in range(n):
-        bg_spec = world.random_spec(rng, style_prob=0.0)
-        out.append(replace(spec, background=bg_spec.background, seed=int(rng.integers(2**31))))
+        while True:
+            bg = world.random_spec(rng, style_prob=0.0).background
+            if bg not in worn:
+                break
+        out.append(replace(spec, background=bg, seed=int(rng.integers(2**31))))
     return out
 
 
 def identity_set(n: int, views: int, rng: np.random.Generator) -> tuple[np.ndarray, list[world.Spec]]:
-    """n x views pictures of distinct random identities (benchmark subjects excluded)."""
-    excluded = {_identity_key(s.spec) for s in subjects.SUBJECTS}
+    """n x views pictures of distinct random looks (benchmark subjects excluded)."""
+    excluded = world.held_out_looks()
     seen: set[tuple] = set()
     specs: list[world.Spec] = []
     while len(seen) < n:
@@ -67,11 +67,26 @@ def identity_set(n: int, views: int, rng: np.random.Generator) -> tuple[np.ndarr
     return imgs.reshape(n, views, world.SIZE, world.SIZE, 3), specs
 
 
-def world_set(n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+def spec_labels(specs: list[world.Spec]) -> dict[str, torch.Tensor]:
+    labels = {k: torch.tensor([labels_of(s)[k] for s in specs]) for k in HEADS}
+    labels["color"] = color_target(specs)
+    return labels
+
+
+def world_set(n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, torch.Tensor], list[world.Spec]]:
     specs = [world.random_spec(rng, style_prob=0.5) for _ in range(n)]
     imgs = np.stack([np.asarray(world.render(s)) for s in specs])
-    labels = {k: torch.tensor([labels_of(s)[k] for s in specs]) for k in HEADS}
-    return imgs, labels
+    return imgs, spec_labels(specs), specs
+
+
+def head_losses(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = torch.zeros(())
+    for k in HEADS:
+        if k == "color":
+            loss = loss + torch.sum(-labels[k] * F.log_softmax(logits[k], -1), -1).mean()
+        elif (labels[k] != IGNORE).any():
+            loss = loss + F.cross_entropy(logits[k], labels[k], ignore_index=IGNORE)
+    return loss
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
@@ -99,21 +114,37 @@ def _aug(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def _accuracies(logits: dict[str, torch.Tensor], specs: list[world.Spec], mask: torch.Tensor | None = None,
+                suffix: str = "") -> dict[str, float]:
+    from prcore.toyworld.instruments import attribute_correct
+
+    out: dict[str, list[bool]] = {}
+    for i, s in enumerate(specs):
+        if mask is not None and not bool(mask[i]):
+            continue
+        pred = {k: HEADS[k][int(logits[k][i].argmax())] for k in HEADS}
+        pred["colors_ranked"] = [HEADS["color"][int(j)] for j in logits["color"][i].argsort(descending=True)]
+        for k, ok in attribute_correct(pred, s).items():
+            out.setdefault(k, []).append(ok)
+    return {f"acc_{k}{suffix}": float(np.mean(v)) for k, v in out.items()}
+
+
 @torch.no_grad()
 def evaluate(net: InstrumentNet, seed: int, n_world: int = 1500, n_ident: int = 200, vae=None) -> dict[str, float]:
-    """Held-out accuracy per head on fresh world pictures (photo-style ones too, and round-tripped
-    through ``vae`` if given); identity top-1 retrieval on fresh objects."""
+    """Held-out accuracy per head on fresh world pictures (all styles, photo style, and round-tripped
+    through ``vae`` if given); identity on fresh held-out looks (top-1 retrieval of a second view among
+    ``n_ident``) and on fresh renders of the benchmark subjects against their references."""
     net.eval()
     rng = np.random.default_rng([seed, 99])
-    imgs, labels = world_set(n_world, rng)
+    imgs, labels, specs = world_set(n_world, rng)
     x = to_tensor(imgs)
     logits, _ = net(x)
-    out = {f"acc_{k}": float((logits[k].argmax(-1) == labels[k]).float().mean()) for k in HEADS}
+    out = _accuracies(logits, specs)
     photo = labels["style"] == HEADS["style"].index("photo")
-    out.update({f"acc_{k}_photo": float((logits[k].argmax(-1) == labels[k])[photo].float().mean()) for k in HEADS})
+    out.update(_accuracies(logits, specs, photo, "_photo"))
     if vae is not None:
         logits_rt, _ = net(round_trip(vae, x))
-        out.update({f"acc_{k}_roundtrip": float((logits_rt[k].argmax(-1) == labels[k]).float().mean()) for k in HEADS})
+        out.update(_accuracies(logits_rt, specs, None, "_roundtrip"))
     out["chance_background"] = 1 / len(HEADS["background"])
     out["chance_style"] = 1 / len(HEADS["style"])
     ids, _ = identity_set(n_ident, 2, rng)
@@ -129,6 +160,14 @@ def evaluate(net: InstrumentNet, seed: int, n_world: int = 1500, n_ident: int = 
     cross = np.mean([float((embs[i] @ embs[j].T).mean()) for i in range(len(embs)) for j in range(len(embs)) if i != j])
     out["subject_ref_cos_same"] = float(same)
     out["subject_ref_cos_other"] = float(cross)
+    top = 0
+    fresh_bgs = ("scene:night", "scene:snow", "red", "green", "yellow", "purple")
+    for si, s in enumerate(subjects.SUBJECTS):
+        fresh = to_tensor([s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99) for bg in fresh_bgs])
+        _, ef = net(fresh)
+        sims = torch.stack([(ef @ e.T).mean(-1) for e in embs], -1)
+        top += int((sims.argmax(-1) == si).sum())
+    out["subject_fresh_top1"] = top / (len(subjects.SUBJECTS) * len(fresh_bgs))
     return out
 
 
@@ -136,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--world-images", type=int, default=4000)
-    ap.add_argument("--identities", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--world-images", type=int, default=8000)
+    ap.add_argument("--identities", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae", type=Path, default=None, help="AutoencoderKL folder: also train on its round trips")
@@ -150,12 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     rng = np.random.default_rng([args.seed, 1])
-    w_imgs, w_labels = world_set(args.world_images, rng)
+    w_imgs, w_labels, _ = world_set(args.world_images, rng)
     i_imgs, i_specs = identity_set(args.identities, 4, rng)
     wx = to_tensor(w_imgs)
     ix = to_tensor(i_imgs.reshape(-1, world.SIZE, world.SIZE, 3)).reshape(args.identities, 4, 3, world.SIZE, world.SIZE)
-    i_labels = {k: torch.tensor([HEADS[k].index(getattr(s, k)) for s in i_specs]).reshape(args.identities, 4)
-                for k in ("background", "style", "shape")}
+    i_lab = spec_labels(i_specs)
+    i_labels = {k: v.reshape(args.identities, 4, *v.shape[1:]) for k, v in i_lab.items()}
     vae = None
     if args.vae is not None:
         from diffusers import AutoencoderKL
@@ -167,19 +206,20 @@ def main(argv: list[str] | None = None) -> None:
     net = InstrumentNet()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    bw, bi = 96, 48
     for step in range(args.steps):
         net.train()
-        wi = torch.randint(0, wx.shape[0], (64,), generator=gen)
-        ii = torch.randint(0, args.identities, (32,), generator=gen)
-        va = torch.randint(0, 4, (32,), generator=gen)
-        vb = (va + torch.randint(1, 4, (32,), generator=gen)) % 4
+        wi = torch.randint(0, wx.shape[0], (bw,), generator=gen)
+        ii = torch.randint(0, args.identities, (bi,), generator=gen)
+        va = torch.randint(0, 4, (bi,), generator=gen)
+        vb = (va + torch.randint(1, 4, (bi,), generator=gen)) % 4
         x = torch.cat([_aug(_pick(wx[wi], wx_rt[wi], gen), gen), _aug(_pick(ix[ii, va], ix_rt[ii, va], gen), gen),
                        _aug(_pick(ix[ii, vb], ix_rt[ii, vb], gen), gen)])
         logits, emb = net(x)
-        loss = sum(F.cross_entropy(logits[k][:64], w_labels[k][wi]) for k in HEADS)
-        for k, lab in i_labels.items():
-            loss = loss + 0.5 * F.cross_entropy(logits[k][64:], torch.cat([lab[ii, va], lab[ii, vb]]))
-        loss = loss + info_nce(emb[64:96], emb[96:])
+        loss = head_losses({k: v[:bw] for k, v in logits.items()}, {k: v[wi] for k, v in w_labels.items()})
+        loss = loss + 0.5 * head_losses({k: v[bw:] for k, v in logits.items()},
+                                        {k: torch.cat([v[ii, va], v[ii, vb]]) for k, v in i_labels.items()})
+        loss = loss + info_nce(emb[bw:bw + bi], emb[bw + bi:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -30,6 +30,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
 }
 PATTERNS = ("plain", "striped", "dotted", "checkered")
+SPLITS = ("vertical", "horizontal", "diagonal")
+MARKS = ("dot", "ring", "bar")
 SCENES = ("field", "night", "desert", "snow")
 SCENE_PHRASES = {"field": "in a field", "night": "at night", "desert": "in the desert", "snow": "in the snow"}
 STYLES = ("photo", "sketch", "pixel", "inverted", "sepia")
@@ -39,7 +41,7 @@ BACKGROUNDS = tuple(COLORS) + tuple(f"scene:{s}" for s in SCENES)
 WORDS = tuple(
     dict.fromkeys(
         "a an on in at the of and style background field night desert snow sketch pixel inverted sepia "
-        "plain striped dotted checkered sks".split()
+        "plain striped dotted checkered sks and split vertical horizontal diagonal with dot ring bar".split()
         + list(SHAPES)
         + list(COLORS)
     )
@@ -75,6 +77,10 @@ class Spec:
             raise ValueError(f"unknown background {self.background!r}; use one of {BACKGROUNDS}")
         if self.style not in STYLES:
             raise ValueError(f"unknown style {self.style!r}; use one of {STYLES}")
+        if self.color2 is not None and (self.color2 not in COLORS or self.split not in SPLITS):
+            raise ValueError(f"a two-tone object needs color2 in {tuple(COLORS)} and split in {SPLITS}")
+        if self.mark is not None and (self.mark not in MARKS or self.mark_color not in COLORS):
+            raise ValueError(f"a marked object needs mark in {MARKS} and mark_color in {tuple(COLORS)}")
 
 
 def background_phrase(background: str) -> str:
@@ -87,14 +93,26 @@ def style_phrase(style: str) -> str:
     return "" if style == "photo" else f"in {style} style"
 
 
-def caption(spec: Spec, *, drop: frozenset[str] = frozenset(), noun: str | None = None) -> str:
-    """Plain-word caption; ``drop`` may hold "color", "pattern", "background", "style" to leave them unsaid."""
-    words = ["an" if (spec.color if "color" not in drop else (spec.pattern if spec.pattern != "plain" and "pattern" not in drop else (noun or spec.shape)))[0] in "aeiou" else "a"]
+def object_phrase(spec: Spec, *, drop: frozenset[str] = frozenset(), noun: str | None = None) -> str:
+    """``"a red and blue vertical split circle with a yellow dot"``; ``drop`` may hold "color" (all tone
+    words, the split too), "pattern", "mark"."""
+    words = []
     if "color" not in drop:
-        words.append(spec.color)
+        if spec.color2 is not None:
+            words += [spec.color, "and", spec.color2, spec.split, "split"]
+        else:
+            words.append(spec.color)
     if spec.pattern != "plain" and "pattern" not in drop:
         words.append(spec.pattern)
     words.append(noun or spec.shape)
+    if spec.mark is not None and "mark" not in drop:
+        words += ["with", "an" if spec.mark_color[0] in "aeiou" else "a", spec.mark_color, spec.mark]
+    return ("an" if words[0][0] in "aeiou" else "a") + " " + " ".join(words)
+
+
+def caption(spec: Spec, *, drop: frozenset[str] = frozenset(), noun: str | None = None) -> str:
+    """Plain-word caption; ``drop`` may hold "color", "pattern", "mark", "background", "style" to leave them unsaid."""
+    words = [object_phrase(spec, drop=drop, noun=noun)]
     if "background" not in drop:
         words.append(background_phrase(spec.background))
     if spec.style != "photo" and "style" not in drop:
@@ -235,20 +253,23 @@ def _stylize(img: np.ndarray, style: str) -> np.ndarray:
         return img
     if style == "inverted":
         return 255 - img
-    if style == "sepia":
+    if style == "sepia":  # a strong brown tint; hues stay readable
         m = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], np.float32)
-        return np.clip(img.astype(np.float32) @ m.T, 0, 255).astype(np.uint8)
+        f = img.astype(np.float32)
+        return np.clip(0.6 * (f @ m.T) + 0.4 * f, 0, 255).round().astype(np.uint8)
     if style == "pixel":
         b = 4
         small = img.reshape(SIZE // b, b, SIZE // b, b, 3).mean(axis=(1, 3))
         return np.repeat(np.repeat(small, b, 0), b, 1).round().astype(np.uint8)
-    if style == "sketch":
+    if style == "sketch":  # colored-pencil outlines on paper: both sides of every edge, in their own colors
         f = img.astype(np.float32)
-        gx = np.abs(np.diff(f, axis=1, append=f[:, -1:])).sum(-1)
-        gy = np.abs(np.diff(f, axis=0, append=f[-1:])).sum(-1)
-        edge = np.maximum(gx, gy) > 60
+        p = np.pad(f, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        diff = np.zeros(f.shape[:2], np.float32)
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            diff = np.maximum(diff, np.abs(p[dy : dy + SIZE, dx : dx + SIZE] - f).sum(-1))
+        edge = diff > 60
         out = np.full_like(img, 245)
-        out[edge] = 25
+        out[edge] = (f[edge] * 0.85).round().astype(np.uint8)
         return out
     raise ValueError(style)
 
@@ -266,27 +287,69 @@ def render(spec: Spec) -> Image.Image:
     return Image.fromarray(_stylize(img, spec.style))
 
 
-def random_spec(rng: np.random.Generator, *, style_prob: float = 0.4, scene_prob: float = 0.35) -> Spec:
-    """One training picture of the base world: never two-toned, never marked (those are subjects)."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    color = list(COLORS)[rng.integers(len(COLORS))]
-    pattern = PATTERNS[rng.integers(len(PATTERNS))] if rng.random() < 0.5 else "plain"
-    if rng.random() < scene_prob:
-        background = f"scene:{SCENES[rng.integers(len(SCENES))]}"
-    else:
-        choices = [c for c in COLORS if c != color]
-        background = choices[rng.integers(len(choices))]
-    style = STYLES[1 + rng.integers(len(STYLES) - 1)] if rng.random() < style_prob else "photo"
-    return Spec(shape, color, pattern, background, style, seed=int(rng.integers(2**31)))
+def identity_key(spec: Spec) -> tuple:
+    """What makes an object's look (shape, the tones as a set, split, mark and its color): a mirror image
+    (tones swapped) is the same look."""
+    tones = frozenset((spec.color, spec.color2)) if spec.color2 is not None else frozenset((spec.color,))
+    return (spec.shape, tones, spec.split, spec.pattern, spec.mark, spec.mark_color)
+
+
+_HELD_OUT: set[tuple] = set()
+
+
+def hold_out(looks) -> None:
+    """Register looks (``identity_key`` tuples) the base world must never draw: the subjects'
+    (``prcore.toyworld.subjects`` registers them when it is imported, which ``prcore.toyworld`` does)."""
+    _HELD_OUT.update(looks)
+
+
+def held_out_looks() -> set[tuple]:
+    """The personalization subjects' exact looks: never drawn by the base world."""
+    return _HELD_OUT
+
+
+def random_spec(rng: np.random.Generator, *, style_prob: float = 0.4, scene_prob: float = 0.35,
+                two_tone_prob: float = 0.45, mark_prob: float = 0.45) -> Spec:
+    """One training picture of the base world. Objects are one- or two-toned (split along any axis),
+    may carry a mark of another color (dot, ring, bar) or, when one-toned and unmarked, a pattern; every
+    combination is possible except the personalization subjects' exact looks (``held_out_looks``)."""
+    names = list(COLORS)
+    while True:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        color = names[rng.integers(len(names))]
+        color2 = split = mark = mark_color = None
+        if rng.random() < two_tone_prob:
+            others = [c for c in names if c != color]
+            color2 = others[rng.integers(len(others))]
+            split = SPLITS[rng.integers(len(SPLITS))]
+        if rng.random() < mark_prob:
+            others = [c for c in names if c not in (color, color2)]
+            mark = MARKS[rng.integers(len(MARKS))]
+            mark_color = others[rng.integers(len(others))]
+        pattern = "plain"
+        if color2 is None and mark is None and rng.random() < 0.3:
+            pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
+        if rng.random() < scene_prob:
+            background = f"scene:{SCENES[rng.integers(len(SCENES))]}"
+        else:
+            choices = [c for c in names if c not in (color, color2)]
+            background = choices[rng.integers(len(choices))]
+        style = STYLES[1 + rng.integers(len(STYLES) - 1)] if rng.random() < style_prob else "photo"
+        spec = Spec(shape, color, pattern, background, style, seed=int(rng.integers(2**31)),
+                    color2=color2, split=split, mark=mark, mark_color=mark_color)
+        if identity_key(spec) not in held_out_looks():
+            return spec
 
 
 def random_caption(spec: Spec, rng: np.random.Generator) -> str:
     """Caption with attributes sometimes left unsaid, so partial prompts ("a circle in sepia style") work."""
     drop = set()
-    if rng.random() < 0.15:
+    if rng.random() < 0.12:
         drop.add("color")
     if rng.random() < 0.25:
         drop.add("pattern")
+    if rng.random() < 0.12:
+        drop.add("mark")
     if rng.random() < 0.15:
         drop.add("background")
     return caption(spec, drop=frozenset(drop))
