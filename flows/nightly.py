@@ -161,6 +161,7 @@ def submit_shards(shards: list[list[str]], params: dict[str, Any], deployment: s
     from prefect import Task
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
+    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.states import Pending, Scheduled
 
     parent = FlowRunContext.get()
@@ -170,6 +171,15 @@ def submit_shards(shards: list[list[str]], params: dict[str, Any], deployment: s
         link_task.task_key = f"prcore.shard.{deployment}"
 
         def submit(i: int) -> Any:
+            for attempt in range(6):  # a busy server answers 503/429 (SQLite write locks): back off and retry
+                try:
+                    return submit_once(i)
+                except PrefectHTTPStatusError as exc:
+                    if exc.response.status_code not in (429, 503) or attempt == 5:
+                        raise
+                    time.sleep(min(8.0, 0.5 * 2**attempt))
+
+        def submit_once(i: int) -> Any:  # idempotent: the link's dynamic key and the run's idempotency key
             link = None
             if parent is not None and parent.flow_run is not None:
                 link = client.create_task_run(task=link_task, flow_run_id=parent.flow_run.id, dynamic_key=str(i),

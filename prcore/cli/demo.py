@@ -50,6 +50,9 @@ def demo_command(
         sheets = sorted((out / "runs" / outcome.run_id / "contact_sheets").glob("*.png"))
         for sheet in sheets:
             print(f"  contact sheet:  {sheet}")
+            print(f"    {sheet.stem}: the left column is its reference pictures; the images beside them should show that "
+                  "same object in their prompted scenes and styles (the report page names each image's prompt: "
+                  f"{out / 'runs' / outcome.run_id / 'index.html'})")
         if not sheets:
             print("  (nothing new to make: every image of the demo is already in this folder)")
     silence_shutdown()
