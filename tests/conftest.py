@@ -42,6 +42,24 @@ def tiny_sdxl_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def full_size_model(tmp_path_factory):
+    """``get(name)``: the full-size ``name`` folder ("sd15", "sd21", "sdxl"; random weights), built once per
+    session and shared by the slow tests. SD 1.5 / 2.1 carry the fp16 variant too; SDXL (14 GB in fp32)
+    does not, to spare the disk."""
+    from prcore.method.full_size import build_full_size
+
+    root = tmp_path_factory.mktemp("full-size")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build_full_size(root / name, name, fp16_variant=name != "sdxl")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_sd_path):
     """The tiny SD pipeline loaded through the product's path (cached per process)."""
     from prcore.method.models import load_pipeline

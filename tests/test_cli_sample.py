@@ -93,7 +93,7 @@ def test_pretrained_needs_no_lora(app, model_and_lora, tmp_path):
         ({"--lora": "EMPTY"}, "pytorch_lora_weights.safetensors is missing"),
         ({"--lora": None}, "--lora DIR is required for --guidance parallel_rescaled"),
         ({"--height": 30}, "height=30 must be a positive multiple of the VAE factor 4"),
-        ({"--model": "EMPTY"}, "not a diffusers pipeline folder"),
+        ({"--model": "EMPTY"}, "has no model_index.json"),
     ],
 )
 def test_bad_input_one_message_exit_2(app, model_and_lora, tmp_path, change, message):

@@ -57,7 +57,7 @@ def test_trains_then_reuses(app, tiny_sd_path, image_dir, tmp_path):
     ({"--images": "EMPTY"}, "no instance images found"),
     ({"--images": "MISSING"}, "does not exist"),
     ({"--images": "BAD"}, "bad.png"),
-    ({"--model": "NOMODEL"}, "not a diffusers pipeline folder"),
+    ({"--model": "NOMODEL"}, "has no model_index.json"),
 ])
 def test_bad_input_one_message_exit_2(app, tiny_sd_path, image_dir, tmp_path, change, message):
     special = {"EMPTY": tmp_path / "empty", "MISSING": tmp_path / "missing", "BAD": tmp_path / "bad.png",

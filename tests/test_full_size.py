@@ -35,27 +35,12 @@ def references(folder: Path, size: int) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    from prcore.method.full_size import build_full_size
-
-    root = tmp_path_factory.mktemp("full-size")
-    cache: dict[str, Path] = {}
-
-    def get(name: str, fp16: bool = True) -> Path:
-        if name not in cache:
-            cache[name] = build_full_size(root / name, name, fp16_variant=fp16)
-        return cache[name]
-
-    return get
-
-
 @pytest.mark.parametrize(("name", "size", "prediction", "unet_params", "dtype"), [
     ("sd15", 512, "epsilon", 859_520_964, "float32"),  # the CPU default
     ("sd21", 768, "v_prediction", 865_910_724, "bfloat16"),  # bf16 weights: autocast training with fp32 LoRA
 ])
-def test_train_then_sample_through_the_cli(built, tmp_path, name, size, prediction, unet_params, dtype):
-    model = built(name)
+def test_train_then_sample_through_the_cli(full_size_model, tmp_path, name, size, prediction, unet_params, dtype):
+    model = full_size_model(name)
     from prcore.method.models import load_pipeline
 
     pipe = load_pipeline(model, device="cpu", dtype="float32", cache=False)
@@ -83,8 +68,8 @@ def test_train_then_sample_through_the_cli(built, tmp_path, name, size, predicti
     assert record["peak_memory_bytes"] > weights and sidecar["peak_memory_bytes"] > weights
 
 
-def test_sdxl_samples_at_512_in_bf16(built, tmp_path):
-    model = built("sdxl", fp16=False)
+def test_sdxl_samples_at_512_in_bf16(full_size_model, tmp_path):
+    model = full_size_model("sdxl")
     out = tmp_path / "images"
     prcore("sample", "--model", model, "--guidance", "pretrained", "--prompt", "a {subject} in the snow", "--class-noun",
            "dog", "--out", out, "--num-inference-steps", 2, "--height", 512, "--width", 512, "--device", "cpu",
@@ -96,8 +81,8 @@ def test_sdxl_samples_at_512_in_bf16(built, tmp_path):
     assert sidecar["peak_memory_bytes"] > 5e9  # bf16 UNet weights alone: 2.6e9 params x 2 bytes
 
 
-def test_fp16_variant_files_are_complete(built):
-    model = built("sd15")
+def test_fp16_variant_files_are_complete(full_size_model):
+    model = full_size_model("sd15")
     for component in ("unet", "vae", "text_encoder"):
         files = sorted(p.name for p in (model / component).glob("*.safetensors"))
         assert any(".fp16." in f for f in files) and any(".fp16." not in f for f in files), (component, files)

@@ -87,7 +87,7 @@ def test_prefect_only_in_the_cli_and_model_side_bare(path):
         assert not bad, f"{mod} (model side) imports {bad}: it must run on a bare GPU machine"
         for target in prcore_edges(path):  # and so does everything it imports from prcore
             assert target.startswith(("prcore.method", "prcore.store.keys", "prcore.data.schema", "prcore.data.fingerprint",
-                                      "prcore.data.images")), f"{mod} (model side) imports {target}"
+                                      "prcore.data.images", "prcore.data.model_source")), f"{mod} (model side) imports {target}"
 
 
 def test_no_import_circle():

@@ -440,12 +440,18 @@ def test_caption_count_must_be_one_or_one_per_image(tmp_path, images):
 
 def test_base_model_folder_must_exist(tmp_path, images):
     missing = pl.DataFrame(rows(images)).with_columns(pl.lit(str(tmp_path / "no-model")).alias("base_model"))
-    assert_one(errors_for(tmp_path, missing, check_images=False), 0, "base_model", "not a folder")
+    assert_one(errors_for(tmp_path, missing, check_images=False), 0, "base_model", "does not exist")
     (tmp_path / "empty-model").mkdir()
     empty = pl.DataFrame(rows(images)).with_columns(pl.lit(str(tmp_path / "empty-model")).alias("base_model"))
     assert_one(errors_for(tmp_path, empty, check_images=False), 0, "base_model", "model_index.json")
     hub = pl.DataFrame(rows(images)).with_columns(pl.lit("org/some-model").alias("base_model"))
     assert errors_for(tmp_path, hub, check_images=False) == []
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")  # single files: safetensors only, read before any work
+    pickled = pl.DataFrame(rows(images)).with_columns(pl.lit(str(tmp_path / "model.ckpt")).alias("base_model"))
+    assert_one(errors_for(tmp_path, pickled, check_images=False), 0, "base_model", "pickled", "safetensors")
+    (tmp_path / "lora.safetensors").write_bytes(b"\x00" * 64)
+    broken = pl.DataFrame(rows(images)).with_columns(pl.lit(str(tmp_path / "lora.safetensors")).alias("base_model"))
+    assert_one(errors_for(tmp_path, broken, check_images=False), 0, "base_model", "not a safetensors file")
 
 
 def test_instance_image_too_small_or_too_many_pixels(tmp_path, images, monkeypatch):

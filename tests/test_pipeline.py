@@ -14,7 +14,7 @@ from prefect_harness import manifest_rows, subject_image, write_local_manifest
 
 from prcore.data.schema import GenerationDefaults, TrainConfig
 from prcore.outputs import reports
-from prcore.outputs.contact_sheet import contact_sheet, score_note
+from prcore.outputs.contact_sheet import LINE, SheetRow, contact_sheet, request_label, request_rows, score_note
 from prcore.pipeline import lora as L
 from prcore.pipeline import subject as S
 from prcore.pipeline.settings import RunSettings
@@ -199,16 +199,44 @@ def test_catalog_and_contact_sheet_for_a_subject(setup, tmp_path):
     assert sheet.size == (6 + 64 + 18 + 2 * (64 + 6), 18 + 6 + 2 * (64 + 6))
 
 
-def test_contact_sheet_geometry_places_references_left_of_the_grid():
+def test_contact_sheet_geometry_places_references_left_of_labelled_rows():
     red = Image.new("RGB", (40, 40), (255, 0, 0))
     blue = Image.new("RGB", (40, 40), (0, 0, 255))
-    sheet = contact_sheet([red], [blue] * 5, cell=32, columns=4, gap=4)
-    assert sheet.size == (4 + 32 + 12 + 4 * 36, 4 + 2 * 36)
+    green = Image.new("RGB", (40, 40), (0, 255, 0))
+    rows = [SheetRow(["a sks dog in the snow", "parallel_rescaled: cfg 7.5, cg 3, eta 0.5"], [blue] * 5),
+            SheetRow(["a sks dog, sketch", "cfg: cfg 7.5"], [green])]
+    sheet = contact_sheet([red], rows, cell=32, columns=4, gap=4)
+    label_h = 2 * LINE
+    assert sheet.size == (4 + 32 + 12 + 4 * 36, 4 + (label_h + 2 * 36) + (label_h + 36))
     assert sheet.getpixel((4 + 16, 4 + 16)) == (255, 0, 0)
     x0 = 4 + 32 + 4 + 8
-    assert sheet.getpixel((x0 + 16, 4 + 16)) == (0, 0, 255)
-    assert sheet.getpixel((x0 + 16, 4 + 36 + 16)) == (0, 0, 255)  # 5th image: second row
-    assert sheet.getpixel((x0 + 36 + 16, 4 + 36 + 16)) == (255, 255, 255)  # nothing after it
+    dark = [x for x in range(x0, sheet.width) for y in range(4, 4 + label_h) if sum(sheet.getpixel((x, y))) < 300]
+    assert dark  # the row's label is drawn above its images
+    y1 = 4 + label_h
+    assert sheet.getpixel((x0 + 16, y1 + 16)) == (0, 0, 255)
+    assert sheet.getpixel((x0 + 16, y1 + 36 + 16)) == (0, 0, 255)  # 5th image: second line of the first row
+    assert sheet.getpixel((x0 + 36 + 16, y1 + 36 + 16)) == (255, 255, 255)  # nothing after it
+    y2 = y1 + 2 * 36 + label_h
+    assert sheet.getpixel((x0 + 16, y2 + 16)) == (0, 255, 0)  # the second request: its own row, below its label
+
+
+def test_request_rows_group_by_request_and_label_the_settings():
+    from dataclasses import replace
+
+    from prcore.outputs.sidecar import ImageRecord
+
+    a = ImageRecord(subject_id="s", prompt_id="p0", req_fp="r0", index=0, key="k0", seed=1, prompt_template="a {subject}",
+                    personal_prompt="a sks dog", base_prompt="a dog", negative_prompt="", class_noun="dog", identifier="sks",
+                    guidance="parallel_rescaled", guidance_scale=7.5, consistency_scale=3.0, parallel_scale=0.5,
+                    num_inference_steps=20, scheduler="DDIMScheduler", height=8, width=8, base_model="m", lora_fp="f",
+                    device="cpu", dtype="float32", consistency_start=0.2)
+    b = replace(a, req_fp="r1", prompt_id="p1", personal_prompt="a sks dog in sketch style", guidance="cfg")
+    images = [Image.new("RGB", (8, 8))] * 3
+    rows = request_rows([a, b, a], images)
+    assert [len(r.images) for r in rows] == [2, 1]
+    assert rows[0].label[0] == a.personal_prompt and f"cfg {a.guidance_scale:g}" in rows[0].label[1]
+    assert "eta 0.5" in rows[0].label[1] and "window 0.2-1" in rows[0].label[1]
+    assert rows[1].label == ["a sks dog in sketch style", "cfg: cfg 7.5; 20 steps DDIMScheduler"]
 
 
 def test_shards_records_and_failure_report(tmp_path):
@@ -311,8 +339,8 @@ def test_scores_and_qc_land_in_sidecars_and_catalogue(setup, tmp_path_factory, t
         notes = [score_note(r) for r in res.records]
         assert [n[1] for n in notes] == [d >= threshold for d in dino]
         assert all(n[0].count(".") == 3 for n in notes) and sum("QC fail" in n[0] for n in notes) == 1
-        plain = contact_sheet(refs, [Image.open(io.BytesIO(store.get(k))) for k in request.keys], cell=64,
-                                     label=f"{inputs.job.subject_id}: references | generated")
+        plain = contact_sheet(refs, [SheetRow(request_label(res.records[0]), [Image.open(io.BytesIO(store.get(k))) for k in request.keys])],
+                              cell=64, label=f"{inputs.job.subject_id}: references | generated, one row per prompt")
         assert sheet.size == plain.size
         red = [(x, y) for x in range(sheet.width) for y in range(sheet.height) if sheet.getpixel((x, y)) == (220, 0, 0)]
         assert red and not [(x, y) for x in range(plain.width) for y in range(plain.height) if plain.getpixel((x, y)) == (220, 0, 0)]

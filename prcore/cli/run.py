@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -113,6 +112,7 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     that does not resolve is one clear error instead of a failure of every subject. The manifest is
     validated here; the flow plans it (once)."""
     from prcore.data.load import load_manifest
+    from prcore.data.model_source import local_model_problem, looks_local
     from prcore.data.schema import ManifestInvalid
     from prcore.data.validate import validate
     from prcore.method.models import default_device, resolve_dtype
@@ -125,12 +125,10 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
         raise UserError(f"--dtype: {exc}") from None
     model = settings.model
     if model:
-        local = Path(model).expanduser()
-        looks_local = local.exists() or model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
-        if looks_local and not (local / "model_index.json").is_file():
-            raise UserError(f"--model {model}: not a diffusers pipeline folder (no model_index.json); give a folder "
-                            "written by save_pretrained or a hub id")
-        if not looks_local:
+        if looks_local(model):
+            if problem := local_model_problem(model.removeprefix("file://")):
+                raise UserError(f"--model: {problem}")
+        else:
             from prcore.method.models import ModelNotFoundError, load_pipeline
 
             try:

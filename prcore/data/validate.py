@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 
 from prcore.data.load import Manifest, as_manifest, first_rows
+from prcore.data.model_source import local_model_problem, looks_local
 from prcore.data.schema import (
     GUIDANCE_MODES,
     MAX_NUM_IMAGES,
@@ -269,23 +270,13 @@ def validate_defaults(defaults: Any, *, base_model: str | None = None) -> list[s
 
 
 def base_model_problem(value: str) -> str | None:
-    """What is wrong with a ``base_model`` that names a local folder (a path: absolute, ``./``, ``../``,
-    ``~`` or ``file://``); hub ids and ``prcore:`` ids are checked when the run resolves the model."""
-    import os
-
+    """What is wrong with a ``base_model`` that names a local path (absolute, ``./``, ``../``, ``~``,
+    ``file://`` or a ``.safetensors`` file): a diffusers folder or a single-file checkpoint
+    (:mod:`prcore.data.model_source`). Hub ids and ``prcore:`` ids are checked when the run resolves the model."""
     text = value.strip()
-    if not text or text.startswith("prcore:"):
+    if not text or text.startswith("prcore:") or not looks_local(text):
         return None
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif not (text.startswith(("/", "./", "../", "~")) or os.sep == "\\" and text[1:3] == ":\\"):
-        return None
-    folder = os.path.expanduser(text)
-    if not os.path.isdir(folder):
-        return f"{value!r} is not a folder; give an existing diffusers model folder (with model_index.json) or a hub id"
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        return f"{value!r} has no model_index.json; give a diffusers model folder (save_pretrained) or a hub id"
-    return None
+    return local_model_problem(text.removeprefix("file://"))
 
 
 def _validate_train(c: _Collector, usable: Callable[[str], bool]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from prcore.data.model_source import ModelSourceError, local_model_problem, looks_local
 from prcore.method.families import ModelFamily, UnsupportedModelError, family_for_index
 
 
@@ -82,41 +83,38 @@ def model_index(source: str) -> dict[str, Any]:
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None, cache: bool = True):
-    """Load an SD 1.x/2.x or SDXL pipeline from a local folder or a hub id, once per process.
+    """Load an SD 1.x/2.x or SDXL pipeline once per process: from a local diffusers folder, a hub id
+    (the offline cache honoured), or a single-file ``.safetensors`` checkpoint (A1111 / civitai layout,
+    loaded offline: :mod:`prcore.method.single_file`).
 
     The same (model, device, dtype) returns the cached pipeline object, so a worker loads a base
     model once and reuses it across the subjects of its shard. Weights load from safetensors only.
     """
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    local = Path(model).expanduser()
-    key = _CacheKey(str(local.resolve()) if local.exists() else str(model), device, str(torch_dtype))
+    local = Path(str(model).removeprefix("file://")).expanduser()
+    is_local = local.exists() or looks_local(str(model))
+    key = _CacheKey(str(local.resolve()) if is_local else str(model), device, str(torch_dtype))
     with _LOCK:
         if cache and key in _PIPELINES:
             return _PIPELINES[key]
-        if local.exists() and not (local / "model_index.json").is_file():
-            raise ModelNotFoundError(
-                f"{local} is not a diffusers pipeline folder (no model_index.json); "
-                "point --model at a folder written by save_pretrained or at a hub id"
-            )
-        source = str(local) if local.exists() else str(model)
+        problem = local_model_problem(local) if is_local else None
+        if problem:
+            raise ModelNotFoundError(f"cannot load base model: {problem}")
         try:
-            family: ModelFamily = family_for_index(model_index(source))
-            cls, kwargs = family.pipeline_class(), dict(dtype=torch_dtype, use_safetensors=True, **family.load_kwargs())
-            if local.exists():
-                pipe = cls.from_pretrained(source, variant=weights_variant(local, torch_dtype), **kwargs)
-            elif torch_dtype == torch.float16:  # a hub repo: its fp16 files where it has them (half the download)
-                try:
-                    pipe = cls.from_pretrained(source, variant="fp16", **kwargs)
-                except (OSError, ValueError):
-                    pipe = cls.from_pretrained(source, **kwargs)
+            if local.is_file():
+                from prcore.method.single_file import load_single_file
+
+                pipe, _ = load_single_file(local, torch_dtype=torch_dtype)
             else:
-                pipe = cls.from_pretrained(source, **kwargs)
+                pipe = _load_pretrained(str(local) if is_local else str(model), local if is_local else None, torch_dtype)
+        except ModelSourceError as exc:
+            raise ModelNotFoundError(f"cannot load base model {model!r}: {exc}") from exc
         except (OSError, UnsupportedModelError) as exc:
             raise ModelNotFoundError(
                 f"cannot load base model {model!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
-                "Give a local diffusers folder (save_pretrained layout, safetensors weights) or a hub id "
-                "reachable from this machine (HF_TOKEN for gated models)."
+                "Give a local diffusers folder (save_pretrained layout, safetensors weights), a single-file "
+                ".safetensors checkpoint, or a hub id reachable from this machine (HF_TOKEN for gated models)."
             ) from exc
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -124,6 +122,20 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
         if cache:
             _PIPELINES[key] = pipe
         return pipe
+
+
+def _load_pretrained(source: str, local: Path | None, torch_dtype: torch.dtype):
+    """``from_pretrained`` of a diffusers folder or hub repo; the family from its ``model_index.json``."""
+    family: ModelFamily = family_for_index(model_index(source))
+    cls, kwargs = family.pipeline_class(), dict(dtype=torch_dtype, use_safetensors=True, **family.load_kwargs())
+    if local is not None:
+        return cls.from_pretrained(source, variant=weights_variant(local, torch_dtype), **kwargs)
+    if torch_dtype == torch.float16:  # a hub repo: its fp16 files where it has them (half the download)
+        try:
+            return cls.from_pretrained(source, variant="fp16", **kwargs)
+        except (OSError, ValueError):
+            pass
+    return cls.from_pretrained(source, **kwargs)
 
 
 def clear_pipeline_cache() -> None:

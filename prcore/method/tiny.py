@@ -14,20 +14,9 @@ from typing import Literal
 
 import torch
 
+from prcore.method.clip_tokenizer import bytes_to_unicode
+
 PipelineKind = Literal["sd", "sdxl"]
-
-
-# Byte-level BPE alphabet as in CLIP/GPT-2: every byte maps to one printable unicode char.
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 DEFAULT_WORDS = (
@@ -48,7 +37,7 @@ def write_clip_tokenizer(path: str | Path, words: tuple[str, ...] | list[str] = 
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for sym in alphabet + [s + "</w>" for s in alphabet]:
         vocab.setdefault(sym, len(vocab))
