@@ -11,6 +11,7 @@ temporary server: ``prefect.testing.utilities.prefect_test_harness``).
 
     python benchmarks/fanout_scale.py                      # ~3-5 min on 2 cores
     python benchmarks/fanout_scale.py --pending 100 --subjects 400 --wait-seconds 20   # quick
+    python benchmarks/fanout_scale.py --api-url http://127.0.0.1:4200/api   # a server on PostgreSQL
 
 Last lines: ``api_calls_per_minute_waiting=<x>`` and ``plan_and_submit_seconds=<y>``.
 """
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=25)
     ap.add_argument("--per-shard", type=int, default=4)
     ap.add_argument("--submit-workers", type=int, default=16)
+    ap.add_argument("--api-url", default=None,
+                    help="an existing Prefect server (e.g. `prefect server start` on PostgreSQL, as in production); "
+                         "default: Prefect's temporary SQLite server")
     args = ap.parse_args(argv)
 
     from prefect import flow
@@ -80,7 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     def shard(subject_ids: list[str] | None = None, shard_index: int = 0) -> None:  # never runs: no worker
         return None
 
-    with prefect_test_harness(server_startup_timeout=180):
+    if args.api_url:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        server = temporary_settings({PREFECT_API_URL: args.api_url})
+    else:
+        server = prefect_test_harness(server_startup_timeout=180)
+    with server:
         counter = Counter()
         with counted_client(counter) as client:
             t0 = time.perf_counter()
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             shards = make_shards([j.subject_id for j in jobs], args.per_shard)
             planned = time.perf_counter() - t0
             t1 = time.perf_counter()
-            runs = submit_shards(shards, {"manifest": str(path), "output": "out"}, "bench-shard/gpu", "bench-parent", "bench",
+            runs = submit_shards(shards, {"manifest": str(path), "output": "out"}, "bench-shard/gpu", None, f"bench-{uuid.uuid4().hex[:8]}",
                                  workers=args.submit_workers)
             submitted = time.perf_counter() - t1
             assert len(set(runs.values())) == len(shards)
