@@ -10,6 +10,8 @@ Rows per (model, dtype):
   diffusers img/h    diffusers' own CFG pipeline at the same size and steps (2 UNet rows per step vs 3)
   guidance cost      (seconds per image, prcore) / (seconds per image, diffusers CFG)
   peak GiB           torch.cuda.max_memory_allocated over the training / sampling run
+Second table (--options): sampling img/h with one image per denoising loop (what batching buys),
+channels-last, classic attention instead of SDPA, torch.compile (prcore.method.accel), each vs the first.
 
 Imports only torch, diffusers, transformers, peft, safetensors and prcore's model side
 (``prcore.method``), so it runs on a bare GPU machine with those wheels.
@@ -31,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prcore.data.schema import TrainConfig  # noqa: E402
+from prcore.method.accel import UNetOptions, configure_unet  # noqa: E402
 from prcore.method.dco import train_subject_lora  # noqa: E402
 from prcore.method.lora_io import load_subject_lora, unload_subject_lora  # noqa: E402
 from prcore.method.models import clear_pipeline_cache, load_pipeline  # noqa: E402
@@ -87,8 +90,13 @@ def timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+OPTION_SETTINGS = {"channels_last": UNetOptions(channels_last=True), "classic_attention": UNetOptions(attention="classic"),
+                   "compile": UNetOptions(channels_last=True, compile=True)}
+OPTIONS = ("batch1", "channels_last", "classic_attention", "compile")
+
+
 def run_one(name: str, folder: Path, dtype: str, device: str, train_res: int, size: int, steps: int, *,
-            train_steps: int, images: int, repeats: int, work: Path) -> dict:
+            train_steps: int, images: int, repeats: int, work: Path, options: tuple[str, ...] = ()) -> dict:
     clear_pipeline_cache()
     pipe = load_pipeline(folder, device=device, dtype=dtype, cache=False)
     row: dict = {"model": name, "dtype": dtype, "device": device, "train_res": train_res, "size": size, "steps": steps}
@@ -107,6 +115,14 @@ def run_one(name: str, folder: Path, dtype: str, device: str, train_res: int, si
                   num_inference_steps=steps, height=size, width=size, seed=0, num_images=images, progress=False)
         ours = timed(lambda: sample(pipe, **kw), repeats) / images
         row["sample_peak_gib"] = peak_gib()
+        # the speed options (prcore.method.accel), one at a time against `ours`; compile last (it cannot be undone)
+        for option in options:
+            if option == "batch1":  # one image per denoising loop: what batching buys
+                secs = timed(lambda: sample(pipe, **{**kw, "num_images": 1}), repeats)
+            else:
+                configure_unet(pipe, OPTION_SETTINGS[option])
+                secs = timed(lambda: sample(pipe, **kw), repeats) / images
+            row[f"img_h_{option}"] = 3600 / secs
     finally:
         unload_subject_lora(pipe, "bench")
     generator = torch.Generator("cpu").manual_seed(0)
@@ -127,7 +143,19 @@ def table(rows: list[dict]) -> str:
                      f"| {f(r['train_min_per_subject'], '.1f')} | {f(r['train_peak_gib'], '.1f')} "
                      f"| {f(r['sample_images_per_hour'], '.0f')} ({r['size']} px, {r['steps']}) | {f(r['diffusers_images_per_hour'], '.0f')} "
                      f"| {f(r['guidance_cost'], '.2f')} | {f(r['sample_peak_gib'], '.1f')} |")
+    opts = [o for o in OPTIONS if any(f"img_h_{o}" in r for r in rows)]
+    if opts:
+        lines += ["", "| model | dtype | sample img/h (4 per loop, SDPA) | " + " | ".join(OPTION_LABELS[o] for o in opts) + " |",
+                  "|---|---|---|" + "---|" * len(opts)]
+        for r in rows:
+            cells = [f"{f(r.get(f'img_h_{o}'), '.0f')} ({r.get(f'img_h_{o}', 0) / r['sample_images_per_hour']:.2f}x)"
+                     if r.get(f"img_h_{o}") else "-" for o in opts]
+            lines.append(f"| {r['model']} | {r['dtype']} | {f(r['sample_images_per_hour'], '.0f')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+OPTION_LABELS = {"batch1": "1 image per loop", "channels_last": "+ channels-last", "classic_attention": "classic attention (no SDPA)",
+                 "compile": "+ torch.compile (channels-last)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--options", default=None,
+                    help=f"comma-separated speed options to time (of {','.join(OPTIONS)}; default: all on CUDA, batch1,channels_last in --smoke)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -150,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     models = SMOKE if args.smoke else FULL
     train_steps = args.train_steps or (2 if args.smoke else 10)
     repeats = args.repeats or (1 if args.smoke else 2)
+    options = tuple(o for o in (args.options or (",".join(OPTIONS) if cuda else "batch1,channels_last")).split(",") if o)
+    if unknown := [o for o in options if o not in OPTIONS]:
+        print(f"unknown --options {unknown}; choose from {', '.join(OPTIONS)}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             folder = build(arch, work)
             for dtype in dtypes:
                 rows.append(run_one(name, folder, dtype, device, train_res, size, steps, train_steps=train_steps,
-                                    images=args.images, repeats=repeats, work=work))
+                                    images=args.images, repeats=repeats, work=work, options=options))
                 if cuda:  # the pipeline of that row is gone: give its memory back before the next
                     torch.cuda.empty_cache()
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                print(table(rows[-1:]).splitlines()[2], flush=True)
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     header = f"GPU suite on {gpu}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s" + (" (smoke)" if args.smoke else "")
     text = f"{header}\n\n{table(rows)}\n"

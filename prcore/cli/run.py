@@ -242,6 +242,8 @@ def run_command(
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on the CPU)."),
     max_batch_rows: int | None = typer.Option(None, "--max-batch-rows", help="UNet rows per forward (3 per image); lower it when a GPU runs out of memory."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode images in tiles (very large sizes)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="UNet in channels-last memory format (GPU speed option)."),
+    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (GPU speed option; recompiles after each LoRA change)."),
     clip_model: str | None = typer.Option(None, "--clip-model", help="Score images with this CLIP model (folder or hub id)."),
     dino_model: str | None = typer.Option(None, "--dino-model", help="Score images with this DINO model."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Local cache for models and LoRAs (default ~/.cache/prcore)."),
@@ -259,7 +261,7 @@ def run_command(
     with user_errors(StoreError):
         settings = settings_from_options(
             model=model, generation=generation, train={"steps": train_steps}, device=device, dtype=dtype,
-            max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
+            max_batch_rows=max_batch_rows, vae_tiling=vae_tiling, channels_last=channels_last, compile_unet=compile_unet,
             clip_model=clip_model, dino_model=dino_model, cache_dir=cache_dir, check_images=check_images)
         fan_out = FanOut(subjects_per_shard=subjects_per_shard, max_subjects=max_subjects, use_gpu_limit=False)
         outcome = run_batch(manifest, output, settings, fan_out, verbose=verbose)
@@ -270,7 +272,8 @@ def run_command(
 
 def settings_from_options(*, model: str | None = None, generation: dict[str, Any] | None = None,
                           train: dict[str, Any] | None = None, device: str | None = None, dtype: str | None = None,
-                          max_batch_rows: int | None = None, vae_tiling: bool = False, clip_model: str | None = None,
+                          max_batch_rows: int | None = None, vae_tiling: bool = False, channels_last: bool = False,
+                          compile_unet: bool = False, clip_model: str | None = None,
                           dino_model: str | None = None, cache_dir: str | None = None, check_images: bool = True) -> RunSettings:
     """:class:`RunSettings` from command-line options (None: the default); invalid values are one
     clear error, like a bad manifest cell."""
@@ -278,7 +281,8 @@ def settings_from_options(*, model: str | None = None, generation: dict[str, Any
 
     drop = lambda d: {k: v for k, v in (d or {}).items() if v is not None}  # noqa: E731
     raw = {"model": model, "generation": drop(generation), "train": drop(train),
-           "placement": drop({"device": device, "dtype": dtype, "max_batch_rows": max_batch_rows, "vae_tiling": vae_tiling or None}),
+           "placement": drop({"device": device, "dtype": dtype, "max_batch_rows": max_batch_rows, "vae_tiling": vae_tiling or None,
+                              "channels_last": channels_last or None, "compile_unet": compile_unet or None}),
            "scoring": drop({"clip_model": clip_model, "dino_model": dino_model}),
            "cache_dir": cache_dir, "check_images": check_images}
     try:

@@ -73,6 +73,8 @@ def sample_command(
     consistency_stop: float = typer.Option(1.0, "--consistency-stop", help="End of the consistency window; outside it two UNet rows per image instead of three."),
     max_batch_rows: int | None = typer.Option(None, "--max-batch-rows", min=1, help="UNet rows per forward (3 per image); lower it when a GPU runs out of memory."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode images in tiles (very large sizes)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="UNet in channels-last memory format (GPU speed option)."),
+    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (GPU speed option)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the steps."),
 ) -> None:
     """Sample a personalized subject with parallel-rescaled consistency guidance and write PNGs."""
@@ -100,10 +102,12 @@ def sample_command(
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder")
 
+        from prcore.method.accel import UNetOptions, configure_unet
         from prcore.method.models import load_pipeline
         from prcore.method.sampler import sample
 
         pipe = load_pipeline(model, device=device, dtype=dtype)
+        configure_unet(pipe, UNetOptions(channels_last=channels_last, compile=compile_unet))
         adapter = _load_lora(pipe, lora) if lora is not None else None
         result = sample(
             pipe, prompt=prompt, class_noun=class_noun, identifier=identifier, adapter_name=adapter,

@@ -64,7 +64,10 @@ def _tiny_model(cache_dir: Path) -> str:
 
 def load_run_pipeline(model: str | None, settings):
     """The cached pipeline for ``model`` (an id or folder, embedded ids resolved) with the run's placement."""
+    from prcore.method.accel import configure_unet
     from prcore.method.models import load_pipeline
 
     p = settings.placement
-    return load_pipeline(resolve_model(model, settings.cache_path()), device=p.device, dtype=p.dtype)
+    pipe = load_pipeline(resolve_model(model, settings.cache_path()), device=p.device, dtype=p.dtype)
+    configure_unet(pipe, p.unet_options())
+    return pipe

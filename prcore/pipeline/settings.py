@@ -31,7 +31,8 @@ class Placement(BaseModel):
     that have it, else fp16 on CUDA, fp32 elsewhere. ``max_batch_rows`` caps the UNet rows of one
     forward (three per image per step; None: all at once); ``max_batch_images`` how many images of
     a subject's requests (same sampling parameters) share one denoising loop; ``vae_tiling``
-    decodes in tiles.
+    decodes in tiles. ``channels_last`` / ``compile_unet`` / ``attention`` are the GPU speed
+    options of :mod:`prcore.method.accel` (off / off / "sdpa": what ``from_pretrained`` gives).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +41,14 @@ class Placement(BaseModel):
     max_batch_rows: int | None = Field(None, ge=1)
     max_batch_images: int = Field(16, ge=1, description="images of one subject's requests sampled in one denoising loop")
     vae_tiling: bool = False
+    channels_last: bool = False
+    compile_unet: bool = Field(False, description="torch.compile the UNet (recompiles after each LoRA change)")
+    attention: Literal["sdpa", "classic"] = "sdpa"
+
+    def unet_options(self):
+        from prcore.method.accel import UNetOptions
+
+        return UNetOptions(channels_last=self.channels_last, compile=self.compile_unet, attention=self.attention)
 
 
 class Scoring(BaseModel):

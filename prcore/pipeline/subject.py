@@ -221,6 +221,8 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
                         progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
                         **{k: v for k, v in params.items() if v is not None})
     device, dtype = _placement(pipe)
+    accel = getattr(pipe, "_prcore_accel", None)  # prcore.method.accel options, when any is on
+    accel = {"unet_options": accel} if accel and accel != {"channels_last": False, "compile": False, "attention": "sdpa"} else {}
     for (request, result), out in zip(pending, outs, strict=True):
         todo = request.todo
         result.sample_seconds = float(out.seconds)
@@ -239,7 +241,7 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
                 lora_fp=lora_fp, device=device, dtype=dtype, peak_memory_bytes=out.peak_memory_bytes, unet_rows=out.unet_rows,
                 seconds=round(out.seconds / len(todo), 4),
                 run_id=run.run_id if run else None, run_date=run.run_date if run else None,
-                worker=run.worker if run else None, extra=dict(request.meta),
+                worker=run.worker if run else None, extra={**request.meta, **accel},
             ).with_scores(image_scores)
             result.records.append(write_image(store, record, image))
             result.qc_failed += record.qc_pass is False

@@ -1,0 +1,52 @@
+"""Speed options for a loaded pipeline's UNet, for GPUs: memory format, compilation, attention kernel.
+
+    channels_last   UNet weights and activations in NHWC (``torch.channels_last``): tensor cores'
+                    preferred layout for convolutions; same results up to rounding
+    compile         ``unet.compile()`` (``torch.compile`` in place, so peft can still inject and
+                    remove LoRA layers: the per-subject adapters and the per-row routing make
+                    dynamo recompile on the first call after each change, then reuse the graph)
+    attention       "sdpa" (``torch.nn.functional.scaled_dot_product_attention``: diffusers' default
+                    on torch 2, FlashAttention / memory-efficient kernels on CUDA) or "classic"
+                    (explicit softmax(QK^T)V, for comparison only)
+
+All default off / "sdpa", which is what ``from_pretrained`` gives. ``configure_unet`` is idempotent
+on a cached pipeline and records what it applied (``pipe._prcore_accel``), which the sidecar's
+``worker`` and the GPU suite report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+ATTENTION_KERNELS = ("sdpa", "classic")
+
+
+@dataclass(frozen=True)
+class UNetOptions:
+    channels_last: bool = False
+    compile: bool = False
+    attention: Literal["sdpa", "classic"] = "sdpa"
+
+
+def configure_unet(pipe: Any, options: UNetOptions) -> dict[str, Any]:
+    """Apply ``options`` to ``pipe.unet`` (once per pipeline object) and return what is applied."""
+    if options.attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention {options.attention!r}: use one of {', '.join(ATTENTION_KERNELS)}")
+    applied = getattr(pipe, "_prcore_accel", None)
+    wanted = asdict(options)
+    if applied == wanted:
+        return applied
+    if applied is not None and applied.get("compile") and not options.compile:
+        raise ValueError("this cached pipeline's UNet is compiled; load the model again (cache=False) to run it uncompiled")
+    unet = pipe.unet
+    unet.to(memory_format=torch.channels_last if options.channels_last else torch.contiguous_format)
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0() if options.attention == "sdpa" else AttnProcessor())
+    if options.compile and not (applied or {}).get("compile"):
+        unet.compile()
+    pipe._prcore_accel = wanted
+    return wanted
