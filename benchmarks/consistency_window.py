@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--consistency-scale", type=float, default=3.0)
     ap.add_argument("--parallel-scale", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None, help="toy-world pipeline folder (default: the shipped one)")
     args = ap.parse_args(argv)
     if args.quick:
         args.subjects, args.prompts_per_kind, args.seeds = 2, 1, 2
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model_path(), device="cpu", dtype="float32")
+    pipe = load_pipeline(args.model or model_path(), device="cpu", dtype="float32")
     scorer = ToyScorer()
     prompts = [(i, p, "plain") for i, p in enumerate(tw.PLAIN_PROMPTS[: args.prompts_per_kind])]
     prompts += [(len(tw.PLAIN_PROMPTS) + i, p, "stylized") for i, p in enumerate(tw.STYLIZED_PROMPTS[: args.prompts_per_kind])]

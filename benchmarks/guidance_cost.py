@@ -62,7 +62,13 @@ def main() -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: process CPU time (robust on a shared machine; pair with --threads 1); wall: elapsed time")
     parser.add_argument("--model", type=Path, default=None, help="a pipeline folder (default: build the tiny SD one)")
+    parser.add_argument("--consistency-start", type=float, default=None, help="consistency window start (default: the product default)")
+    parser.add_argument("--consistency-stop", type=float, default=None, help="consistency window end (default: the product default)")
     args = parser.parse_args()
+    from prcore.data.schema import GenerationDefaults
+
+    window = dict(consistency_start=GenerationDefaults().consistency_start if args.consistency_start is None else args.consistency_start,
+                  consistency_stop=GenerationDefaults().consistency_stop if args.consistency_stop is None else args.consistency_stop)
     full = args.model is not None
     args.steps = args.steps or (2 if full else 20)
     args.repeats = args.repeats or (3 if full else 7)
@@ -87,7 +93,7 @@ def main() -> None:
         def ours(mode: str):
             return lambda: sample(personal, prompt="a photo of {subject} in the snow", class_noun="dog", identifier="sks",
                                   adapter_name="subject", seed=seeds, num_images=args.batch, progress=False,
-                                  batch_mode=mode, scheduler=args.scheduler, **common)
+                                  batch_mode=mode, scheduler=args.scheduler, **window, **common)
 
         def diffusers_cfg():
             return base("a photo of dog in the snow", guidance_scale=7.5, num_images_per_prompt=args.batch,
@@ -111,7 +117,8 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model={args.model or 'tiny-sd'} torch {torch.__version__}, threads={args.threads}, steps={args.steps}, size={args.size}, "
-          f"batch={args.batch}, scheduler={args.scheduler}, repeats={args.repeats}, clock={args.clock}, decode excluded")
+          f"batch={args.batch}, scheduler={args.scheduler}, repeats={args.repeats}, clock={args.clock}, decode excluded, "
+          f"window [{window['consistency_start']:g}, {window['consistency_stop']:g})")
     for key, value in med.items():
         spread = max(times[key]) - min(times[key])
         print(f"{key:10s} median {value * 1000 / args.steps:9.1f} ms/step  (min {min(times[key]) * 1000 / args.steps:.1f}, spread {spread * 1000 / args.steps:.1f})")

@@ -219,68 +219,101 @@ def test_manifest_and_images_on_s3(s3_server, s3_bucket, tmp_path):
     assert len(errors) == 1 and "not a readable image" in str(errors[0]) and "row 0" in str(errors[0])
 
 
-def test_s3_endpoint_away_then_back_is_retried_within_the_budget(tmp_path):
-    """The S3 server goes away mid-run and comes back: a call made meanwhile waits (backoff) and succeeds;
-    with the server gone for longer than the budget, the call fails with a TransientStoreError in time."""
-    import subprocess
-    import sys
+class _Gate:
+    """A TCP proxy in front of the S3 server: ``close()`` makes the endpoint go away (connections
+    refused), ``open()`` brings it back, while the server and its buckets stay as they were."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target, self.server, self.live = port, target, None, []
+
+    def open(self) -> None:
+        import socket
+        import threading
+
+        srv = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server = srv
+
+        def pipe(a, b):
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (a, b):
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+
+        def serve():
+            while True:
+                try:
+                    client, _ = srv.accept()
+                except OSError:
+                    return
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                self.live += [client, upstream]
+                threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:  # refuse new connections and cut the open ones (boto3 keeps them alive)
+        import socket
+
+        if self.server is not None:
+            try:
+                self.server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() and stops listening (Linux)
+            except OSError:
+                pass
+            self.server.close()
+            self.server = None
+        for sock in self.live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+        self.live.clear()
+
+
+def test_s3_endpoint_away_then_back_is_retried_within_the_budget(s3_server, s3_bucket):
+    """The S3 endpoint goes away mid-run and comes back: a call made meanwhile waits (backoff) and succeeds;
+    with it gone for longer than the budget, the call fails with a TransientStoreError in time."""
     import threading
     import time
+    from urllib.parse import urlparse
 
-    import boto3
-    from conftest import wait_for_port
     from prefect_harness import free_port
 
     from prcore.store.storage import TransientStoreError
 
     port = free_port()
+    gate = _Gate(port, urlparse(s3_server).port)
+    gate.open()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-    def start():
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(port)
-        boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in env.items() if k != "AWS_DEFAULT_REGION"},
-                     region_name="us-east-1").create_bucket(Bucket="prcore-outage")
-        return proc
-
-    def stop(proc):
-        proc.terminate()
-        proc.wait(10)
-
-    import os
-
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    procs = [start()]
     try:
-        store = open_store("s3://prcore-outage/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=60, retry_max_delay_s=2)
+        store = open_store(f"s3://{s3_bucket}/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=60, retry_max_delay_s=2)
         store.put("a.json", b"1")
-        stop(procs[0])
-        restarter = threading.Timer(4.0, lambda: procs.append(start()))
-        restarter.start()
+        gate.close()
+        reopen = threading.Timer(4.0, gate.open)
+        reopen.start()
         started = time.monotonic()
-        store.put("b.json", b"2")  # the endpoint is away for ~4 s (+ moto's start): retried, then written
+        store.put("b.json", b"2")  # the endpoint is away for ~4 s: retried, then written
         waited = time.monotonic() - started
-        restarter.join()
+        reopen.join()
         assert waited >= 3.5 and store.get("b.json") == b"2"
 
-        stop(procs[-1])
-        short = open_store("s3://prcore-outage/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=3, retry_max_delay_s=1)
+        gate.close()
+        short = open_store(f"s3://{s3_bucket}/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=3, retry_max_delay_s=1)
         started = time.monotonic()
         with pytest.raises(TransientStoreError, match="cannot connect"):
             short.get("b.json")
         assert time.monotonic() - started < 15
     finally:
-        for p in procs:
-            if p.poll() is None:
-                stop(p)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        gate.close()
 
 
 def test_stale_temporary_files_are_ignored_then_cleaned(tmp_path):
