@@ -371,16 +371,21 @@ def test_plan_invalid_manifest_raises_with_all_errors(tmp_path, images):
 
 
 def test_consistency_window_columns_validate_and_keep_old_fingerprints(tmp_path):
-    """The window is a request column like the scales; left at (0, 1) it leaves req_fp as it was
-    before the column existed (nothing made earlier is re-rendered), any other window is a new request."""
+    """The window is a request column like the scales; at (0, 1) (the whole trajectory, the default
+    before the window existed) it leaves req_fp as it was then, so images made earlier stay current;
+    the default window [0, 0.5) and any other are new requests."""
     import polars as pl
+
+    from prcore.data.schema import GenerationDefaults
 
     base = {"subject_id": ["dog1"] * 3, "instance_images": [["a.png"]] * 3, "class_noun": ["dog"] * 3,
             "prompt": ["a {subject} on the beach"] * 3, "prompt_id": ["p0", "p1", "p2"]}
-    before = plan(pl.DataFrame(base), check=False)[0].requests
+    before = plan(pl.DataFrame(base), check=False, defaults=GenerationDefaults(consistency_stop=1.0))[0].requests
     windowed = plan(pl.DataFrame({**base, "consistency_start": [0.0, None, 0.0], "consistency_stop": [1.0, None, 0.6]}),
                     check=False)[0].requests
-    assert [r.req_fp for r in windowed[:2]] == [r.req_fp for r in before[:2]] and windowed[2].req_fp != before[2].req_fp
+    assert windowed[0].req_fp == before[0].req_fp  # explicit (0, 1): as before the column existed
+    assert windowed[1].params["consistency_stop"] == GenerationDefaults().consistency_stop == 0.5  # the new default
+    assert windowed[1].req_fp != before[1].req_fp and windowed[2].req_fp != before[2].req_fp
     assert windowed[2].params["consistency_stop"] == 0.6 and windowed[1].params["consistency_start"] == 0.0
     bad = validate(pl.DataFrame({**base, "consistency_start": [0.5, -0.1, 0.2], "consistency_stop": [0.4, 1.0, 1.5]}), check_images=False)
     assert [(e.row, e.column) for e in bad] == [(0, "consistency_stop"), (1, "consistency_start"), (2, "consistency_stop")]

@@ -58,7 +58,8 @@ def sdxl(tiny_sdxl_path, tmp_path_factory):
 
 def run(pipe, **kw):
     args = dict(prompt=PROMPT, class_noun="dog", identifier="sks", adapter_name=ADAPTER, num_inference_steps=2,
-                height=SIZE, width=SIZE, progress=False, output_type="latent")
+                height=SIZE, width=SIZE, progress=False, output_type="latent",
+                consistency_start=0.0, consistency_stop=1.0)  # the method on the whole trajectory (the window: its own test)
     args.update(kw)
     return sample(pipe, **args)
 
@@ -338,6 +339,12 @@ def test_consistency_window_runs_two_rows_outside_it(sd):
     # outside the window the estimate is CFG of the LoRA on the personal prompt against the base negative
     none = run(sd, num_inference_steps=4, seed=6, consistency_start=0.0, consistency_stop=0.0)
     assert none.unet_rows == 2 * 4
+    from prcore.data.schema import GenerationDefaults
+
+    product = sample(sd, prompt=PROMPT, class_noun="dog", identifier="sks", adapter_name=ADAPTER, num_inference_steps=4, seed=6,
+                     height=SIZE, width=SIZE, progress=False, output_type="latent")  # the library's default: the product's
+    assert (GenerationDefaults().consistency_start, GenerationDefaults().consistency_stop) == (0.0, 0.5)
+    assert product.unet_rows == half.unet_rows and torch.equal(product.images, half.images)
     chunked = run(sd, num_inference_steps=4, seed=6, consistency_start=0.0, consistency_stop=0.5, max_batch_rows=1)
     torch.testing.assert_close(chunked.images, half.images, atol=ATOL, rtol=0)
     for window in ((0.6, 0.4), (-0.1, 1.0), (0.0, 1.2)):

@@ -10,8 +10,10 @@ from pathlib import Path
 import typer
 
 from prcore.cli.errors import UserError, user_errors
-from prcore.data.schema import DEFAULT_IDENTIFIER
+from prcore.data.schema import DEFAULT_IDENTIFIER, GenerationDefaults
 from prcore.store.keys import LORA_WEIGHTS_FILE
+
+_D = GenerationDefaults()  # the flow's defaults, so `prcore sample` draws what a manifest row would
 
 
 def _adapter_name(lora_dir: Path) -> str:
@@ -57,10 +59,10 @@ def sample_command(
     lora: Path | None = typer.Option(None, "--lora", help="The subject's LoRA folder (diffusers format). Optional only with --guidance pretrained."),
     identifier: str = typer.Option(DEFAULT_IDENTIFIER, "--identifier", help="The subject's rare identifier token."),
     guidance: str = typer.Option("parallel_rescaled", "--guidance", help="parallel_rescaled | consistency | cfg | pretrained."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="w_cfg: classifier-free guidance weight."),
-    consistency_scale: float = typer.Option(3.0, "--consistency-scale", help="w_cg: consistency guidance weight."),
-    parallel_scale: float = typer.Option(0.5, "--parallel-scale", help="eta: weight of the part of g_cg parallel to g_cfg (1 = DCO)."),
-    num_inference_steps: int = typer.Option(50, "--num-inference-steps", help="Denoising steps."),
+    guidance_scale: float = typer.Option(_D.guidance_scale, "--guidance-scale", help="w_cfg: classifier-free guidance weight."),
+    consistency_scale: float = typer.Option(_D.consistency_scale, "--consistency-scale", help="w_cg: consistency guidance weight."),
+    parallel_scale: float = typer.Option(_D.parallel_scale, "--parallel-scale", help="eta: weight of the part of g_cg parallel to g_cfg (1 = DCO)."),
+    num_inference_steps: int = typer.Option(_D.num_inference_steps, "--num-inference-steps", help="Denoising steps."),
     seed: int = typer.Option(0, "--seed", help="Request seed; image i uses a generator seeded from (seed, i)."),
     num_images: int = typer.Option(1, "--num-images", help="How many images."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (empty by default)."),
@@ -69,8 +71,8 @@ def sample_command(
     width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
     device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: fp16 on CUDA, else fp32)."),
-    consistency_start: float = typer.Option(0.0, "--consistency-start", help="Start of the consistency window (fraction of the schedule)."),
-    consistency_stop: float = typer.Option(1.0, "--consistency-stop", help="End of the consistency window; outside it two UNet rows per image instead of three."),
+    consistency_start: float = typer.Option(_D.consistency_start, "--consistency-start", help="Start of the consistency window (fraction of the schedule)."),
+    consistency_stop: float = typer.Option(_D.consistency_stop, "--consistency-stop", help="End of the consistency window; outside it two UNet rows per image instead of three."),
     max_batch_rows: int | None = typer.Option(None, "--max-batch-rows", min=1, help="UNet rows per forward (3 per image); lower it when a GPU runs out of memory."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode images in tiles (very large sizes)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="UNet in channels-last memory format (GPU speed option)."),

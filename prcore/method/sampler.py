@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from prcore.data.fingerprint import image_seed
-from prcore.data.schema import SEED_MAX
+from prcore.data.schema import SEED_MAX, GenerationDefaults
 from prcore.method import guidance as G
 from prcore.method.adapters import (
     BASE,
@@ -45,6 +45,7 @@ from prcore.method.families import ModelFamily, TextCond, UnsupportedModelError,
 from prcore.method.models import peak_memory
 from prcore.method.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
 
+_DEFAULTS = GenerationDefaults()  # the product's sampling defaults: one owner (prcore.data.schema)
 BatchMode = Literal["auto", "batched", "separate"]
 
 
@@ -293,11 +294,11 @@ def sample_batch(
     requests: Sequence[Request],
     *,
     negative_prompt: str = "",
-    guidance: str = "parallel_rescaled",
-    guidance_scale: float = 7.5,
-    consistency_scale: float = 3.0,
-    parallel_scale: float = 0.5,
-    num_inference_steps: int = 50,
+    guidance: str = _DEFAULTS.guidance,
+    guidance_scale: float = _DEFAULTS.guidance_scale,
+    consistency_scale: float = _DEFAULTS.consistency_scale,
+    parallel_scale: float = _DEFAULTS.parallel_scale,
+    num_inference_steps: int = _DEFAULTS.num_inference_steps,
     height: int | None = None,
     width: int | None = None,
     scheduler: str | None = None,
@@ -306,8 +307,8 @@ def sample_batch(
     batch_mode: BatchMode = "auto",
     max_batch_rows: int | None = None,
     vae_tiling: bool = False,
-    consistency_start: float = 0.0,
-    consistency_stop: float = 1.0,
+    consistency_start: float = _DEFAULTS.consistency_start,
+    consistency_stop: float = _DEFAULTS.consistency_stop,
 ) -> list[SampleOutput]:
     """Sample several requests (prompts, subjects, LoRAs, seeds) in ONE denoising loop.
 
