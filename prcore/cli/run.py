@@ -112,9 +112,9 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     that does not resolve is one clear error instead of a failure of every subject. The manifest is
     validated here; the flow plans it (once)."""
     from prcore.data.load import load_manifest
-    from prcore.data.model_source import local_model_problem, looks_local
+    from prcore.data.model_source import looks_local
     from prcore.data.schema import ManifestInvalid
-    from prcore.data.validate import validate
+    from prcore.data.validate import base_model_problem, validate
     from prcore.method.models import default_device, resolve_dtype
     from prcore.pipeline.models import default_model_id, resolve_model
     from prcore.store.storage import StoreError, open_store
@@ -125,10 +125,9 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
         raise UserError(f"--dtype: {exc}") from None
     model = settings.model
     if model:
-        if looks_local(model):
-            if problem := local_model_problem(model.removeprefix("file://")):
-                raise UserError(f"--model: {problem}")
-        else:
+        if problem := base_model_problem(model):  # a local folder or single file: the manifest's own check
+            raise UserError(f"--model: {problem}")
+        if not looks_local(model):
             from prcore.method.models import ModelNotFoundError, load_pipeline
 
             try:

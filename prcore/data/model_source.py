@@ -100,25 +100,37 @@ def checkpoint_in_channels(entries: dict[str, dict]) -> int | None:
     return int(conv_in["shape"][1]) if conv_in and len(conv_in.get("shape", ())) == 4 else None
 
 
-def single_file_problem(path: str | Path) -> str | None:
-    """What is wrong with a local single-file checkpoint, or None when prcore can load it."""
+def check_single_file(path: str | Path) -> str:
+    """The architecture (``"sd15"``, ``"sd21"``, ``"sdxl"``) of a local single-file checkpoint that
+    prcore can load, from one bounded header read; :class:`ModelSourceError` saying what is wrong otherwise."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        return (f"{path.name} is a pickled checkpoint, which can run code when loaded; prcore loads safetensors only. "
-                "Convert it once where you trust it (e.g. load with torch and save with safetensors.torch.save_file) "
-                "or use the model's .safetensors release")
+        raise ModelSourceError(
+            f"{path.name} is a pickled checkpoint, which can run code when loaded; prcore loads safetensors only. "
+            "Convert it once where you trust it (e.g. load with torch and save with safetensors.torch.save_file) "
+            "or use the model's .safetensors release")
     if path.suffix.lower() != SINGLE_FILE_SUFFIX:
-        return f"{path.name}: a single-file model must be a {SINGLE_FILE_SUFFIX} checkpoint"
+        raise ModelSourceError(f"{path.name}: a single-file model must be a {SINGLE_FILE_SUFFIX} checkpoint")
     try:
         entries = safetensors_keys(path)
-        single_file_architecture(entries)
+        architecture = single_file_architecture(entries)
     except ModelSourceError as exc:
-        return f"{path}: {exc}"
+        raise ModelSourceError(f"{path}: {exc}") from None
     except OSError as exc:
-        return f"{path}: cannot be read ({exc.strerror or exc})"
+        raise ModelSourceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     channels = checkpoint_in_channels(entries)
     if channels not in (None, 4):
-        return f"{path}: its UNet takes {channels} input channels (an inpainting / instruct checkpoint); prcore needs a text-to-image model (4)"
+        raise ModelSourceError(f"{path}: its UNet takes {channels} input channels (an inpainting / instruct checkpoint); "
+                               "prcore needs a text-to-image model (4)")
+    return architecture
+
+
+def single_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a local single-file checkpoint, or None when prcore can load it."""
+    try:
+        check_single_file(path)
+    except ModelSourceError as exc:
+        return str(exc)
     return None
 
 

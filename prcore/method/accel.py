@@ -31,6 +31,12 @@ class UNetOptions:
     attention: Literal["sdpa", "classic"] = "sdpa"
 
 
+def options_in_use(pipe: Any) -> dict[str, Any] | None:
+    """What :func:`configure_unet` applied to ``pipe``, or None when nothing differs from the defaults."""
+    applied = getattr(pipe, "_prcore_accel", None)
+    return applied if applied and applied != asdict(UNetOptions()) else None
+
+
 def configure_unet(pipe: Any, options: UNetOptions) -> dict[str, Any]:
     """Apply ``options`` to ``pipe.unet`` (once per pipeline object) and return what is applied."""
     if options.attention not in ATTENTION_KERNELS:

@@ -98,7 +98,7 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
     with _LOCK:
         if cache and key in _PIPELINES:
             return _PIPELINES[key]
-        problem = local_model_problem(local) if is_local else None
+        problem = local_model_problem(local) if is_local and not local.is_file() else None  # a file: checked as it loads
         if problem:
             raise ModelNotFoundError(f"cannot load base model: {problem}")
         try:

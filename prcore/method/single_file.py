@@ -2,7 +2,7 @@
 
 A single file holds the UNet, VAE and text encoders in the original LDM key names, and nothing else:
 no configs, no tokenizer, no scheduler. prcore reads the architecture from the file's keys
-(:func:`prcore.data.model_source.single_file_architecture`: SD 1.x, SD 2.x, SDXL), writes the
+(:func:`prcore.data.model_source.check_single_file`: SD 1.x, SD 2.x, SDXL), writes the
 matching configs and the real CLIP tokenizers to a temporary folder
 (:func:`prcore.method.architectures.write_config_folder`), and hands both to diffusers'
 ``from_single_file(..., config=folder, local_files_only=True)``, which converts the keys. Nothing is
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from prcore.data.model_source import ModelSourceError, safetensors_keys, single_file_architecture, single_file_problem
+from prcore.data.model_source import ModelSourceError, check_single_file
 from prcore.method.architectures import write_config_folder
 from prcore.method.families import ModelFamily, family_for_index
 
@@ -62,10 +62,7 @@ def yaml_prediction_type(checkpoint: Path) -> str | None:
 def describe(path: str | Path) -> tuple[str, str]:
     """``(architecture, prediction_type)`` of a single-file checkpoint, from its header and yaml."""
     path = Path(path)
-    problem = single_file_problem(path)
-    if problem:
-        raise ModelSourceError(problem)
-    arch = single_file_architecture(safetensors_keys(path))
+    arch = check_single_file(path)
     return arch, yaml_prediction_type(path) or DEFAULT_PREDICTION[arch]
 
 

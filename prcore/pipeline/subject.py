@@ -202,6 +202,7 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
     :func:`batches`) and write each PNG + sidecar (sidecar last). Each image is what its request
     alone would draw for its seed. Done images are skipped; with ``scorer``, CLIP/DINO scores and
     the QC verdict go into each record."""
+    from prcore.method.accel import options_in_use
     from prcore.method.sampler import Request, sample_batch
     from prcore.outputs.sidecar import write_image
 
@@ -221,8 +222,7 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
                         progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
                         **{k: v for k, v in params.items() if v is not None})
     device, dtype = _placement(pipe)
-    accel = getattr(pipe, "_prcore_accel", None)  # prcore.method.accel options, when any is on
-    accel = {"unet_options": accel} if accel and accel != {"channels_last": False, "compile": False, "attention": "sdpa"} else {}
+    accel = {"unet_options": used} if (used := options_in_use(pipe)) else {}  # GPU speed options, when any is on
     for (request, result), out in zip(pending, outs, strict=True):
         todo = request.todo
         result.sample_seconds = float(out.seconds)
