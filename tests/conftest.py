@@ -6,6 +6,7 @@ Only fixtures more than one area needs live here; an area's own fixtures stay in
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -41,22 +42,50 @@ def tiny_sdxl_path(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
 
 
+FULL_SIZE_ORDER = ("sd15", "sd21", "sdxl")
+# What each full-size folder carries: sd15 both files (the fp16-variant test), sd21 fp32 only (its test
+# runs bf16, cast from fp32), sdxl only the fp16 variant (an fp16-only folder, as some hub repos ship:
+# 7 GB instead of 14 GB of fp32).
+FULL_SIZE_FILES = {"sd15": {}, "sd21": {"fp16_variant": False}, "sdxl": {"fp32": False}}
+
+
+def full_size_name(item: pytest.Item) -> str | None:
+    """The full-size architecture a test uses: its ``name`` parameter or its ``full_size`` mark."""
+    if "full_size_model" not in getattr(item, "fixturenames", ()):
+        return None
+    mark = item.get_closest_marker("full_size")
+    return mark.args[0] if mark else item.callspec.params["name"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Full-size tests run last, grouped by architecture, so that each folder is built once and only
+    one is on disk at a time (together they are ~40 GB; a CI disk may hold far less)."""
+    def key(item: pytest.Item) -> int:
+        name = full_size_name(item)
+        return 0 if name is None else 1 + FULL_SIZE_ORDER.index(name)
+
+    items.sort(key=key)  # stable: the order within each group is kept
+
+
 @pytest.fixture(scope="session")
 def full_size_model(tmp_path_factory):
-    """``get(name)``: the full-size ``name`` folder ("sd15", "sd21", "sdxl"; random weights), built once per
-    session and shared by the slow tests. SD 1.5 / 2.1 carry the fp16 variant too; SDXL (14 GB in fp32)
-    does not, to spare the disk."""
+    """``get(name)``: the full-size ``name`` folder ("sd15", "sd21", "sdxl"; random weights), built on
+    first use. Asking for another architecture deletes the previous one: one on disk at a time."""
     from prcore.method.full_size import build_full_size
 
     root = tmp_path_factory.mktemp("full-size")
-    cache: dict[str, Path] = {}
+    built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
-        if name not in cache:
-            cache[name] = build_full_size(root / name, name, fp16_variant=name != "sdxl")
-        return cache[name]
+        if name not in built:
+            for other in list(built):
+                shutil.rmtree(built.pop(other))
+            built[name] = build_full_size(root / name, name, **FULL_SIZE_FILES[name])
+        return built[name]
 
-    return get
+    yield get
+    for folder in built.values():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

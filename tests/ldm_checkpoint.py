@@ -151,7 +151,8 @@ def write_ldm_checkpoint(folder: str | Path, out: str | Path, *, dtype: torch.dt
 
     def weights(component: str) -> dict[str, torch.Tensor]:  # tensor by tensor: peak memory is the output's
         state: dict[str, torch.Tensor] = {}
-        for f in (p for p in (folder / component).glob("*.safetensors") if ".fp16." not in p.name):
+        files = sorted((folder / component).glob("*.safetensors"))
+        for f in [p for p in files if ".fp16." not in p.name] or files:  # the fp16 variant where it is all there is
             with safe_open(f, "pt") as handle:
                 for key in handle.keys():
                     t = handle.get_tensor(key)

@@ -63,6 +63,21 @@ def test_cpu_precision_choice_and_errors():
         resolve_precision("fp16", CPU, torch.float32)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, native):
+    import warnings
+
+    from prcore.method import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert models.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+        assert models.resolve_dtype("float32", "cpu") == torch.float32
+    said = [str(w.message) for w in caught if "bfloat16" in str(w.message)]
+    assert len(said) == (0 if native else 1) and (native or "--dtype float32" in said[0])
+
+
 @pytest.fixture(scope="module")
 def bf16_sd(tiny_sd_path):
     from prcore.method.models import load_pipeline

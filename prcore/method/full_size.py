@@ -3,12 +3,13 @@
 No weights can be downloaded where prcore is developed and tested, so the real path (shapes,
 dtypes, conditioning, memory, file layout) is exercised on pipelines built here from the published
 configurations: :func:`build_full_size` writes a standard diffusers folder (hub layout: one
-sub-folder per component, ``model_index.json``, safetensors, optionally the ``fp16`` variant)
+sub-folder per component, ``model_index.json``, safetensors, optionally the ``fp16`` variant, or
+only that variant, as hub repos that ship fp16 alone do)
 that :func:`prcore.method.models.load_pipeline` opens exactly like the hub's. Random weights draw
 noise, but every tensor has the real shape. The configurations and the (real) CLIP tokenizers are
 :mod:`prcore.method.architectures`'s.
 
-    python -m prcore.method.full_size sd15 OUT [--seed 0] [--no-fp16]    # also sd21, sdxl
+    python -m prcore.method.full_size sd15 OUT [--seed 0] [--no-fp16 | --fp16-only]    # also sd21, sdxl
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ import torch
 from prcore.method.architectures import ARCHITECTURES, component_name, write_config_folder
 
 
-def build_full_size(path: str | Path, name: str, *, seed: int = 0, fp16_variant: bool = True) -> Path:
+def build_full_size(path: str | Path, name: str, *, seed: int = 0, fp16_variant: bool = True, fp32: bool = True) -> Path:
     """Write the ``name`` architecture ("sd15", "sd21", "sdxl") with random weights to ``path``.
 
     The configs and tokenizers come from :func:`prcore.method.architectures.write_config_folder` (the
     same files a single-file checkpoint is loaded with). Components are built and saved one at a time
     (with their fp16 variant right after), so peak memory is the largest component, not the pipeline.
+    ``fp32=False`` writes only the ``*.fp16.safetensors`` files (an fp16-only folder: half the disk).
     """
+    if not (fp32 or fp16_variant):
+        raise ValueError("nothing to write: fp32=False needs fp16_variant=True")
     import diffusers
     import transformers
 
@@ -41,7 +45,8 @@ def build_full_size(path: str | Path, name: str, *, seed: int = 0, fp16_variant:
     index = json.loads((path / "model_index.json").read_text())
 
     def save(component: str, module: Any) -> None:
-        module.eval().save_pretrained(path / component, safe_serialization=True)
+        if fp32:
+            module.eval().save_pretrained(path / component, safe_serialization=True)
         if fp16_variant:
             module.to(torch.float16).save_pretrained(path / component, safe_serialization=True, variant="fp16")
 
@@ -62,10 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("architecture", choices=sorted(ARCHITECTURES))
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-fp16", action="store_true", help="skip the fp16 variant files")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--no-fp16", action="store_true", help="skip the fp16 variant files")
+    only.add_argument("--fp16-only", action="store_true", help="write only the fp16 variant files")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    build_full_size(args.out, args.architecture, seed=args.seed, fp16_variant=not args.no_fp16)
+    build_full_size(args.out, args.architecture, seed=args.seed, fp16_variant=not args.no_fp16, fp32=not args.fp16_only)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"wrote {args.architecture} to {args.out}: {size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f}s")
 
