@@ -4,7 +4,10 @@
                     preferred layout for convolutions; same results up to rounding
     compile         ``unet.compile()`` (``torch.compile`` in place, so peft can still inject and
                     remove LoRA layers: the per-subject adapters and the per-row routing make
-                    dynamo recompile on the first call after each change, then reuse the graph)
+                    dynamo recompile on the first call after each change, then reuse the graph);
+                    ``compile_backend`` is torch.compile's backend ("inductor", the default and the
+                    one that speeds things up; "aot_eager" traces the same graph without code
+                    generation: for debugging a graph break or a guard)
     attention       "sdpa" (``torch.nn.functional.scaled_dot_product_attention``: diffusers' default
                     on torch 2, FlashAttention / memory-efficient kernels on CUDA) or "classic"
                     (explicit softmax(QK^T)V, for comparison only)
@@ -28,6 +31,7 @@ ATTENTION_KERNELS = ("sdpa", "classic")
 class UNetOptions:
     channels_last: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"
     attention: Literal["sdpa", "classic"] = "sdpa"
 
 
@@ -53,6 +57,6 @@ def configure_unet(pipe: Any, options: UNetOptions) -> dict[str, Any]:
 
     unet.set_attn_processor(AttnProcessor2_0() if options.attention == "sdpa" else AttnProcessor())
     if options.compile and not (applied or {}).get("compile"):
-        unet.compile()
+        unet.compile(backend=options.compile_backend)
     pipe._prcore_accel = wanted
     return wanted
