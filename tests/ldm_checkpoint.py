@@ -10,6 +10,7 @@ that mis-maps a key fails the tests' equality checks.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -143,6 +144,16 @@ def openclip_to_ldm(state: dict[str, torch.Tensor], prefix: str, *, extra_layer:
     return out
 
 
+def folder_tensors(folder: Path, component: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """A diffusers folder component's tensors, one at a time: its fp32 files, or its fp16 variant where
+    that is all it ships."""
+    files = sorted((Path(folder) / component).glob("*.safetensors"))
+    for f in [p for p in files if ".fp16." not in p.name] or files:
+        with safe_open(f, "pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+
+
 def write_ldm_checkpoint(folder: str | Path, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """One ``.safetensors`` file in the A1111 layout holding ``folder``'s UNet, VAE and text encoders
     (in ``dtype``, e.g. fp16 as most published checkpoints are; None keeps the folder's)."""
@@ -150,14 +161,7 @@ def write_ldm_checkpoint(folder: str | Path, out: str | Path, *, dtype: torch.dt
     index = json.loads((folder / "model_index.json").read_text())
 
     def weights(component: str) -> dict[str, torch.Tensor]:  # tensor by tensor: peak memory is the output's
-        state: dict[str, torch.Tensor] = {}
-        files = sorted((folder / component).glob("*.safetensors"))
-        for f in [p for p in files if ".fp16." not in p.name] or files:  # the fp16 variant where it is all there is
-            with safe_open(f, "pt") as handle:
-                for key in handle.keys():
-                    t = handle.get_tensor(key)
-                    state[key] = t if dtype is None else t.to(dtype)
-        return state
+        return {key: t if dtype is None else t.to(dtype) for key, t in folder_tensors(folder, component)}
 
     def config(component: str) -> dict:
         return json.loads((folder / component / "config.json").read_text())

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ldm_checkpoint import write_ldm_checkpoint
-from safetensors import safe_open
+from ldm_checkpoint import folder_tensors, write_ldm_checkpoint
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -131,16 +130,6 @@ def test_cli_refuses_a_pickle_before_any_work(tmp_path):
 
 # ---- full size: the real architectures, real key names, through the path a user takes ----
 
-def _reference(folder: Path, component: str):
-    """The folder's weights: its fp32 files, or its fp16 variant where it ships only that (SDXL here)."""
-    files = sorted((folder / component).glob("*.safetensors"))
-    files = [p for p in files if ".fp16." not in p.name] or files
-    for f in files:
-        with safe_open(f, "pt") as handle:
-            for key in handle.keys():
-                yield key, handle.get_tensor(key)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize(("name", "size", "prediction", "dtype", "family", "encoders"), [
@@ -161,7 +150,7 @@ def test_full_size_single_file_loads_every_weight(full_size_model, tmp_path, nam
     for component in ("unet", "vae", *encoders):
         state = getattr(pipe, component).state_dict()
         n = 0
-        for key, ref in _reference(folder, component):
+        for key, ref in folder_tensors(folder, component):
             assert key in state, (component, key)
             assert state[key].dtype == getattr(torch, dtype)
             assert torch.equal(state[key], ref.half().to(state[key].dtype)), (component, key)  # fp16 in the file
