@@ -65,6 +65,14 @@ def get(subject_id: str) -> Subject:
     raise KeyError(f"unknown toy subject {subject_id!r}; known: {[s.subject_id for s in SUBJECTS]}")
 
 
+def look_alikes(subject: Subject) -> tuple[Subject, ...]:
+    """Same-class distractors: the other five subjects' looks (tones, split axis, mark, mark color)
+    painted on this subject's shape, ids ``<subject_id>~<other_id>``. Identification among the subject
+    and these reads the look, not the shape the class noun already names (chance 1/6)."""
+    return tuple(Subject(f"{subject.subject_id}~{o.subject_id}", subject.class_noun, replace(o.spec, shape=subject.spec.shape))
+                 for o in SUBJECTS if o.subject_id != subject.subject_id)
+
+
 def references(subject: Subject) -> list[Image.Image]:
     """The subject's 4 reference pictures (deterministic)."""
     return [subject.render(background=_reference_background(subject, bgs), pose=pose, seed=i)
