@@ -229,7 +229,7 @@ def figures_markdown(fig: dict) -> str:
     for label, (v, ci) in fig["identified"].items():
         gap = fig.get("fidelity_gap_paired", {}).get(label)
         g = f"{gap[0]:+.3f} ± {gap[1]:.3f}" if gap else "—"
-        c, c_ci = fig.get("identified_in_class", {}).get(label, (float("nan"), float("nan")))
+        c, c_ci = fig["identified_in_class"][label]
         lines.append(f"| {label} | {v:.2f} ± {ci:.2f} | {c:.2f} ± {c_ci:.2f} | {g} |")
     return "\n".join(lines)
 

@@ -140,6 +140,12 @@ def test_instruments_accuracy_floor_on_fresh_pictures(scorer):
     assert acc("split") >= 0.6 and acc("mark") >= 0.6
 
 
+def _fresh_renders(s: subjects.Subject) -> list:
+    """The subject in a pose and on backgrounds none of its references has."""
+    return [s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99)
+            for bg in ("scene:night", "scene:snow", "red", "green", "yellow")]
+
+
 def test_identity_embedding_separates_subjects_and_held_out_looks(scorer):
     """Fresh pictures of each subject (new pose, 5 backgrounds) are identified as that subject among the
     six (measured: 35/36 with a sixth background); second views of 100 fresh base-world looks (never
@@ -149,8 +155,7 @@ def test_identity_embedding_separates_subjects_and_held_out_looks(scorer):
     refs = {s.subject_id: scorer.embed_references(subjects.references(s)) for s in subjects.SUBJECTS}
     top, margins = 0, []
     for s in subjects.SUBJECTS:
-        fresh = [s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99)
-                 for bg in ("scene:night", "scene:snow", "red", "green", "yellow")]
+        fresh = _fresh_renders(s)
         for row in scorer.identify(fresh, refs):
             top += row["subject"] == s.subject_id
             sims = dict(row["sims"])
@@ -173,8 +178,7 @@ def test_look_alikes_share_the_shape_and_the_embedding_tells_them_apart(scorer):
         assert len(alikes) == 5 and all(a.spec.shape == s.spec.shape and a.class_noun == s.class_noun for a in alikes)
         assert world.identity_key(s.spec) not in {world.identity_key(a.spec) for a in alikes}
         refs = {s.subject_id: subjects.references(s), **{a.subject_id: subjects.references(a) for a in alikes}}
-        fresh = [s.render(background=bg, pose=(16.0, 1.0, 1.0, 8.0), seed=99)
-                 for bg in ("scene:night", "scene:snow", "red", "green", "yellow")]
+        fresh = _fresh_renders(s)
         top += sum(row["subject"] == s.subject_id for row in scorer.identify(fresh, refs))
     assert top >= TOP_IN_CLASS_FLOOR, top
 
