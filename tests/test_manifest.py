@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from prcore.data.fingerprint import image_seed
-from prcore.data.load import default_prompt_id, load_manifest
+from prcore.data.fingerprint import default_prompt_id, image_seed
+from prcore.data.load import load_manifest
 from prcore.data.plan import plan
 from prcore.data.schema import GUIDANCE_MODES, GenerationDefaults, ManifestInvalid
 from prcore.data.validate import validate

@@ -119,8 +119,7 @@ def sample_command(
             output_type="pil", progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
             consistency_start=consistency_start, consistency_stop=consistency_stop,
         )
-    from prcore.data.fingerprint import fingerprint
-    from prcore.data.load import default_prompt_id
+    from prcore.data.fingerprint import default_prompt_id, fingerprint
     from prcore.outputs.sidecar import ImageRecord, encode_image, sidecar_bytes
 
     params = {"guidance": guidance, "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,

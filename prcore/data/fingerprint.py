@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,3 +102,12 @@ def mix64(a: Any, b: Any) -> Any:
 def image_seed(seed: int, index: int) -> int:
     """Seed of image ``index`` of a request whose row gives ``seed``: ``mix64(seed, index) & SEED_MAX``."""
     return mix64(int(seed), int(index)) & SEED_MAX
+
+
+def default_prompt_id(template: str) -> str:
+    """A stable id for a prompt template: a slug of it plus 8 hex chars of its sha256.
+
+    ``"a {subject} in the snow"`` -> ``"a-subject-in-the-snow-<8 hex>"``.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", template.lower()).strip("-")[:40].strip("-") or "prompt"
+    return f"{slug}-{hashlib.sha256(template.encode()).hexdigest()[:8]}"

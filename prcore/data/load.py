@@ -18,6 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
+from prcore.data.fingerprint import default_prompt_id
 from prcore.data.schema import (
     BOOL,
     COLUMNS,
@@ -287,17 +288,6 @@ def _normalize(df: pl.DataFrame) -> tuple[pl.DataFrame, list[ManifestError]]:
 
 
 _PLACEHOLDER = r"\{[^{}]*\}|[{}]"
-
-
-def default_prompt_id(template: str) -> str:
-    """A stable id for a prompt template: a slug of it plus 8 hex chars of its sha256.
-
-    ``"a {subject} in the snow"`` -> ``"a-subject-in-the-snow-<8 hex>"``.
-    """
-    import hashlib
-
-    slug = re.sub(r"[^a-z0-9]+", "-", template.lower()).strip("-")[:40].strip("-") or "prompt"
-    return f"{slug}-{hashlib.sha256(template.encode()).hexdigest()[:8]}"
 
 
 def _with_prompt_ids(df: pl.DataFrame) -> pl.DataFrame:
