@@ -38,7 +38,7 @@ from prcore.data.images import ImageSource, PreparedImage, fingerprint_bytes, pr
 from prcore.data.schema import DEFAULT_CAPTION, SUBJECT_PLACEHOLDER, TrainConfig, TrainingInputError
 from prcore.method.families import ModelFamily, TextCond, family_of
 from prcore.method.lora_io import read_training_record, save_embeddings, save_lora
-from prcore.method.models import peak_memory
+from prcore.method.models import peak_memory, reset_peak_memory
 from prcore.store.keys import LORA_RECORD_FILE, LORA_WEIGHTS_FILE
 
 TRAINING_ALGORITHM_VERSION = 2  # 2: mixed precision by device (autocast, fp32 LoRA), identifier embedding as its own parameter
@@ -542,8 +542,7 @@ def train_subject_lora(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     added_tokens: list[tuple[Any, Any, LearnedToken]] = []
     try:
         with _preserved_pipeline_state(pipe):

@@ -156,9 +156,15 @@ def clear_pipeline_cache() -> None:
         _PIPELINES.clear()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`peak_memory` on a CUDA device (the process' max RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory of this process on ``device`` so far, bytes, and what was measured: the CUDA
-    allocator's peak (reset it with ``torch.cuda.reset_peak_memory_stats``), else the process' max RSS."""
+    """Peak memory on ``device`` since :func:`reset_peak_memory`, bytes, and what was measured: the CUDA
+    allocator's peak, else the process' max RSS (since the process started)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
     import resource

@@ -42,7 +42,7 @@ from prcore.method.adapters import (
     use_adapter,
 )
 from prcore.method.families import ModelFamily, TextCond, UnsupportedModelError, family_of
-from prcore.method.models import peak_memory
+from prcore.method.models import peak_memory, reset_peak_memory
 from prcore.method.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
 
 _DEFAULTS = GenerationDefaults()  # the product's sampling defaults: one owner (prcore.data.schema)
@@ -74,7 +74,7 @@ class SampleOutput:
     guidance: str = "parallel_rescaled"
     scheduler: str = ""
     unet_rows: int = 0  # UNet rows evaluated per image over the whole trajectory
-    peak_memory_bytes: int | None = None  # peak device memory of the process (CUDA allocator peak, else max RSS)
+    peak_memory_bytes: int | None = None  # peak device memory of this call (CUDA allocator peak; on a CPU the process max RSS)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -368,6 +368,7 @@ def sample_batch(
         raise SamplerError(str(exc)) from None
 
     device = pipe._execution_device
+    reset_peak_memory(torch.device(device))  # this call's peak, not the process' (training may have run before)
     unet = pipe.unet
     dtype = unet.dtype
     family = family_of(pipe)

@@ -1,0 +1,153 @@
+"""The CUDA-only paths, on a real GPU (skipped where there is none: CI has none).
+
+`benchmarks/gpu_check.sh` runs this module on the lent GPU. Each check writes the figures it measured
+to ``$PRCORE_CUDA_REPORT`` (one JSON line per check) when that is set, so a failed tolerance still
+says by how much. What is checked, and the tolerance where one applies:
+
+- a DCO step in bf16 and in fp16 (autocast + GradScaler; fp16 also with fp32 weights) gives finite
+  losses and a finite, non-zero LoRA, and the record says which precision ran;
+- the sampler's images on CUDA match the CPU's for the same seed (fp32 both; TF32 convolutions, the
+  CUDA default, allowed): mean |diff| <= 0.01 and max |diff| <= 0.1 on the [0, 1] pixel scale;
+- channels-last and ``torch.compile`` (inductor) with per-row LoRA routing draw the same latents as
+  eager: max |diff| <= 1e-3 (fp32);
+- ``max_batch_rows`` bounds the sampler's activation memory (peak above the weights) and leaves the
+  images unchanged; the sampler's peak is its own call's, not the process' (training ran before).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_sampler import ADAPTER, save_random_lora
+
+from prcore.data.schema import TrainConfig
+from prcore.method.accel import UNetOptions, configure_unet
+from prcore.method.dco import train_subject_lora
+from prcore.method.models import load_pipeline
+from prcore.method.sampler import sample
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it on a GPU)")
+
+PROMPT = "a photo of {subject} in the snow"
+PIXEL_MEAN_TOL, PIXEL_MAX_TOL = 0.01, 0.1
+COMPILE_TOL = 1e-3
+
+
+def report(check: str, **figures) -> None:
+    line = json.dumps({"check": check, **figures}, default=str)
+    print(line)
+    if path := os.environ.get("PRCORE_CUDA_REPORT"):
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def references(n: int = 3, size: int = 64) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def lora_pipe(path: Path, lora_dir: Path, device: str, dtype: str = "float32"):
+    if not (lora_dir / "pytorch_lora_weights.safetensors").is_file():
+        save_random_lora(path, lora_dir)
+    pipe = load_pipeline(path, device=device, dtype=dtype, cache=False)
+    pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER, use_safetensors=True)
+    return pipe
+
+
+def draw(pipe, **kw):
+    args = dict(prompt=PROMPT, class_noun="dog", identifier="sks", adapter_name=ADAPTER, num_inference_steps=4,
+                height=64, width=64, seed=7, num_images=2, progress=False, output_type="np")
+    args.update(kw)
+    return sample(pipe, **args)
+
+
+@pytest.mark.parametrize(("kind", "dtype", "mixed", "expected"), [
+    ("sd", "bfloat16", "auto", "bf16"),
+    ("sd", "float16", "auto", "fp16"),  # fp16 weights: autocast fp16 + GradScaler
+    ("sd", "float32", "fp16", "fp16"),  # fp32 weights, fp16 autocast: the GradScaler path users ask for
+    ("sdxl", "bfloat16", "auto", "bf16"),  # SDXL's micro-conditioning on the device
+])
+def test_dco_steps_in_half_precision_give_a_finite_nonzero_lora(kind, dtype, mixed, expected, tiny_sd_path, tiny_sdxl_path, tmp_path):
+    from safetensors.torch import load_file
+
+    pipe = load_pipeline(tiny_sd_path if kind == "sd" else tiny_sdxl_path, device="cuda", dtype=dtype, cache=False)
+    config = TrainConfig(steps=8, rank=4, resolution=64, mixed_precision=mixed, learning_rate=1e-3)
+    result = train_subject_lora(pipe, images=references(), class_noun="dog", identifier="sks", out_dir=tmp_path / "lora",
+                                config=config, progress=False)
+    weights = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    b_max = max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+    report("dco_half_precision", kind=kind, dtype=dtype, mixed=result.record["mixed_precision_used"], losses=result.losses,
+           lora_b_max=b_max, peak_bytes=result.record["peak_memory_bytes"], s_per_step=result.seconds_per_step)
+    assert result.record["mixed_precision_used"] == expected
+    assert result.record["device"].startswith("cuda") and result.record["peak_memory_kind"] == "cuda_max_memory_allocated"
+    assert result.record["peak_memory_bytes"] > 0
+    assert all(np.isfinite(result.losses))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert b_max > 0, "the LoRA never moved: every optimizer step was skipped (GradScaler) or had no gradient"
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_sampler_on_cuda_matches_the_cpu(kind, tiny_sd_path, tiny_sdxl_path, tmp_path):
+    path = tiny_sd_path if kind == "sd" else tiny_sdxl_path
+    cpu = draw(lora_pipe(path, tmp_path / "lora", "cpu")).images
+    cuda = draw(lora_pipe(path, tmp_path / "lora", "cuda")).images
+    diff = np.abs(np.asarray(cpu, dtype=np.float64) - np.asarray(cuda, dtype=np.float64))
+    report("cuda_vs_cpu", kind=kind, mean_abs=float(diff.mean()), max_abs=float(diff.max()),
+           tf32_conv=torch.backends.cudnn.allow_tf32, tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    assert diff.mean() <= PIXEL_MEAN_TOL and diff.max() <= PIXEL_MAX_TOL
+
+
+def test_channels_last_and_compile_with_lora_routing_match_eager(tiny_sd_path, tmp_path):
+    pipe = lora_pipe(tiny_sd_path, tmp_path / "lora", "cuda")
+    kw = dict(output_type="latent", num_images=3)
+    eager = draw(pipe, **kw)
+    assert eager.batch_mode == "batched"  # LoRA rows and base rows in one forward: peft's per-sample routing
+    configure_unet(pipe, UNetOptions(channels_last=True))
+    nhwc = draw(pipe, **kw).images
+    configure_unet(pipe, UNetOptions(channels_last=True, compile=True))
+    compiled = draw(pipe, **kw).images
+    again = draw(pipe, **kw).images  # the compiled graph reused
+    d_nhwc = float((nhwc - eager.images).abs().max())
+    d_compiled = float((compiled - eager.images).abs().max())
+    report("compile_channels_last", max_abs_channels_last=d_nhwc, max_abs_compile=d_compiled,
+           max_abs_compile_rerun=float((again - compiled).abs().max()))
+    assert d_nhwc <= COMPILE_TOL and d_compiled <= COMPILE_TOL
+    assert torch.allclose(again, compiled, atol=1e-5)
+
+
+def _model_for_memory(tiny_sd_path: Path) -> tuple[Path, int]:
+    """The full-size SD 1.5 folder where the GPU check built it (real activation sizes), else the tiny one."""
+    folder = os.environ.get("PRCORE_SD15_DIR")
+    return (Path(folder), 512) if folder else (tiny_sd_path, 256)
+
+
+def test_max_batch_rows_bounds_peak_memory_and_keeps_the_images(tiny_sd_path, tmp_path):
+    path, size = _model_for_memory(tiny_sd_path)
+    pipe = lora_pipe(path, tmp_path / "lora", "cuda", "float16")
+    kw = dict(num_images=4, height=size, width=size, num_inference_steps=2, output_type="latent",
+              consistency_start=0.0, consistency_stop=1.0)  # 12 UNet rows a step
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    all_rows = draw(pipe, **kw)
+    capped = draw(pipe, max_batch_rows=3, **kw)
+    act_all, act_capped = all_rows.peak_memory_bytes - weights, capped.peak_memory_bytes - weights
+    d = float((all_rows.images.float() - capped.images.float()).abs().max())
+    report("max_batch_rows", model=str(path.name), size=size, weights_bytes=weights, activation_bytes_12_rows=act_all,
+           activation_bytes_3_rows=act_capped, ratio=act_capped / act_all, max_abs_latent_diff=d)
+    assert act_capped < 0.6 * act_all
+    assert d <= 5e-2  # fp16, other batch sizes pick other kernels: rounding only
+
+
+def test_sampler_peak_is_its_own_call(tiny_sd_path, tmp_path):
+    pipe = lora_pipe(tiny_sd_path, tmp_path / "lora", "cuda")
+    ballast = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")  # 2 GiB, as a training run before would leave a peak
+    del ballast
+    out = draw(pipe)
+    report("sampler_peak", peak_bytes=out.peak_memory_bytes)
+    assert 0 < out.peak_memory_bytes < 2**30
