@@ -8,7 +8,8 @@
 #       cli          the user's path: `prcore train` and `prcore sample` on the full-size SDXL folder,
 #                    --device cuda, bfloat16 (the sidecar and training.json record device, dtype, peak memory)
 #       suite-sd15   benchmarks/gpu_suite.py on SD 1.5 (512 px, 50 steps), fp16 and bf16, the speed options
-#       suite-sdxl   the same on SDXL (1024 px, 30 steps); SUITE_SDXL_OPTIONS picks its options
+#       suite-sdxl   the same on SDXL (1024 px, 30 steps)
+#                    (SUITE_SD15_ARGS / SUITE_SDXL_ARGS: further gpu_suite.py arguments, e.g. --dtypes, --options)
 #
 # Writes 7 files to OUT (the device tool brings back 8 at most): stages.txt (machine, versions, each
 # stage's exit code and seconds), tests.log, cuda_report.jsonl, cli.log, suite.log (with the suite's tables)
@@ -74,9 +75,10 @@ for s in $STAGES; do
     tests) PRCORE_SD15_DIR=$WORK/sd15 PRCORE_CUDA_REPORT=$OUT/cuda_report.jsonl \
              stage tests tests.log $PY -m pytest tests/test_cuda.py -v -rA -p no:cacheprovider --timeout 600 ;;
     cli) stage cli cli.log cli ;;
-    suite-sd15) stage suite-sd15 suite.log $PY benchmarks/gpu_suite.py --models sd15 --work "$WORK" --out "$OUT/suite-sd15" --repeats 1 ;;
+    suite-sd15) stage suite-sd15 suite.log $PY benchmarks/gpu_suite.py --models sd15 --work "$WORK" --out "$OUT/suite-sd15" --repeats 1 \
+                  ${SUITE_SD15_ARGS:-} ;;
     suite-sdxl) stage suite-sdxl suite.log $PY benchmarks/gpu_suite.py --models sdxl --work "$WORK" --out "$OUT/suite-sdxl" --repeats 1 \
-                  --options "${SUITE_SDXL_OPTIONS:-batch1,channels_last,classic_attention,compile}" ;;
+                  ${SUITE_SDXL_ARGS:-} ;;
     *) echo "unknown stage $s" | tee -a "$OUT/stages.txt" ;;
   esac
 done
