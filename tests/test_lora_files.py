@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from prcore.method.adapters import lora_layers
 from prcore.method.families import family_of
-from prcore.method.lora_io import LoraMismatchError, injected_modules, load_subject_lora, save_lora
+from prcore.method.lora_io import LoraMismatchError, file_lora_modules, injected_modules, load_subject_lora, save_lora
 from prcore.method.models import load_pipeline
 from prcore.store.keys import LORA_KOHYA_FILE, LORA_WEIGHTS_FILE
 
@@ -85,6 +85,18 @@ def test_lora_file_reloads_every_module(kind, targets, request, tmp_path):
         out = unet_out(pipe)
         assert (out - base_out).abs().max() > 1e-3
         torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key, module", [
+    ("unet.mid_block.attentions.0.proj_in.lora_A.weight", ("unet", "mid_block.attentions.0.proj_in")),
+    ("unet.a.attn1.to_out.0.lora.up.weight", ("unet", "a.attn1.to_out.0")),
+    ("unet.a.attn1.processor.to_out_lora.down.weight", ("unet", "a.attn1.to_out.0")),
+    ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight",
+     ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj")),
+    ("down_blocks.0.resnets.0.conv1.lora_B.weight", ("", "down_blocks.0.resnets.0.conv1")),
+])
+def test_file_modules_read_every_key_layout(key, module):
+    assert file_lora_modules({key: None}) == {module[0]: {module[1]}}
 
 
 def old_prcore_file(pipe, folder, adapter):
@@ -176,4 +188,4 @@ def test_kohya_metadata_names_the_base_model_as_a1111_reads_it(case, version, v2
         meta = f.metadata()
     assert meta["ss_base_model_version"] == version and meta["ss_v2"] == v2
     assert a1111_sd_version(meta) == a1111
-    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "4", "2")
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "4", "2.0")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from prcore.method.adapters import loaded_adapters
+from prcore.method.adapters import loaded_adapters, lora_layers
 from prcore.method.families import ModelFamily, family_named, family_of
 from prcore.store.keys import (
     LORA_EMBEDDINGS_FILE,
@@ -97,9 +97,7 @@ def save_lora(pipe, folder: str | Path, adapter_name: str) -> None:
 def kohya_metadata(pipe, config) -> dict[str, str]:
     """The kohya file's metadata as kohya's sd-scripts write it: network module, dim (rank), alpha,
     and the base model (``ss_base_model_version``, ``ss_v2``; decided by the model family)."""
-    alpha = float(config.lora_alpha)
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(int(config.r)),
-            "ss_network_alpha": str(int(alpha)) if alpha.is_integer() else str(alpha),
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(int(config.r)), "ss_network_alpha": str(float(config.lora_alpha)),
             **family_of(pipe).kohya_base_metadata(pipe)}
 
 
@@ -226,8 +224,6 @@ def file_lora_modules(state: dict[str, Any]) -> dict[str, set[str]]:
 
 def injected_modules(module, adapter_name: str) -> set[str]:
     """Paths of ``module``'s LoRA layers that hold adapter ``adapter_name``."""
-    from prcore.method.adapters import lora_layers
-
     layers = {id(m) for m in lora_layers(module)}
     return {name for name, m in module.named_modules() if id(m) in layers and adapter_name in m.lora_A}
 
