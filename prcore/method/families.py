@@ -14,6 +14,7 @@ micro-conditioning            none                                     ``time_id
 empty negative prompt         encoded ""                               zeros when ``force_zeros_for_empty_prompt``
 learned-embedding layout      ``{token: (1, d)}``                      ``{"clip_l": (1, d1), "clip_g": (1, d2)}``
 ComfyUI / A1111 embedding     ``{"emb_params": (1, d)}``               ``{"clip_l": ..., "clip_g": ...}``
+kohya LoRA base version       ``sd_v1`` / ``sd_v2`` (+ ``_v``)         ``sdxl_base_v1-0``
 training memory default       no gradient checkpointing                gradient checkpointing on
 ============================  =======================================  ==========================================
 
@@ -151,6 +152,14 @@ class ModelFamily:
         """The learned token as ComfyUI / A1111 embeddings files hold it (SD: ``emb_params``)."""
         return {"emb_params": rows[0]}
 
+    # -- LoRA metadata for the web UIs -------------------------------------------------------------
+
+    def kohya_base_metadata(self, pipe: Any) -> dict[str, str]:
+        """The base-model fields of a kohya-layout LoRA's metadata, as kohya's sd-scripts write them
+        and A1111's Lora extension reads them (``ss_base_model_version`` starting ``sdxl_``: SDXL;
+        else ``ss_v2 == "True"``: SD 2.x; else SD 1.x), plus the SAI model spec architecture."""
+        raise NotImplementedError
+
 
 class StableDiffusion(ModelFamily):
     """SD 1.x and 2.x (one CLIP text encoder; 2.x at 768 px is v-prediction, read from its scheduler)."""
@@ -166,6 +175,19 @@ class StableDiffusion(ModelFamily):
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": False}
+
+    def is_v2(self, pipe: Any) -> bool:
+        """SD 2.x: the UNet cross-attends to OpenCLIP ViT-H (width 1024), where SD 1.x has CLIP ViT-L (768)."""
+        from prcore.method.architectures import ARCHITECTURES
+
+        return int(pipe.unet.config.cross_attention_dim) == ARCHITECTURES["sd21"]["unet"]["cross_attention_dim"]
+
+    def kohya_base_metadata(self, pipe: Any) -> dict[str, str]:
+        v2 = self.is_v2(pipe)
+        v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
+        arch = ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1"
+        return {"ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else ""), "ss_v2": str(v2),
+                "ss_v_parameterization": str(v_pred), "modelspec.architecture": f"{arch}/lora"}
 
 
 class StableDiffusionXL(ModelFamily):
@@ -208,6 +230,11 @@ class StableDiffusionXL(ModelFamily):
 
     def webui_embedding(self, rows: Sequence[Tensor]) -> dict[str, Tensor]:
         return {"clip_l": rows[0], "clip_g": rows[1]}
+
+    def kohya_base_metadata(self, pipe: Any) -> dict[str, str]:
+        v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False", "ss_v_parameterization": str(v_pred),
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
 
 
 FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionXL(), StableDiffusion())

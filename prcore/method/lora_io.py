@@ -1,24 +1,34 @@
 """A subject's LoRA folder: save, load, unload (training and sampling share this module).
 
-The folder (file names: ``prcore.store.keys``) holds the UNet adapter in diffusers' key layout
-(``pytorch_lora_weights.safetensors``, with the peft LoRA config in its metadata so alpha != rank
+The folder (file names: ``prcore.store.keys``) holds the UNet adapter in diffusers' file layout
+(``pytorch_lora_weights.safetensors``: peft's own keys under the ``unet.`` prefix,
+``unet.<module path>.lora_A.weight`` / ``.lora_B.weight``, exactly as diffusers'
+``save_lora_weights`` writes a peft adapter, with the peft LoRA config in its metadata so alpha != rank
 reloads exactly), the same LoRA in kohya's key layout (``lora_kohya.safetensors``: the
-``lora_unet_<module path>.lora_down/lora_up/alpha`` keys ComfyUI and A1111 load), an optional
-learned identifier embedding in the family's textual-inversion layout (``learned_embeds.safetensors``)
-and in the web UIs' embedding layout (``embedding_webui.safetensors``), and ``training.json``
-(the record, written last).
-Weights load from safetensors only; nothing is read from outside the folder.
+``lora_unet_<module path>.lora_down/lora_up/alpha`` keys ComfyUI and A1111 load, with the kohya
+metadata A1111 reads), an optional learned identifier embedding in the family's textual-inversion
+layout (``learned_embeds.safetensors``) and in the web UIs' embedding layout
+(``embedding_webui.safetensors``), and ``training.json`` (the record, written last).
+
+One key layout for every ``target_modules`` set: diffusers' ``convert_state_dict_to_diffusers``
+renames only the attention projections (``to_q.lora.down``), and a file mixing both layouts loses
+every attention module on reload (diffusers picks one layout from the first key). Files of earlier
+prcore versions (attention targets only, all keys ``.lora.down`` / ``.lora.up``) still load whole.
+:func:`load_subject_lora` checks that every module of the file received the adapter and refuses the
+file otherwise. Weights load from safetensors only; nothing is read from outside the folder.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prcore.method.adapters import loaded_adapters, lora_layers
 from prcore.method.families import ModelFamily, family_named, family_of
 from prcore.store.keys import (
     LORA_EMBEDDINGS_FILE,
@@ -37,12 +47,16 @@ def read_training_record(lora_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+class LoraMismatchError(ValueError):
+    """A LoRA file whose modules do not all apply to the pipeline (e.g. trained for another base model)."""
+
+
 def lora_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key layout (fp32, CPU, contiguous)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights with peft's keys (``<module path>.lora_A.weight``; fp32, CPU, contiguous):
+    one layout for every target module, which ``save_lora_weights`` prefixes with ``unet.``."""
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
@@ -77,11 +91,14 @@ def save_lora(pipe, folder: str | Path, adapter_name: str) -> None:
         weight_name=LORA_WEIGHTS_FILE,
         safe_serialization=True,
     )
-    family = family_of(pipe)
-    save_file(kohya_state_dict(pipe.unet, adapter_name), str(Path(folder) / LORA_KOHYA_FILE),
-              metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
-                        "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": family.name,
-                        "modelspec.architecture": family.name})
+    save_file(kohya_state_dict(pipe.unet, adapter_name), str(Path(folder) / LORA_KOHYA_FILE), metadata=kohya_metadata(pipe, config))
+
+
+def kohya_metadata(pipe, config) -> dict[str, str]:
+    """The kohya file's metadata as kohya's sd-scripts write it: network module, dim (rank), alpha,
+    and the base model (``ss_base_model_version``, ``ss_v2``; decided by the model family)."""
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(int(config.r)), "ss_network_alpha": str(float(config.lora_alpha)),
+            **family_of(pipe).kohya_base_metadata(pipe)}
 
 
 def save_embeddings(family: ModelFamily, folder: Path, rows: Sequence[torch.Tensor], token: str) -> dict[str, Any]:
@@ -105,10 +122,47 @@ def _loaded_tokens(pipe) -> dict[str, list[str]]:
     return registry
 
 
+def _mismatch_hint(keys) -> str:
+    """What to do about a file whose modules do not all apply: a file mixing peft's and diffusers' key
+    layouts (earlier prcore versions, non-attention targets) is rewritten by training again."""
+    keys = list(keys)
+    if any(".lora_A." in k for k in keys) and any(".lora.down." in k for k in keys):
+        return ("the file mixes two key layouts (peft's lora_A/lora_B and diffusers' lora.down/lora.up, as prcore wrote "
+                "LoRAs with non-attention target modules before), which diffusers cannot load whole: delete the LoRA "
+                "folder and train the subject again")
+    return _MISMATCH_HINT
+
+
+def _load_weights(pipe, lora_dir: Path, adapter_name: str) -> tuple[dict[str, set[str]], str]:
+    """Load the folder's diffusers-layout file as ``adapter_name``; return the modules the file holds
+    (what diffusers reads from it, by component) and what to do if they do not all apply."""
+    from diffusers.utils import logging as diffusers_logging
+
+    weights = lora_dir / LORA_WEIGHTS_FILE
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": we train the UNet only
+    try:
+        with warnings.catch_warnings():  # peft's config / state-dict "inconsistency": _check_applied refuses it as one error
+            warnings.filterwarnings("ignore", message="While injecting the PEFT adapters", category=RuntimeWarning)
+            state = pipe.lora_state_dict(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, use_safetensors=True)[0]
+            expected, hint = file_lora_modules(state), _mismatch_hint(state)
+            try:
+                pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, adapter_name=adapter_name, use_safetensors=True)
+            except RuntimeError as exc:
+                if "size mismatch" not in str(exc):
+                    raise
+                raise LoraMismatchError(f"{weights}: its LoRA shapes do not fit this pipeline's modules; {hint}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return expected, hint
+
+
 def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
     """Load a trained subject LoRA (and its learned token embedding, if any) as ``adapter_name``.
 
     Does nothing if an adapter of that name is already loaded. Weights load from safetensors only.
+    Raises :class:`LoraMismatchError` (nothing left loaded) unless every LoRA module of the file
+    applies to the pipeline.
     """
     lora_dir = Path(lora_dir)
     unet = pipe.unet
@@ -121,14 +175,8 @@ def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
     learned = record.get("learned_embeddings")
     if learned and learned.get("file") != LORA_EMBEDDINGS_FILE:
         raise ValueError(f"{lora_dir / LORA_RECORD_FILE} names embedding file {learned.get('file')!r}; only {LORA_EMBEDDINGS_FILE} inside the folder is read")
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": we train the UNet only
-    try:
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, adapter_name=adapter_name, use_safetensors=True)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    expected, hint = _load_weights(pipe, lora_dir, adapter_name)
+    _check_applied(pipe, weights, expected, adapter_name, hint)
     if learned:
         from safetensors.torch import load_file
 
@@ -142,6 +190,65 @@ def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
             pipe.delete_adapters(adapter_name)
             raise
         _loaded_tokens(pipe)[adapter_name] = tokens
+
+
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_MISMATCH_HINT = ("it was probably trained for another base model (family or architecture): sample with the model it "
+                  "was trained on, or train the subject again for this one")
+_OLD_ATTENTION_NAMES = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+
+
+def _module_of(key: str) -> str:
+    """The module path a LoRA tensor key belongs to, in any layout diffusers reads: peft
+    (``m.lora_A.weight``), diffusers (``m.lora.down.weight``, ``m.lora_linear_layer.up.weight``) and
+    attention processors (``...attn1.processor.to_q_lora.down.weight``)."""
+    key = key.replace(".processor.", ".")
+    for marker in (".lora_A", ".lora_B", ".lora_magnitude_vector", ".lora.", ".lora_linear_layer"):
+        if marker in key:
+            return key[: key.index(marker)]
+    module, _, leaf = key.rsplit(".", 2)[0].rpartition(".")
+    return f"{module}.{_OLD_ATTENTION_NAMES[leaf]}" if leaf in _OLD_ATTENTION_NAMES else key
+
+
+def file_lora_modules(state: dict[str, Any]) -> dict[str, set[str]]:
+    """The LoRA modules a diffusers-layout state dict holds, by pipeline component (``unet``,
+    ``text_encoder``, ``text_encoder_2``; keys under any other prefix go to ``""``)."""
+    out: dict[str, set[str]] = {}
+    for key in state:
+        component, _, rest = key.partition(".")
+        if component not in _COMPONENTS:
+            component, rest = "", key
+        out.setdefault(component, set()).add(_module_of(rest))
+    return out
+
+
+def injected_modules(module, adapter_name: str) -> set[str]:
+    """Paths of ``module``'s LoRA layers that hold adapter ``adapter_name``."""
+    layers = {id(m) for m in lora_layers(module)}
+    return {name for name, m in module.named_modules() if id(m) in layers and adapter_name in m.lora_A}
+
+
+def _check_applied(pipe, weights: Path, expected: dict[str, set[str]], adapter_name: str, hint: str) -> None:
+    """Refuse (and unload) an adapter unless every module of the file received it, and nothing else did."""
+    missing: list[str] = []
+    extra: list[str] = []
+    for component in sorted(set(expected) | set(_COMPONENTS)):
+        module = getattr(pipe, component, None) if component else None
+        got = injected_modules(module, adapter_name) if module is not None else set()
+        want = expected.get(component, set())
+        missing += [f"{component}.{m}" if component else m for m in sorted(want - got)]
+        extra += [f"{component}.{m}" for m in sorted(got - want)]
+    if not missing and not extra:
+        return
+    if adapter_name in loaded_adapters(pipe):
+        pipe.delete_adapters(adapter_name)
+    total = sum(len(v) for v in expected.values())
+    parts = [f"{len(missing)} of its {total} LoRA modules did not apply to this {type(pipe).__name__}"] if missing else []
+    if extra:
+        parts.append(f"{len(extra)} modules received an adapter the file holds no weights for")
+    what = " and ".join(parts)
+    example = (missing or extra)[0]
+    raise LoraMismatchError(f"{weights}: {what} (e.g. {example}); {hint}")
 
 
 def unload_subject_lora(pipe, adapter_name: str) -> None:
