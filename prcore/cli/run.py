@@ -150,7 +150,8 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     # the run's defaults by the manifest's rules, and the instance images of the subjects with work left
     from prcore.pipeline.subject import plan_jobs
 
-    plan_jobs(manifest, store, model_id=model, defaults=settings.generation, check_images=settings.check_images)
+    plan_jobs(manifest, store, model_id=model, defaults=settings.generation, check_images=settings.check_images,
+              cache_dir=settings.cache_path())
     return settings.model_copy(update={"model": model, "check_images": False})  # images checked: once is enough
 
 

@@ -88,13 +88,16 @@ def check_pixels(img: Image.Image, label: str) -> None:
                                  "limit (PRCORE_MAX_IMAGE_PIXELS); downscale it")
 
 
-def decode_image(source: ImageSource, index: int = 0) -> Image.Image:
-    """Open and fully decode one image (a PIL image, encoded bytes, or a file path).
+def open_image(source: ImageSource, index: int = 0, *, label: str | None = None) -> Image.Image:
+    """Open one image (a PIL image, encoded bytes, or a file path) and decode every pixel.
 
-    Decoding is forced (``load()``) so a truncated file fails here, naming the file, not halfway
-    through training. EXIF orientation is applied and the result is RGB (alpha composited on white).
+    The pixel count is checked from the header first (:func:`check_pixels`); then ``load()`` decodes
+    the whole image, so a truncated file (a JPEG or PNG cut short) fails here, naming the file,
+    not halfway through training. Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False (its
+    default): prcore never sets it. The result is the file's own mode, not yet oriented or converted
+    (:func:`viewer_rgb` does that).
     """
-    label = describe(source, index)
+    label = label or describe(source, index)
     try:
         if isinstance(source, Image.Image):
             img = source
@@ -117,12 +120,47 @@ def decode_image(source: ImageSource, index: int = 0) -> Image.Image:
             f"instance image {label} cannot be read ({exc.__class__.__name__}: {exc}); "
             "it is not an image or it is truncated/corrupt: replace the file"
         ) from exc
+    return img
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _to_eight_bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth grayscale image (16-bit ``I;16*``, 32-bit ``I``, float ``F``) as 8-bit ``L``,
+    scaled the way a viewer shows it: 16-bit values 0..65535 map to 0..255 (/257); an ``I`` or ``F``
+    image is read as 16-bit when it holds values above 255, as 8-bit otherwise (``F`` in 0..1: x255).
+    Pillow's own ``convert`` clips these modes at 255, so a 16-bit gray decodes as white."""
+    import numpy as np
+
+    a = np.asarray(img).astype(np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if img.mode in _SIXTEEN_BIT or top > 255:
+        a = a / 257.0
+    elif img.mode == "F" and top <= 1.0:
+        a = a * 255.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def viewer_rgb(img: Image.Image) -> Image.Image:
+    """The RGB picture an image viewer shows for ``img``: EXIF orientation applied, 16-bit / 32-bit /
+    float grayscale scaled to 8 bits (:func:`_to_eight_bit`), a palette expanded, transparency
+    (an alpha channel, a palette's or a ``tRNS`` colour) composited on white, CMYK converted."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in (*_SIXTEEN_BIT, "I", "F"):
+        img = _to_eight_bit(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(source: ImageSource, index: int = 0, *, label: str | None = None) -> Image.Image:
+    """Open and fully decode one image (a PIL image, encoded bytes, or a file path) as the RGB
+    picture a viewer shows: :func:`open_image`, then :func:`viewer_rgb`."""
+    return viewer_rgb(open_image(source, index, label=label))
 
 
 def fingerprint_bytes(source: ImageSource, index: int = 0) -> bytes:

@@ -32,7 +32,7 @@ from prcore.data.schema import (
     USER_COLUMN_PREFIX,
     ManifestError,
 )
-from prcore.store.uris import resolve_uri
+from prcore.store.uris import refuse_special_file, resolve_uri
 
 _POLARS = {STR: pl.String, INT: pl.Int64, FLOAT: pl.Float64, BOOL: pl.Boolean, LIST_STR: pl.List(pl.String)}
 
@@ -140,6 +140,7 @@ def _read_parquet(uri: str) -> pl.DataFrame:
 
         data = read_uri_bytes(uri, max_bytes=MAX_MANIFEST_BYTES)  # a manifest file, not an image
         return pl.read_parquet(io.BytesIO(data))
+    refuse_special_file(uri, "manifest file")  # a FIFO would block polars' read forever
     try:
         return pl.read_parquet(uri)
     except Exception as exc:  # polars raises ComputeError/OSError flavours for non-Parquet files

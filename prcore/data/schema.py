@@ -203,6 +203,23 @@ class TrainConfig:
         return tuple(f.name for f in fields(cls))
 
 
+def identifier_problem(identifier: str | None, class_noun: str | None) -> str | None:
+    """What is wrong with ``identifier`` for a subject of ``class_noun``, or None. The one owner of the
+    rule: manifest validation and training (``prcore.method.dco.check_subject``) both ask it. The
+    identifier is one word (no spaces, no braces) that differs, case-insensitively, from the class
+    noun and from each of its words, so the personal and the base captions differ."""
+    ident = identifier or ""
+    if not ident or any(c.isspace() for c in ident):
+        return f"{identifier!r} must be one non-empty word without spaces (e.g. 'sks')"
+    if "{" in ident or "}" in ident:
+        return f"{identifier!r} contains '{{' or '}}'; give a plain word (e.g. 'sks')"
+    noun = (class_noun or "").strip().lower()
+    if noun and (ident.lower() == noun or ident.lower() in noun.split()):
+        return (f"{identifier!r} collides with the class noun {class_noun!r}: the identifier must be a separate rare "
+                "word (e.g. 'sks') so personal and base captions differ")
+    return None
+
+
 # -- columns ----------------------------------------------------------------------------------------
 
 STR, INT, FLOAT, BOOL, LIST_STR = "str", "int", "float", "bool", "list[str]"

@@ -7,8 +7,7 @@ each subject's first row), so a 1,000,000-row manifest validates in seconds. Wit
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,11 +26,14 @@ from prcore.data.schema import (
     SCHEDULER_NAMES,
     SUBJECT_COLUMNS,
     ManifestError,
+    identifier_problem,
     scheduler_key,
 )
 from prcore.store.keys import SAFE_ID_PATTERN
 
 _PLACEHOLDER = r"\{[^{}]*\}|[{}]"
+# the layer names of a base model's UNet (None: the run's model), or None when they cannot be known
+ModuleNames = Callable[[str | None], Collection[str] | None]
 _SCHEME = r"^([A-Za-z][A-Za-z0-9+.-]+)://"
 
 
@@ -93,11 +95,14 @@ class _Collector:
 
 
 
-def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, image_workers: int = 8) -> list[ManifestError]:
+def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, image_workers: int = 8,
+             module_names: ModuleNames | None = None) -> list[ManifestError]:
     """Every problem in the manifest (all collected, not just the first), sorted by row.
 
-    ``check_images=False`` skips opening instance images (existence + decodability); every other
-    rule is checked column-wise.
+    ``check_images=False`` skips opening instance images (existence + full decode); every other
+    rule is checked column-wise. ``module_names(base_model)`` (base_model None: the run's model)
+    gives the layer names of a model's UNet, or None when unknown; with it, ``train_target_modules``
+    names that match no layer are refused (the CLI and the pipeline pass it: they know the model).
     """
     m = as_manifest(manifest)
     df, errors = m.normalized
@@ -154,12 +159,7 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
             lambda r: f"{r['__value']!r} is not a safe id: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, or leave it null",
         )
     if usable("identifier"):
-        c.rows(
-            pl.col("identifier").is_not_null() & ~pl.col("identifier").str.contains(r"^[^\s{}]+$"),
-            "identifier",
-            lambda r: f"{r['__value']!r} must be one word without spaces or braces (e.g. 'sks'), or null for the default",
-            per_subject=True,
-        )
+        _validate_identifiers(c, with_noun=usable("class_noun"))
     if usable("base_model"):
         c.rows(pl.col("base_model").str.strip_chars() == "", "base_model", "is empty; give a model id or folder, or null for the run's model", per_subject=True)
 
@@ -228,6 +228,8 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
         if problems:
             c.rows(pl.col("base_model").is_in(list(problems)), "base_model", lambda r: problems[r["__value"]], per_subject=True)
     _validate_train(c, usable)
+    if module_names is not None and usable("train_target_modules"):
+        _validate_target_modules(c, module_names, with_model=usable("base_model"))
 
     # -- instance images -----------------------------------------------------------------------------
     if usable("instance_images"):
@@ -250,6 +252,23 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
     out = errors + c.errors
     out.sort(key=lambda e: (-1 if e.row is None else e.row, e.column or ""))
     return out
+
+
+def _validate_identifiers(c: _Collector, *, with_noun: bool) -> None:
+    """Each subject's identifier by :func:`prcore.data.schema.identifier_problem` (one word, no braces,
+    not the class noun nor a word of it), checked once per distinct (identifier, class noun) pair."""
+    noun = pl.col("class_noun") if with_noun else pl.lit(None, pl.String)
+    pairs = c.subjects.select(pl.col("identifier"), noun.alias("__noun")).filter(pl.col("identifier").is_not_null()).unique()
+    problems = {(i, n): p for i, n in pairs.iter_rows() if (p := identifier_problem(i, n))}
+    if not problems:
+        return
+    bad = pl.DataFrame([{"identifier": i, "__noun": n, "__bad": True} for i, n in problems],
+                       schema={"identifier": pl.String, "__noun": pl.String, "__bad": pl.Boolean})
+    flagged = c.subjects.with_columns(noun.alias("__noun")).join(bad, on=["identifier", "__noun"], how="left", nulls_equal=True)
+    rows = flagged.filter(pl.col("__bad").fill_null(False))["__row"]
+    c.rows(pl.col("__row").is_in(rows.implode()), "identifier",
+           lambda r: f"{problems[(r['__value'], r['__noun'])]}; or leave it null for the default",
+           extra=[noun.alias("__noun")], per_subject=True)
 
 
 def validate_defaults(defaults: Any, *, base_model: str | None = None) -> list[str]:
@@ -310,6 +329,49 @@ def _validate_train(c: _Collector, usable: Callable[[str], bool]) -> None:
         c.rows(pl.col("train_target_modules").list.len() == 0, "train_target_modules", "is an empty list; name the modules (e.g. to_q, to_k) or leave it null", per_subject=True)
 
 
+def target_suffixes(layer_names: Iterable[str]) -> frozenset[str]:
+    """Every name peft's ``target_modules`` list accepts for these layers: each layer's dotted name
+    and each of its dotted suffixes (``to_out.0`` matches ``...attn1.to_out.0``)."""
+    out: set[str] = set()
+    for name in layer_names:
+        parts = name.split(".")
+        out.update(".".join(parts[i:]) for i in range(len(parts)))
+    return frozenset(out)
+
+
+def short_target_names(layer_names: Iterable[str]) -> list[str]:
+    """The short names of these layers (from the last part that is not a block index:
+    ``to_q``, ``to_out.0``, ``conv1``, ``proj``), sorted: what an error message lists."""
+    out = set()
+    for name in layer_names:
+        parts = name.split(".")
+        i = max((j for j, part in enumerate(parts) if not part.isdigit()), default=0)
+        out.add(".".join(parts[i:]))
+    return sorted(out)
+
+
+def _validate_target_modules(c: _Collector, module_names: ModuleNames, *, with_model: bool) -> None:
+    """``train_target_modules`` names against the layers of each subject's base model (``module_names``)."""
+    model = pl.col("base_model") if with_model else pl.lit(None, pl.String)
+    subjects = c.subjects.with_columns(model.alias("__model")).filter(pl.col("train_target_modules").is_not_null())
+    known: dict[str | None, tuple[frozenset[str], list[str]] | None] = {}
+    messages: dict[int, str] = {}
+    for row, base, names in subjects.select("__row", "__model", "train_target_modules").iter_rows():
+        if base not in known:
+            layers = module_names(base)
+            known[base] = (target_suffixes(layers), short_target_names(layers)) if layers else None
+        if known[base] is None:
+            continue
+        accepted, short = known[base]  # type: ignore[misc]
+        unknown = [n for n in names if n not in accepted]
+        if unknown:
+            which = f"base model {base!r}" if base else "the run's base model"
+            messages[row] = (f"{', '.join(map(repr, unknown))} match(es) no layer of the UNet of {which}; name layers by "
+                             f"their dotted names or suffixes, e.g. {', '.join(short)}")
+    if messages:
+        c.rows(pl.col("__row").is_in(list(messages)), "train_target_modules", lambda r: messages[r["__row"]], per_subject=True)
+
+
 def _validate_uris(c: _Collector, m: Manifest, *, check_images: bool, workers: int) -> None:
     """Scheme (and, with ``check_images``, existence + decodability) of each distinct URI, once."""
     lists = c.subjects.select("instance_images", "__file").unique()
@@ -351,11 +413,10 @@ MIN_INSTANCE_SIDE = 32  # = min_image_side(64), the smallest train_resolution al
 
 
 def _image_problem(uri: str, client: Any = None) -> str | None:
-    """None when ``uri`` holds a decodable image, else what is wrong. Reads the file once (regular
-    files only, size-capped), checks size and pixel count from the header, then the PNG/JPEG structure."""
-    from PIL import Image
-
-    from prcore.data.images import max_image_pixels
+    """None when ``uri`` holds a usable image, else what is wrong. Reads the file once (regular
+    files only, size-capped), checks the pixel count from the header, then decodes every pixel
+    (:func:`prcore.data.images.open_image`): a JPEG or PNG cut short is refused here, not in training."""
+    from prcore.data.images import ImageInputError, ImageTooLargeError, open_image
     from prcore.store.storage import StoreError
     from prcore.store.uris import read_uri_bytes
 
@@ -366,15 +427,17 @@ def _image_problem(uri: str, client: Any = None) -> str | None:
     except (StoreError, ValueError) as exc:
         return f"{uri!r} cannot be read: {exc}"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size  # from the header: no pixel decoded yet
-            if w * h > max_image_pixels():
-                return f"{uri!r} is {w}x{h} pixels, over the {max_image_pixels()}-pixel limit (PRCORE_MAX_IMAGE_PIXELS); downscale it"
-            if min(w, h) < MIN_INSTANCE_SIDE:
-                return f"{uri!r} is {w}x{h} pixels, too small to train on; give images at least {MIN_INSTANCE_SIDE} pixels on the shorter side"
-            im.verify()
-    except Exception:
-        return f"{uri!r} is not a readable image; give a PNG/JPEG/WebP file"
+        img = open_image(data, label=repr(uri))
+    except ImageTooLargeError as exc:
+        return f"{exc}".removeprefix("instance image ")
+    except ImageInputError as exc:
+        cause = exc.__cause__
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        return f"{uri!r} is not a readable image or is truncated/corrupt{why}; replace it with a complete PNG/JPEG/WebP file"
+    w, h = img.size
+    img.close()
+    if min(w, h) < MIN_INSTANCE_SIDE:
+        return f"{uri!r} is {w}x{h} pixels, too small to train on; give images at least {MIN_INSTANCE_SIDE} pixels on the shorter side"
     return None
 
 

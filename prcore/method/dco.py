@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from prcore.data.fingerprint import fingerprint, sha256_bytes
 from prcore.data.images import ImageSource, PreparedImage, fingerprint_bytes, prepare_images
-from prcore.data.schema import DEFAULT_CAPTION, SUBJECT_PLACEHOLDER, TrainConfig, TrainingInputError
+from prcore.data.schema import DEFAULT_CAPTION, SUBJECT_PLACEHOLDER, TrainConfig, TrainingInputError, identifier_problem
 from prcore.method.families import ModelFamily, TextCond, family_of
 from prcore.method.lora_io import read_training_record, save_embeddings, save_lora
 from prcore.method.models import peak_memory, reset_peak_memory
@@ -113,19 +113,15 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 
 
 def check_subject(class_noun: str, identifier: str) -> None:
-    """The identifier must be a non-empty word distinct from the class noun (and its words)."""
+    """The identifier must be a non-empty word distinct from the class noun (and its words): the rule
+    of :func:`prcore.data.schema.identifier_problem`, which manifest validation applies too."""
     if not class_noun or not class_noun.strip():
         raise TrainingInputError("class_noun is empty: give the subject's class, e.g. 'dog'")
-    if not identifier or not identifier.strip() or any(c.isspace() for c in identifier.strip()):
-        raise TrainingInputError(f"identifier {identifier!r} must be one non-empty word, e.g. 'sks'")
-    ident = identifier.strip().lower()
-    if ident == class_noun.strip().lower() or ident in class_noun.lower().split():
-        raise TrainingInputError(
-            f"identifier {identifier!r} collides with the class noun {class_noun!r}: the identifier must be a "
-            "separate rare word (e.g. 'sks') so personal and base captions differ"
-        )
-    if "{" in identifier or "}" in identifier or "{" in class_noun or "}" in class_noun:
-        raise TrainingInputError("identifier and class_noun must not contain '{' or '}'")
+    if "{" in class_noun or "}" in class_noun:
+        raise TrainingInputError(f"class_noun {class_noun!r} must not contain '{{' or '}}'")
+    problem = identifier_problem(identifier, class_noun)
+    if problem:
+        raise TrainingInputError(f"identifier {problem}")
 
 
 def render_caption(template: str, subject: str) -> str:

@@ -71,3 +71,21 @@ def load_run_pipeline(model: str | None, settings):
     pipe = load_pipeline(resolve_model(model, settings.cache_path()), device=p.device, dtype=p.dtype)
     configure_unet(pipe, p.unet_options())
     return pipe
+
+
+def unet_layer_names(model: str | None, run_model: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
+    """The LoRA-targetable UNet layer names of a subject's base model (``model``, or the run's
+    ``run_model`` for a row without one), read without weights (:func:`prcore.method.targets.lora_layer_names`);
+    None when they cannot be known here (a hub model not in the local cache; the tiny model
+    without the run's ``cache_dir`` or not built there yet).
+    What ``validate(module_names=...)`` asks to check ``train_target_modules`` before any training."""
+    from prcore.method.targets import lora_layer_names
+
+    model = model or run_model
+    if model == EMBEDDED_TOYWORLD:
+        path = _toyworld_path()
+        return lora_layer_names(path) if path is not None else None
+    if model == EMBEDDED_TINY:
+        tiny = cache_dir / "models" / "tiny-sd" if cache_dir is not None else None  # where resolve_model builds it
+        return lora_layer_names(tiny) if tiny is not None and (tiny / "model_index.json").is_file() else None
+    return lora_layer_names(model)

@@ -7,7 +7,6 @@ image bytes go to the Store, never back to the caller.
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import time
@@ -15,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -61,19 +61,22 @@ class RunContext:
 
 
 def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids: Iterable[str] | None = None,
-              check_images: bool = False) -> list[SubjectJob]:
+              check_images: bool = False, cache_dir: Path | None = None) -> list[SubjectJob]:
     """Load, validate and plan a manifest once; keep only ``subject_ids`` when given (in that order).
 
     Raises ``prcore.data.schema.ManifestInvalid`` (a ValueError listing every problem) on a bad
-    manifest. ``check_images=True`` also opens every instance image before anything runs.
+    manifest, ``train_target_modules`` checked against each base model's UNet layers
+    (:func:`prcore.pipeline.models.unet_layer_names`; ``cache_dir``: the run's, where the tiny model
+    lives). ``check_images=True`` also decodes every instance image before anything runs.
     """
     from prcore.data.load import load_manifest
     from prcore.data.plan import plan
     from prcore.data.schema import ManifestError, ManifestInvalid
     from prcore.data.validate import validate, validate_defaults
+    from prcore.pipeline.models import unet_layer_names
 
     manifest = load_manifest(manifest_uri)
-    errors = validate(manifest, check_images=False)
+    errors = validate(manifest, check_images=False, module_names=lambda base: unet_layer_names(base, model_id, cache_dir))
     if errors:
         raise ManifestInvalid(errors, manifest.source)
     bad_defaults = validate_defaults(defaults)
@@ -133,7 +136,10 @@ class SubjectInputs:
 
     @cached_property
     def references(self) -> list[Image.Image]:
-        return [Image.open(io.BytesIO(b)).convert("RGB") for b in self.images]
+        """The instance images as a viewer shows them (oriented, 8-bit RGB, alpha on white), as trained on."""
+        from prcore.data.images import decode_image
+
+        return [decode_image(b, i, label=uri) for i, (uri, b) in enumerate(zip(self.job.instance_images, self.images, strict=True))]
 
     def check_images(self) -> None:
         """Decode every instance image; a broken one fails the subject with a message naming its URI."""

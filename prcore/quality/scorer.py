@@ -165,11 +165,13 @@ def clear_metric_model_cache() -> None:
 
 def to_pil(image: ImageLike) -> Image.Image:
     """An RGB PIL image from a PIL image, an HxWx3 array or encoded image bytes."""
+    from prcore.data.images import viewer_rgb  # 16-bit, palette, alpha, CMYK, EXIF rotation: as a viewer shows them
+
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" and "exif" not in image.info else viewer_rgb(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         with Image.open(io.BytesIO(bytes(image))) as im:
-            return im.convert("RGB")
+            return viewer_rgb(im)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:

@@ -64,6 +64,20 @@ class InputTooLargeError(ValueError):
     """An input larger than the read cap."""
 
 
+def refuse_special_file(path: str | os.PathLike[str], what: str = "input") -> None:
+    """Raise ValueError when ``path`` is a FIFO, device or socket: something a reader would block on
+    or read forever. ``os.stat`` opens nothing, so this never blocks; a missing path, a regular file
+    or a folder passes (the caller's own checks name those)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ValueError(f"{what} {os.fspath(path)} is not a regular file (a FIFO, device or socket); give a file")
+
+
 def _read_local(path: Path, uri: str, limit: int) -> bytes:
     """A regular file's bytes, at most ``limit``. Opened non-blocking, so a FIFO never hangs the
     read; anything but a regular file (FIFO, device, socket, folder) is refused before reading."""
@@ -130,4 +144,4 @@ def read_uri_bytes(uri: str, *, s3_options: S3Options | None = None, client: Any
         raise err from None
 
 
-__all__ = ["SUPPORTED_SCHEMES", "read_uri_bytes", "resolve_uri", "uri_scheme", "local_path", "StoreError"]
+__all__ = ["SUPPORTED_SCHEMES", "read_uri_bytes", "refuse_special_file", "resolve_uri", "uri_scheme", "local_path", "StoreError"]
