@@ -239,7 +239,8 @@ def check_params(cls: type, obj: Any) -> list[str]:
 
 _SCALE = dict(ge=0.0, le=MAX_GUIDANCE_SCALE)
 _FRACTION = dict(ge=0.0, le=1.0, unit="fraction of the schedule")
-_SIZE = dict(ge=64, le=MAX_SIZE, multiple_of=8, unit="pixels")
+MIN_SIZE = 32  # the smallest image side (the tiny test models draw 32x32; SD latents are then 4x4)
+_SIZE = dict(ge=MIN_SIZE, le=MAX_SIZE, multiple_of=8, unit="pixels")
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,7 @@ class TrainConfig:
     rank: int = param(8, "LoRA rank r.", ge=1, le=256)
     alpha: float = param(8.0, "LoRA alpha (scaling alpha/r).", gt=0.0, le=1024.0)
     target_modules: tuple[str, ...] = param(("to_q", "to_k", "to_v", "to_out.0"), "Comma-separated UNet module names to adapt.", min_items=1)
-    resolution: int | None = param(None, "Training resolution (default: the model's).", ge=64, le=MAX_TRAIN_RESOLUTION, multiple_of=8, unit="pixels")
+    resolution: int | None = param(None, "Training resolution (default: the model's).", ge=MIN_SIZE, le=MAX_TRAIN_RESOLUTION, multiple_of=8, unit="pixels")
     batch_size: int = param(1, "Instance images per step.", ge=1, le=64, unit="images")
     dco_beta: float = param(1000.0, "DCO beta; <= 0 trains with the plain DreamBooth loss.", ge=-1e6, le=1e6)
     seed: int = param(0, "Seed of LoRA init, noise, timesteps, flips.", ge=0, le=SEED_MAX)

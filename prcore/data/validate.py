@@ -22,6 +22,7 @@ from prcore.data.schema import (
     LIST_STR,
     QC_COLUMNS,
     SUBJECT_COLUMNS,
+    USER_COLUMN_PREFIX,
     ManifestError,
     excerpt,
 )
@@ -152,6 +153,7 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
 
     # -- numbers, names and lengths: each column's Param spec (schema.COLUMN_PARAMS) -----------------
     _validate_params(c, usable)
+    _validate_meta(c)
     if usable("consistency_start") and usable("consistency_stop"):
         c.rows(pl.col("consistency_start") > pl.col("consistency_stop"), "consistency_stop",
                lambda r: f"{r['__value']} is before consistency_start on this row: the window is [start, stop) with start <= stop")
@@ -255,6 +257,22 @@ def _validate_params(c: _Collector, usable: Callable[[str], bool]) -> None:
             lambda r, p=spec, d=default: f"{excerpt(r['__value'])} is out of range: {p.name} {p.spec.problem(p.kind, r['__value'])}{d}",
             per_subject=per_subject,
         )
+
+
+def _validate_meta(c: _Collector) -> None:
+    """``meta_`` cells travel into every sidecar and catalogue row as JSON, which has no NaN or
+    infinity: such a cell is refused here (null it, or give a finite number), never written."""
+    for name in (n for n in c.df.columns if n.startswith(USER_COLUMN_PREFIX)):
+        dtype = c.df.schema[name]
+        v = pl.col(name)
+        if dtype.is_float():
+            bad = v.is_not_null() & ~v.is_finite()
+        elif isinstance(dtype, pl.List) and dtype.inner.is_float():
+            bad = v.list.eval(pl.element().is_not_null() & ~pl.element().is_finite()).list.any()
+        else:
+            continue
+        c.rows(bad, name, lambda r: f"{r['__value']} is not a JSON number (sidecars and the catalogue store meta_ cells as JSON); "
+                                    "leave the cell null or give a finite number")
 
 
 def _validate_train(c: _Collector, usable: Callable[[str], bool]) -> None:
