@@ -96,10 +96,11 @@ SPEC_KEY = "prcore_spec"
 EXCERPT_CHARS = 60
 
 
-def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
-    """``repr(value)`` for an error message, cut to ``limit`` characters with the full length named,
-    so a 20,000-character prompt never fills a terminal or a log line."""
-    text = repr(value)
+def excerpt(value: Any, limit: int = EXCERPT_CHARS, *, quote: bool = True) -> str:
+    """``repr(value)`` (``str`` with ``quote=False``) for an error message, cut to ``limit``
+    characters with the full length named, so a 20,000-character prompt never fills a terminal or
+    a log line. Every error that quotes a user's value goes through here."""
+    text = repr(value) if quote else str(value)
     if len(text) <= limit:
         return text
     length = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
@@ -435,7 +436,7 @@ class ManifestError:
     def __str__(self) -> str:
         parts = []
         if self.row is not None:
-            parts.append(f"row {self.row}" + (f" (subject {self.subject_id})" if self.subject_id is not None else ""))
+            parts.append(f"row {self.row}" + (f" (subject {excerpt(self.subject_id, quote=False)})" if self.subject_id is not None else ""))
         if self.column is not None:
             parts.append(f"column {self.column}")
         return (", ".join(parts) + ": " if parts else "") + self.message

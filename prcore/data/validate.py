@@ -153,7 +153,7 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
 
     # -- numbers, names and lengths: each column's Param spec (schema.COLUMN_PARAMS) -----------------
     _validate_params(c, usable)
-    _validate_meta(c)
+    _validate_meta(c, m.df)
     if usable("consistency_start") and usable("consistency_stop"):
         c.rows(pl.col("consistency_start") > pl.col("consistency_stop"), "consistency_stop",
                lambda r: f"{r['__value']} is before consistency_start on this row: the window is [start, stop) with start <= stop")
@@ -259,20 +259,23 @@ def _validate_params(c: _Collector, usable: Callable[[str], bool]) -> None:
         )
 
 
-def _validate_meta(c: _Collector) -> None:
+def _validate_meta(c: _Collector, raw: pl.DataFrame) -> None:
     """``meta_`` cells travel into every sidecar and catalogue row as JSON, which has no NaN or
-    infinity: such a cell is refused here (null it, or give a finite number), never written."""
-    for name in (n for n in c.df.columns if n.startswith(USER_COLUMN_PREFIX)):
-        dtype = c.df.schema[name]
-        v = pl.col(name)
+    infinity: such a cell is refused here (null it, or give a finite number), never written.
+    ``raw`` is the manifest as read (normalisation keeps only prcore's columns), in row order."""
+    for name in (n for n in raw.columns if n.startswith(USER_COLUMN_PREFIX)):
+        dtype, v = raw.schema[name], pl.col(name)
         if dtype.is_float():
             bad = v.is_not_null() & ~v.is_finite()
         elif isinstance(dtype, pl.List) and dtype.inner.is_float():
             bad = v.list.eval(pl.element().is_not_null() & ~pl.element().is_finite()).list.any()
         else:
             continue
-        c.rows(bad, name, lambda r: f"{r['__value']} is not a JSON number (sidecars and the catalogue store meta_ cells as JSON); "
-                                    "leave the cell null or give a finite number")
+        hits = raw.select(pl.int_range(pl.len()).alias("row"), pl.col("subject_id") if "subject_id" in raw.columns else pl.lit(None).alias("subject_id"),
+                          v.alias("value"), bad.fill_null(False).alias("bad")).filter(pl.col("bad"))
+        for r in hits.iter_rows(named=True):
+            c.errors.append(ManifestError(r["row"], r["subject_id"], name, f"{excerpt(r['value'])} is not a JSON number (sidecars and the "
+                                          "catalogue store meta_ cells as JSON); leave the cell null or give finite numbers"))
 
 
 def _validate_train(c: _Collector, usable: Callable[[str], bool]) -> None:

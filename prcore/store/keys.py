@@ -34,7 +34,7 @@ LORA_WEBUI_EMBEDDING_FILE = "embedding_webui.safetensors"  # the learned identif
 LORA_RECORD_FILE = "training.json"
 
 SAFE_ID_MAX_LENGTH = 128
-SAFE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,%d}$" % (SAFE_ID_MAX_LENGTH - 1)
+SAFE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0," + str(SAFE_ID_MAX_LENGTH - 1) + r"}$"
 # The rule in words, for every message that refuses an id (manifest validation, the CLI).
 SAFE_ID_RULE = f"1-{SAFE_ID_MAX_LENGTH} letters, digits, '.', '_' or '-', starting with a letter or digit, without '..' or '/'"
 _SAFE_ID = re.compile(SAFE_ID_PATTERN)
