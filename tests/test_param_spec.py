@@ -247,3 +247,14 @@ def test_usage_error_one_line_from_the_real_entry_point():
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: Missing option '--model'") and "╭" not in proc.stderr
+
+
+def test_run_cli_refuses_past_max_for_every_bounded_option(tmp_path):
+    """`prcore run`'s defaults for null cells are the same specs (None: the settings' default)."""
+    app = build_app("run")
+    options = [(p.flags[0], over_max(p)) for n, p in GENERATION_PARAMS.items() if n in bounded(GENERATION_PARAMS)]
+    options.append(("--train-steps", over_max(TRAIN_PARAMS["steps"])))
+    for flag, value in options:
+        result = CliRunner().invoke(app, ["run", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "out"), flag, str(value)])
+        one_line_exit_2(result, flag, "is not allowed")
+    assert not (tmp_path / "out").exists()
