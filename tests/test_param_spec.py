@@ -258,3 +258,15 @@ def test_run_cli_refuses_past_max_for_every_bounded_option(tmp_path):
         result = CliRunner().invoke(app, ["run", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "out"), flag, str(value)])
         one_line_exit_2(result, flag, "is not allowed")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_request_parameter_is_recorded_in_sidecar_and_catalogue():
+    """A new sampling column (a GenerationDefaults field) must reach the sidecar and the catalogue."""
+    from dataclasses import fields
+
+    from prcore.data.schema import REQUEST_PARAM_COLUMNS
+    from prcore.outputs.catalog import SCALAR_FIELDS
+    from prcore.outputs.sidecar import ImageRecord
+
+    names = {f.name for f in fields(ImageRecord)}
+    assert set(REQUEST_PARAM_COLUMNS) <= names and set(REQUEST_PARAM_COLUMNS) <= set(SCALAR_FIELDS)
