@@ -51,8 +51,8 @@ def test_trains_then_reuses(app, tiny_sd_path, image_dir, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"--train-steps": 0}, "steps must be a positive integer"),
-    ({"--rank": -1}, "rank must be a positive integer"),
+    ({"--train-steps": 0}, "--train-steps 0 is not allowed: steps must be an integer in 1..10000"),
+    ({"--rank": -1}, "--rank -1 is not allowed: rank must be an integer in 1..256"),
     ({"--identifier": "dog"}, "collides with the class noun"),
     ({"--images": "EMPTY"}, "no instance images found"),
     ({"--images": "MISSING"}, "does not exist"),

@@ -276,7 +276,7 @@ def test_settings_refuse_unknown_and_bad_values():
 
     with pytest.raises(ValidationError, match="num_imgs"):
         RunSettings.model_validate({"generation": {"num_imgs": 3}})
-    with pytest.raises(ValidationError, match="steps must be a positive integer"):
+    with pytest.raises(ValidationError, match="steps must be an integer in 1..10000"):
         RunSettings.model_validate({"train": {"steps": 0}})
     s = RunSettings.model_validate({"train": {"steps": 2}, "scoring": {"qc": {"clip_t": 0.2}}})
     assert s.train_config({"rank": 2}) == TrainConfig(steps=2, rank=2)

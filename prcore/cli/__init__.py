@@ -7,6 +7,8 @@ import os
 
 import typer
 
+from prcore.cli.errors import OneLineErrorGroup
+
 # One module per command group; each defines ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES = ("sample", "train", "manifest", "run", "evaluate", "demo")
 
@@ -19,6 +21,7 @@ def build_app(*modules: str) -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         add_completion=False,
+        cls=OneLineErrorGroup,
     )
 
     @app.callback()

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from prcore.cli.errors import UserError, user_errors
-from prcore.data.schema import DEFAULT_IDENTIFIER
+from prcore.data.schema import GENERATION_PARAMS, GenerationDefaults
+
+_G = GenerationDefaults()  # the sampling defaults: one owner (prcore.data.schema); BenchConfig checks the values by their specs
+
+
+def _help(name: str) -> str:
+    """An option's help text from its parameter spec."""
+    p = GENERATION_PARAMS[name]
+    return f"{p.spec.help} Allowed: {p.spec.rule(p.kind)}."
 
 DEFAULT_MODES = "parallel_rescaled,consistency,cfg"
 
@@ -97,16 +105,16 @@ def dreambench_command(
     dino_model: Annotated[str | None, typer.Option("--dino-model", help="DINO model folder or hub id (DINO).")] = None,
     subjects: Annotated[str | None, typer.Option("--subjects", help="Comma-separated subject ids (default: all in the subjects CSV).")] = None,
     prompts_per_subject: Annotated[int | None, typer.Option("--prompts-per-subject", min=1, help="First N templates per subject (default: all 25).")] = None,
-    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", min=1)] = 4,
+    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", help=_help("num_images"))] = _G.num_images,
     modes: Annotated[str, typer.Option("--modes", help="Comma-separated guidance modes.")] = DEFAULT_MODES,
-    num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", min=1, help="Denoising steps per image.")] = 50,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale")] = 7.5,
-    consistency_scale: Annotated[float, typer.Option("--consistency-scale")] = 3.0,
-    parallel_scale: Annotated[float, typer.Option("--parallel-scale")] = 0.5,
-    height: Annotated[int | None, typer.Option("--height")] = None,
-    width: Annotated[int | None, typer.Option("--width")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
-    identifier: Annotated[str, typer.Option("--identifier")] = DEFAULT_IDENTIFIER,
+    num_inference_steps: Annotated[int, typer.Option("--num-inference-steps", help=_help("num_inference_steps"))] = _G.num_inference_steps,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help=_help("guidance_scale"))] = _G.guidance_scale,
+    consistency_scale: Annotated[float, typer.Option("--consistency-scale", help=_help("consistency_scale"))] = _G.consistency_scale,
+    parallel_scale: Annotated[float, typer.Option("--parallel-scale", help=_help("parallel_scale"))] = _G.parallel_scale,
+    height: Annotated[int | None, typer.Option("--height", help=_help("height"))] = _G.height,
+    width: Annotated[int | None, typer.Option("--width", help=_help("width"))] = _G.width,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help=_help("scheduler"))] = _G.scheduler,
+    identifier: Annotated[str, typer.Option("--identifier", help=_help("identifier"))] = _G.identifier,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     train_steps: Annotated[int | None, typer.Option("--train-steps", min=1, help="LoRA training steps (TrainConfig.steps).")] = None,
     train: Annotated[list[str] | None, typer.Option("--train", help="Training override KEY=VALUE (a TrainConfig field), repeatable.")] = None,

@@ -18,6 +18,8 @@ from typing import Any
 import typer
 
 from prcore.cli.errors import UserError, user_errors
+from prcore.cli.spec_options import spec_options
+from prcore.data.schema import GENERATION_PARAMS, TRAIN_PARAMS
 from prcore.pipeline.settings import FanOut, RunSettings
 
 QUIET_PREFECT_ENV = {
@@ -222,20 +224,16 @@ def print_outcome(outcome: RunOutcome) -> None:
             print(f"  failure report: {root}/runs/{s.get('run_id')}/failures.json", file=sys.stderr)
 
 
+# The run's defaults for null manifest cells: every sampling parameter, and the training steps,
+# as options generated from their specs (None: the settings' default).
+_RUN_PARAMS = {**GENERATION_PARAMS, "train_steps": TRAIN_PARAMS["steps"]}
+
+
+@spec_options(_RUN_PARAMS, optional=True)
 def run_command(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a folder of files or an s3:// prefix."),
     output: str = typer.Option(..., "--output", "-o", help="Output root: a folder or s3://bucket/prefix."),
     model: str | None = typer.Option(None, "--model", help="Base model: a diffusers folder or hub id (default: the embedded model)."),
-    num_images: int | None = typer.Option(None, "--num-images", help="Images per prompt where the manifest leaves it empty."),
-    num_inference_steps: int | None = typer.Option(None, "--num-inference-steps", help="Denoising steps where the manifest leaves it empty."),
-    guidance: str | None = typer.Option(None, "--guidance", help="parallel_rescaled | consistency | cfg | pretrained (manifest default)."),
-    guidance_scale: float | None = typer.Option(None, "--guidance-scale", help="w_cfg default."),
-    consistency_scale: float | None = typer.Option(None, "--consistency-scale", help="w_cg default."),
-    parallel_scale: float | None = typer.Option(None, "--parallel-scale", help="eta default."),
-    consistency_start: float | None = typer.Option(None, "--consistency-start", help="Consistency window start default (fraction of the schedule)."),
-    consistency_stop: float | None = typer.Option(None, "--consistency-stop", help="Consistency window end default."),
-    identifier: str | None = typer.Option(None, "--identifier", help="Identifier token default (sks)."),
-    train_steps: int | None = typer.Option(None, "--train-steps", help="LoRA training steps where the manifest leaves train_steps empty."),
     subjects_per_shard: int = typer.Option(4, "--subjects-per-shard", help="Subjects per shard."),
     max_subjects: int | None = typer.Option(None, "--max-subjects", help="Run at most this many subjects with work left."),
     device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
@@ -250,17 +248,16 @@ def run_command(
     check_images: bool = typer.Option(True, "--check-images/--no-check-images",
                                       help="Open the instance images of every subject with work left before starting (as validate does)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs."),
+    params: dict[str, Any] | None = None,
 ) -> None:
     """Run the nightly batch on MANIFEST into --output, here (Prefect's ephemeral API), with live progress."""
     from prcore.store.storage import StoreError
 
-    generation = {"num_images": num_images, "num_inference_steps": num_inference_steps, "guidance": guidance,
-                  "guidance_scale": guidance_scale, "consistency_scale": consistency_scale,
-                  "parallel_scale": parallel_scale, "identifier": identifier,
-                  "consistency_start": consistency_start, "consistency_stop": consistency_stop}
+    params = params or {}
+    generation = {k: v for k, v in params.items() if k in GENERATION_PARAMS}
     with user_errors(StoreError):
         settings = settings_from_options(
-            model=model, generation=generation, train={"steps": train_steps}, device=device, dtype=dtype,
+            model=model, generation=generation, train={"steps": params.get("train_steps")}, device=device, dtype=dtype,
             max_batch_rows=max_batch_rows, vae_tiling=vae_tiling, channels_last=channels_last, compile_unet=compile_unet,
             clip_model=clip_model, dino_model=dino_model, cache_dir=cache_dir, check_images=check_images)
         fan_out = FanOut(subjects_per_shard=subjects_per_shard, max_subjects=max_subjects, use_gpu_limit=False)

@@ -3,42 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from prcore.cli.errors import UserError, user_errors
-from prcore.data.schema import DEFAULT_IDENTIFIER
+from prcore.cli.spec_options import spec_options
+from prcore.data.schema import GENERATION_PARAMS, TRAIN_PARAMS
 
 
+@spec_options(TRAIN_PARAMS)
 def train_command(
     model: str = typer.Option(..., "--model", help="Base pipeline: a local diffusers folder or a hub id (SD 1.x/2.x or SDXL)."),
     images: list[Path] = typer.Option(..., "--images", help="Instance images: a folder (its image files) or files; repeat the option for several."),
     class_noun: str = typer.Option(..., "--class-noun", help="The subject's class, e.g. dog."),
-    identifier: str = typer.Option(DEFAULT_IDENTIFIER, "--identifier", help="Rare identifier word for the subject (not the class noun)."),
+    identifier: str = typer.Option(GENERATION_PARAMS["identifier"].default, "--identifier", help="Rare identifier word for the subject (not the class noun)."),
     out: Path = typer.Option(..., "--out", help="LoRA folder to create (pytorch_lora_weights.safetensors + training.json)."),
     caption: list[str] | None = typer.Option(None, "--caption", help='Caption template with {subject}: once for all images, or once per image in order. Default "a photo of a {subject}".'),
-    steps: int = typer.Option(400, "--train-steps", help="Optimizer steps (the manifest column train_steps)."),
-    learning_rate: float = typer.Option(1e-4, "--learning-rate", "--lr", help="AdamW learning rate."),
-    rank: int = typer.Option(8, "--rank", help="LoRA rank r."),
-    alpha: float = typer.Option(8.0, "--alpha", help="LoRA alpha (scaling alpha/r)."),
-    target_modules: str = typer.Option("to_q,to_k,to_v,to_out.0", "--target-modules", help="Comma-separated UNet module names to adapt."),
-    resolution: int | None = typer.Option(None, "--resolution", help="Training resolution (default: the model's)."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Instance images per step."),
-    dco_beta: float = typer.Option(1000.0, "--dco-beta", help="DCO beta; <= 0 trains with the plain DreamBooth loss."),
-    seed: int = typer.Option(0, "--seed", help="Seed of LoRA init, noise, timesteps, flips."),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto | no | fp16 | bf16 (auto: bf16 on GPUs that have it, else fp16; on the CPU bf16 for bf16 weights, else fp32)."),
-    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory (default: on for SDXL)."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw8bit (bitsandbytes, CUDA)."),
-    train_text_embeddings: bool = typer.Option(False, "--train-text-embeddings/--no-train-text-embeddings", help="Also learn an embedding for the identifier (must be a new token, e.g. '<sks>')."),
-    prior_preservation: bool = typer.Option(False, "--prior-preservation/--no-prior-preservation", help="Add a prior loss on class images the base model generates."),
-    num_class_images: int = typer.Option(50, "--num-class-images", help="Class images for prior preservation."),
-    prior_loss_weight: float = typer.Option(1.0, "--prior-loss-weight", help="Weight of the prior-preservation loss."),
-    offset_noise: float = typer.Option(0.0, "--offset-noise", help="Offset-noise strength (0 = off)."),
-    snr_gamma: float | None = typer.Option(None, "--snr-gamma", help="Min-SNR-gamma loss weighting, e.g. 5 (default off)."),
-    random_flip: bool = typer.Option(True, "--random-flip/--no-random-flip", help="Random horizontal flips."),
     device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Pipeline dtype: float32 | float16 | bfloat16 (default: fp16 on CUDA, else fp32)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with the running loss."),
+    params: dict[str, Any] | None = None,
 ) -> None:
     """Fine-tune a LoRA on one subject with Direct Consistency Optimization (DCO)."""
     from prcore.data.images import list_image_files
@@ -48,14 +33,7 @@ def train_command(
 
     with user_errors(ModelNotFoundError):
         # Everything checkable without the model is checked before loading it.
-        config = TrainConfig(
-            steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, target_modules=target_modules,
-            resolution=resolution, batch_size=batch_size, dco_beta=dco_beta, seed=seed,
-            mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-            train_text_embeddings=train_text_embeddings, prior_preservation=prior_preservation,
-            num_class_images=num_class_images, prior_loss_weight=prior_loss_weight, offset_noise=offset_noise,
-            snr_gamma=snr_gamma, random_flip=random_flip,
-        )
+        config = TrainConfig(**(params or {}))  # the training options: generated from TrainConfig's specs
         check_subject(class_noun, identifier)
         files = list_image_files(images)
         captions = None

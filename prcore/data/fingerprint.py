@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,18 @@ FP_LENGTH = 16  # hex chars used in keys (64 bits)
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON: sorted keys, compact separators, tuples as lists, no NaN."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) as None, recursively: for JSON that reports
+    aggregates (a mean over nothing is NaN), which strict JSON has no token for."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _default(o: Any) -> Any:

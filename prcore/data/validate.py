@@ -16,20 +16,17 @@ import polars as pl
 from prcore.data.load import Manifest, as_manifest, first_rows
 from prcore.data.model_source import local_model_problem, looks_local
 from prcore.data.schema import (
-    GUIDANCE_MODES,
-    MAX_NUM_IMAGES,
-    MAX_SIZE,
-    MAX_STEPS,
-    MIXED_PRECISION,
-    OPTIMIZERS,
+    COLUMN_PARAMS,
+    COLUMNS,
+    LIST_STR,
     QC_COLUMNS,
-    SCHEDULER_NAMES,
     SUBJECT_COLUMNS,
+    USER_COLUMN_PREFIX,
     ManifestError,
+    excerpt,
     identifier_problem,
-    scheduler_key,
 )
-from prcore.store.keys import SAFE_ID_PATTERN
+from prcore.store.keys import SAFE_ID_RULE, is_safe_id
 
 _PLACEHOLDER = r"\{[^{}]*\}|[{}]"
 # the layer names of a base model's UNet (None: the run's model), or None when they cannot be known
@@ -118,28 +115,23 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
         if usable(name):
             c.rows(pl.col(name).is_null(), name, f"is null; every row needs a {name}", per_subject=name == "class_noun")
     if usable("subject_id"):
-        ok = pl.col("subject_id").str.contains(SAFE_ID_PATTERN) & ~pl.col("subject_id").str.contains("..", literal=True)
-        c.rows(
-            pl.col("subject_id").is_not_null() & ~ok,
-            "subject_id",
-            lambda r: f"{r['__value']!r} is not a safe id: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..' or '/'",
-            per_subject=True,
-        )
+        c.rows(_unsafe_ids(c.subjects["subject_id"]), "subject_id",
+               lambda r: f"{excerpt(r['__value'])} is not a safe id: use {SAFE_ID_RULE}", per_subject=True)
     if usable("class_noun"):
         c.rows(pl.col("class_noun").str.strip_chars() == "", "class_noun", "is empty; give the subject's class, e.g. 'dog'", per_subject=True)
-        c.rows(pl.col("class_noun").str.contains(r"[{}]"), "class_noun", lambda r: f"{r['__value']!r} contains braces; give a plain noun like 'dog'", per_subject=True)
+        c.rows(pl.col("class_noun").str.contains(r"[{}]"), "class_noun", lambda r: f"{excerpt(r['__value'])} contains braces; give a plain noun like 'dog'", per_subject=True)
 
     # -- prompt templates -------------------------------------------------------------------------
     if usable("prompt"):
         p = pl.col("prompt")
         blank = p.str.strip_chars() == ""
         c.values("prompt", blank, "is empty; write a template like 'a {subject} on the beach'")
-        c.values("prompt", ~blank & ~p.str.contains("{subject}", literal=True), lambda r: f"{r['__value']!r} has no {{subject}} placeholder; write e.g. 'a {{subject}} on the beach'")
+        c.values("prompt", ~blank & ~p.str.contains("{subject}", literal=True), lambda r: f"{excerpt(r['__value'])} has no {{subject}} placeholder; write e.g. 'a {{subject}} on the beach'")
         rest = p.str.replace_all("{subject}", "", literal=True)
         c.values(
             "prompt",
             ~blank & rest.str.contains(r"[{}]"),
-            lambda r: f"unknown placeholder(s) {r['__bad']} in {r['__value']!r}; the only placeholder is {{subject}} (write literal braces nowhere)",
+            lambda r: f"unknown placeholder(s) {excerpt(r['__bad'])} in {excerpt(r['__value'])}; the only placeholder is {{subject}} (write literal braces nowhere)",
             extra=[rest.str.extract_all(_PLACEHOLDER).list.join(", ").alias("__bad")],
         )
     if usable("instance_prompts"):
@@ -152,27 +144,16 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
 
     # -- ids ---------------------------------------------------------------------------------------
     if usable("prompt_id"):
-        ok = pl.col("prompt_id").str.contains(SAFE_ID_PATTERN) & ~pl.col("prompt_id").str.contains("..", literal=True)
-        c.values(
-            "prompt_id",
-            ~ok,
-            lambda r: f"{r['__value']!r} is not a safe id: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, or leave it null",
-        )
+        c.rows(_unsafe_ids(c.df["prompt_id"]), "prompt_id",
+               lambda r: f"{excerpt(r['__value'])} is not a safe id: use {SAFE_ID_RULE}, or leave it null")
     if usable("identifier"):
         _validate_identifiers(c, with_noun=usable("class_noun"))
     if usable("base_model"):
         c.rows(pl.col("base_model").str.strip_chars() == "", "base_model", "is empty; give a model id or folder, or null for the run's model", per_subject=True)
 
-    # -- numbers and modes --------------------------------------------------------------------------
-    for name in ("guidance_scale", "consistency_scale", "parallel_scale"):
-        if usable(name):
-            v = pl.col(name)
-            c.rows(v.is_not_null() & (~v.is_finite() | (v < 0)), name, lambda r, n=name: f"{r['__value']} is out of range: {n} must be a finite number >= 0")
-    for name in ("consistency_start", "consistency_stop"):
-        if usable(name):
-            v = pl.col(name)
-            c.rows(v.is_not_null() & (~v.is_finite() | (v < 0) | (v > 1)), name,
-                   lambda r, n=name: f"{r['__value']} is out of range: {n} is a fraction of the schedule in [0, 1], or null for the run's")
+    # -- numbers, names and lengths: each column's Param spec (schema.COLUMN_PARAMS) -----------------
+    _validate_params(c, usable)
+    _validate_meta(c, m.df)
     if usable("consistency_start") and usable("consistency_stop"):
         c.rows(pl.col("consistency_start") > pl.col("consistency_stop"), "consistency_stop",
                lambda r: f"{r['__value']} is before consistency_start on this row: the window is [start, stop) with start <= stop")
@@ -185,35 +166,6 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
                 lambda r, n=name: f"{r['__value']} is out of range: {n} is a cosine-similarity threshold in [-1, 1], or null for the flow's",
                 per_subject=True,
             )
-    if usable("num_inference_steps"):
-        v = pl.col("num_inference_steps")
-        c.rows((v < 1) | (v > MAX_STEPS), "num_inference_steps", lambda r: f"{r['__value']} is out of range: use 1..{MAX_STEPS}")
-    if usable("num_images"):
-        v = pl.col("num_images")
-        c.rows((v < 1) | (v > MAX_NUM_IMAGES), "num_images", lambda r: f"{r['__value']} is out of range: use 1..{MAX_NUM_IMAGES}")
-    if usable("seed"):
-        c.rows(pl.col("seed") < 0, "seed", lambda r: f"{r['__value']} is negative: use an integer 0..2**63-1, or null for a derived seed")
-    for name in ("height", "width"):
-        if usable(name):
-            v = pl.col(name)
-            c.rows(
-                (v % 8 != 0) | (v < 64) | (v > MAX_SIZE),
-                name,
-                lambda r, n=name: f"{r['__value']} is not allowed: {n} must be a multiple of 8 in 64..{MAX_SIZE}, or null for the model's default",
-            )
-    if usable("guidance"):
-        c.values(
-            "guidance",
-            ~pl.col("guidance").is_in(list(GUIDANCE_MODES)),
-            lambda r: f"unknown guidance mode {r['__value']!r}; use one of {', '.join(GUIDANCE_MODES)}",
-        )
-    if usable("scheduler"):
-        c.values(
-            "scheduler",
-            ~pl.col("scheduler").map_elements(lambda v: scheduler_key(v) in SCHEDULER_NAMES, return_dtype=pl.Boolean),
-            lambda r: f"unknown scheduler {r['__value']!r}; use one of {', '.join(SCHEDULER_NAMES)} "
-                      "(names, not diffusers class names), or null for the model's own",
-        )
     if usable("instance_prompts") and usable("instance_images"):
         n_caps, n_imgs = pl.col("instance_prompts").list.len(), pl.col("instance_images").list.len()
         c.rows(
@@ -298,33 +250,54 @@ def base_model_problem(value: str) -> str | None:
     return local_model_problem(text.removeprefix("file://"))
 
 
+def _unsafe_ids(ids: pl.Series) -> pl.Expr:
+    """Rows whose id fails :func:`prcore.store.keys.is_safe_id`, the rule every key is built with
+    (checked once per distinct id)."""
+    bad = [v for v in ids.drop_nulls().unique().to_list() if not is_safe_id(v)]
+    return pl.col(ids.name).is_in(pl.Series(bad, dtype=pl.String).implode())
+
+
+def _validate_params(c: _Collector, usable: Callable[[str], bool]) -> None:
+    """Every cell of a column a :class:`~prcore.data.schema.Param` governs, checked by that Param's
+    own rule (the one the CLI options and the flow settings use), once per distinct value; subject
+    columns on each subject's first row. List columns have their own rules (below)."""
+    for name, spec in COLUMN_PARAMS.items():
+        if not usable(name) or spec.kind == LIST_STR:
+            continue
+        per_subject = COLUMNS[name].subject
+        values = (c.subjects if per_subject else c.df)[name].drop_nulls().unique()
+        bad = [v for v in values.to_list() if spec.spec.problem(spec.kind, v)]
+        if not bad:
+            continue
+        default = "" if name in ("prompt", "seed") else "; or leave it null for the run's default"
+        c.rows(
+            pl.col(name).is_in(pl.Series(bad, dtype=values.dtype).implode()),
+            name,
+            lambda r, p=spec, d=default: f"{excerpt(r['__value'])} is out of range: {p.name} {p.spec.problem(p.kind, r['__value'])}{d}",
+            per_subject=per_subject,
+        )
+
+
+def _validate_meta(c: _Collector, raw: pl.DataFrame) -> None:
+    """``meta_`` cells travel into every sidecar and catalogue row as JSON, which has no NaN or
+    infinity: such a cell is refused here (null it, or give a finite number), never written.
+    ``raw`` is the manifest as read (normalisation keeps only prcore's columns), in row order."""
+    for name in (n for n in raw.columns if n.startswith(USER_COLUMN_PREFIX)):
+        dtype, v = raw.schema[name], pl.col(name)
+        if dtype.is_float():
+            bad = v.is_not_null() & ~v.is_finite()
+        elif isinstance(dtype, pl.List) and dtype.inner.is_float():
+            bad = v.list.eval(pl.element().is_not_null() & ~pl.element().is_finite()).list.any()
+        else:
+            continue
+        hits = raw.select(pl.int_range(pl.len()).alias("row"), pl.col("subject_id") if "subject_id" in raw.columns else pl.lit(None).alias("subject_id"),
+                          v.alias("value"), bad.fill_null(False).alias("bad")).filter(pl.col("bad"))
+        for r in hits.iter_rows(named=True):
+            c.errors.append(ManifestError(r["row"], r["subject_id"], name, f"{excerpt(r['value'])} is not a JSON number (sidecars and the "
+                                          "catalogue store meta_ cells as JSON); leave the cell null or give finite numbers"))
+
+
 def _validate_train(c: _Collector, usable: Callable[[str], bool]) -> None:
-    positive_int = ("steps", "rank", "batch_size", "num_class_images")
-    for f in positive_int:
-        name = f"train_{f}"
-        if usable(name):
-            c.rows(pl.col(name) < 1, name, lambda r, n=name: f"{r['__value']} is out of range: {n} must be >= 1", per_subject=True)
-    for f, strict in (("learning_rate", True), ("alpha", True), ("snr_gamma", True), ("prior_loss_weight", False), ("offset_noise", False)):
-        name = f"train_{f}"
-        if usable(name):
-            v = pl.col(name)
-            bad = v.is_not_null() & (~v.is_finite() | ((v <= 0) if strict else (v < 0)))
-            cmp = "> 0" if strict else ">= 0"
-            c.rows(bad, name, lambda r, n=name, cmp=cmp: f"{r['__value']} is out of range: {n} must be a finite number {cmp}", per_subject=True)
-    if usable("train_dco_beta"):
-        v = pl.col("train_dco_beta")
-        c.rows(v.is_not_null() & ~v.is_finite(), "train_dco_beta", "must be finite (<= 0 selects the plain DreamBooth loss)", per_subject=True)
-    if usable("train_seed"):
-        c.rows(pl.col("train_seed") < 0, "train_seed", lambda r: f"{r['__value']} is negative; use 0..2**63-1", per_subject=True)
-    if usable("train_resolution"):
-        v = pl.col("train_resolution")
-        c.rows((v % 8 != 0) | (v < 64) | (v > MAX_SIZE), "train_resolution", lambda r: f"{r['__value']} must be a multiple of 8 in 64..{MAX_SIZE}", per_subject=True)
-    if usable("train_optimizer"):
-        v = pl.col("train_optimizer")
-        c.rows(v.is_not_null() & ~v.is_in(list(OPTIMIZERS)), "train_optimizer", lambda r: f"{r['__value']!r} is not one of {', '.join(OPTIMIZERS)}", per_subject=True)
-    if usable("train_mixed_precision"):
-        v = pl.col("train_mixed_precision")
-        c.rows(v.is_not_null() & ~v.is_in(list(MIXED_PRECISION)), "train_mixed_precision", lambda r: f"{r['__value']!r} is not one of {', '.join(MIXED_PRECISION)}", per_subject=True)
     if usable("train_target_modules"):
         c.rows(pl.col("train_target_modules").list.len() == 0, "train_target_modules", "is an empty list; name the modules (e.g. to_q, to_k) or leave it null", per_subject=True)
 

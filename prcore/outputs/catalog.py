@@ -49,7 +49,7 @@ def catalog_frame(records: Iterable[ImageRecord]) -> pl.DataFrame:
         for name in SCALAR_FIELDS:
             columns[name].append(getattr(record, name))
         nested = {name: getattr(record, name) for name in NESTED_FIELDS if name != "extra"}
-        columns["extra_json"].append(json.dumps({**record.extra, **nested}, sort_keys=True, default=str))
+        columns["extra_json"].append(json.dumps({**record.extra, **nested}, sort_keys=True, default=str, allow_nan=False))
     return pl.DataFrame(columns, schema=CATALOG_SCHEMA)
 
 

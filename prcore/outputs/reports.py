@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from prcore.data.fingerprint import json_safe
 from prcore.store.keys import failures_key, summary_key
 
 
@@ -62,7 +63,7 @@ class ShardRecord:
     seconds: float
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1, default=str).encode()
+        return json.dumps(json_safe(asdict(self)), indent=1, default=str, allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> ShardRecord:
@@ -81,7 +82,8 @@ def failure_from(exc: BaseException, *, subject_id: str, step: str, run_id: str 
 
 
 def put_json(store, key: str, obj: Any) -> str:
-    store.put(key, json.dumps(obj, indent=1, default=_json_default).encode(), content_type="application/json")
+    text = json.dumps(json_safe(json.loads(json.dumps(obj, default=_json_default))), indent=1, allow_nan=False)  # NaN/inf -> null
+    store.put(key, text.encode(), content_type="application/json")
     return key
 
 

@@ -159,7 +159,8 @@ def encode_image(record: ImageRecord, image: Any) -> tuple[bytes, ImageRecord]:
 
 
 def sidecar_bytes(record: ImageRecord) -> bytes:
-    return json.dumps(record.to_dict(), sort_keys=True, indent=1, default=str).encode()
+    """The sidecar as strict JSON: a non-finite float raises (never a NaN token no JSON parser reads)."""
+    return json.dumps(record.to_dict(), sort_keys=True, indent=1, default=str, allow_nan=False).encode()
 
 
 def write_image(store: Any, record: ImageRecord, image: Any) -> ImageRecord:

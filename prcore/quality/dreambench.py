@@ -40,7 +40,7 @@ from typing import Any
 import polars as pl
 from PIL import Image
 
-from prcore.data.schema import DEFAULT_IDENTIFIER, GUIDANCE_MODES, IMAGE_SUFFIXES
+from prcore.data.schema import GENERATION_PARAMS, GUIDANCE_MODES, IMAGE_SUFFIXES, SEED, GenerationDefaults
 from prcore.quality.qc import ImageScorerProtocol
 from prcore.store.keys import BENCH_RECORD_KEY, BENCH_SCORES_KEY, BENCH_TABLE_KEY, bench_image_key, bench_result_key
 
@@ -74,6 +74,16 @@ class BenchProtocol:
         return templates if limit is None else templates[:limit]
 
 
+_G = GenerationDefaults()  # the product's sampling defaults (one owner: prcore.data.schema)
+# BenchConfig fields checked by a parameter spec: field -> the Param (images_per_prompt is num_images)
+_BENCH_PARAMS = {
+    **{n: GENERATION_PARAMS[n] for n in ("num_inference_steps", "guidance_scale", "consistency_scale", "parallel_scale",
+                                        "height", "width", "scheduler", "identifier")},
+    "images_per_prompt": GENERATION_PARAMS["num_images"],
+    "seed": SEED,
+}
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Everything that determines the benchmark's numbers (stored as bench.json)."""
@@ -82,15 +92,15 @@ class BenchConfig:
     modes: tuple[str, ...] = DEFAULT_MODES
     subjects: tuple[str, ...] | None = None
     prompts_per_subject: int | None = None
-    images_per_prompt: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    consistency_scale: float = 3.0
-    parallel_scale: float = 0.5
-    height: int | None = None
-    width: int | None = None
-    scheduler: str | None = None
-    identifier: str = DEFAULT_IDENTIFIER
+    images_per_prompt: int = _G.num_images
+    num_inference_steps: int = _G.num_inference_steps
+    guidance_scale: float = _G.guidance_scale
+    consistency_scale: float = _G.consistency_scale
+    parallel_scale: float = _G.parallel_scale
+    height: int | None = _G.height
+    width: int | None = _G.width
+    scheduler: str | None = _G.scheduler
+    identifier: str = _G.identifier
     seed: int = 0
     train_overrides: Mapping[str, Any] = field(default_factory=dict)
 
@@ -102,12 +112,12 @@ class BenchConfig:
         unknown = [m for m in self.modes if m not in GUIDANCE_MODES]
         if unknown:
             raise BenchError(f"unknown guidance mode(s) {', '.join(unknown)}; choose from {', '.join(GUIDANCE_MODES)}")
-        if self.images_per_prompt < 1:
-            raise BenchError(f"--images-per-prompt must be >= 1, not {self.images_per_prompt}")
+        for name, spec in _BENCH_PARAMS.items():
+            found = spec.spec.problem(spec.kind, getattr(self, name)) if getattr(self, name) is not None else None
+            if found:
+                raise BenchError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not allowed: {name} {found}")
         if self.prompts_per_subject is not None and self.prompts_per_subject < 1:
             raise BenchError(f"--prompts-per-subject must be >= 1, not {self.prompts_per_subject}")
-        if self.num_inference_steps < 1:
-            raise BenchError(f"--steps must be >= 1, not {self.num_inference_steps}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -332,7 +342,7 @@ def run_dreambench(
                 "choose another --output, or delete it to start over"
             )
     else:
-        store.put(BENCH_RECORD_KEY, json.dumps(manifest, indent=2, sort_keys=True).encode(), content_type="application/json")
+        store.put(BENCH_RECORD_KEY, json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode(), content_type="application/json")
 
     if pipe is None:
         pipe = load_pipeline(config.model, device=device, dtype=dtype)

@@ -33,7 +33,10 @@ LORA_EMBEDDINGS_FILE = "learned_embeds.safetensors"
 LORA_WEBUI_EMBEDDING_FILE = "embedding_webui.safetensors"  # the learned identifier for ComfyUI / A1111
 LORA_RECORD_FILE = "training.json"
 
-SAFE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+SAFE_ID_MAX_LENGTH = 128
+SAFE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0," + str(SAFE_ID_MAX_LENGTH - 1) + r"}$"
+# The rule in words, for every message that refuses an id (manifest validation, the CLI).
+SAFE_ID_RULE = f"1-{SAFE_ID_MAX_LENGTH} letters, digits, '.', '_' or '-', starting with a letter or digit, without '..' or '/'"
 _SAFE_ID = re.compile(SAFE_ID_PATTERN)
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -149,10 +152,23 @@ def lora_record_key(subject_id: str, lora_fp: str) -> str:
 # -- runs and catalogue -----------------------------------------------------------------------------
 
 
+_FILE_SUFFIXES = (".png", ".json", ".parquet", ".md", ".csv", ".html")
+
+
+def _safe_file_name(part: str) -> str:
+    """A key segment: a safe id, or a safe id plus a known suffix (so every safe id, even one of
+    the full 128 characters, names its own file)."""
+    stem = next((part[: -len(s)] for s in _FILE_SUFFIXES if part.endswith(s) and len(part) > len(s)), part)
+    if not is_safe_id(stem):
+        raise ValueError(f"file name {part!r} is not a safe id (letters, digits, '.', '_', '-'; no '..'); no key was built")
+    return part
+
+
 def run_key(run_id: str, name: str) -> str:
-    """``runs/{run_id}/{name}`` (``name`` may contain ``/``-separated safe segments)."""
+    """``runs/{run_id}/{name}`` (``name`` may contain ``/``-separated segments: safe ids, each
+    with an optional file suffix)."""
     for part in name.split("/"):
-        safe_id("file name", part)
+        _safe_file_name(part)
     return f"{RUNS_PREFIX}/{safe_id('run_id', run_id)}/{name}"
 
 
