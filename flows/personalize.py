@@ -35,7 +35,7 @@ from prcore.pipeline.subject import (
     refresh_done,
     worker_identity,
 )
-from prcore.store.storage import Store, open_store
+from prcore.store.storage import Store, StoreWriteError, open_store
 from tasks.lora import ensure_lora_task
 from tasks.outputs import contact_sheet_task, write_catalog_task
 from tasks.plan import plan_task
@@ -94,6 +94,8 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
             step = "catalog"  # last: with the dirty marker gone, the subject's derived outputs match its images
             write_catalog_task(store, inputs, made)
             clear_dirty(store, job.subject_id)
+    except StoreWriteError:  # disk full / permissions: every later write would fail too; stop the run
+        raise
     except Exception as exc:
         failure = failure_from(exc, subject_id=job.subject_id, step=step, run_id=run.run_id, shard=shard_index)
         res.error, res.step = failure.error, step

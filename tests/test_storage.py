@@ -171,12 +171,23 @@ def test_s3_bad_credentials_message_names_bucket_not_secret(s3_auth_server, monk
     assert not is_transient(info.value)
 
 
-def test_unreachable_endpoint_is_transient():
-    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", max_attempts=1, retry_mode="standard",
-                       retry_budget_s=0)  # no store-level retries: the error itself is under test
-    with pytest.raises(TransientStoreError, match="AWS_ENDPOINT_URL") as info:
-        store.exists("a.txt")
-    assert is_transient(info.value)
+def test_a_refused_endpoint_fails_in_seconds_before_any_call_succeeded():
+    """A typo'd port (connection refused at the very start) is a configuration error: one StoreError naming
+    the endpoint in seconds, not the retry budget meant for outages after the first successful call
+    (that case: test_s3_outage_mid_call_is_retried_until_the_endpoint_returns)."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = open_store("s3://bucket/p", endpoint_url=f"http://127.0.0.1:{port}", retry_budget_s=20)  # default retries
+    for call in (store.check, lambda: store.exists("a.txt"), lambda: store.put("a.txt", b"x")):
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"endpoint http://127.0.0.1:{port}.*AWS_ENDPOINT_URL") as info:
+            call()
+        assert time.monotonic() - started < 5
+        assert not is_transient(info.value) and str(info.value).count("\n") == 0
 
 
 def test_read_uri_bytes_local_file_and_s3(tmp_path, s3_server, s3_bucket):
@@ -306,8 +317,9 @@ def test_s3_endpoint_away_then_back_is_retried_within_the_budget(s3_server, s3_b
         reopen.join()
         assert waited >= 3.5 and store.get("b.json") == b"2"
 
-        gate.close()
         short = open_store(f"s3://{s3_bucket}/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=3, retry_max_delay_s=1)
+        assert short.exists("b.json")  # a first call succeeded: from now on an endpoint away is an outage
+        gate.close()
         started = time.monotonic()
         with pytest.raises(TransientStoreError, match="cannot connect"):
             short.get("b.json")

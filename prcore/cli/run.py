@@ -117,8 +117,13 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     from prcore.data.validate import base_model_problem, validate
     from prcore.method.models import default_device, resolve_dtype
     from prcore.pipeline.models import default_model_id, resolve_model
-    from prcore.store.storage import StoreError, open_store
+    from prcore.pipeline.subject import open_output
+    from prcore.store.storage import StoreError
 
+    try:  # first, in seconds: the output root takes writes (a real probe write), before any model or plan
+        store = open_output(output)
+    except StoreError as exc:
+        raise UserError(f"--output {output}: {exc}") from None
     try:
         resolve_dtype(settings.placement.dtype, settings.placement.device or default_device())
     except ValueError as exc:
@@ -137,12 +142,6 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     else:
         model = default_model_id()
         resolve_model(model, settings.cache_path())  # builds the tiny pipeline once, before Prefect starts
-    try:
-        store = open_store(output)
-        if hasattr(store, "check"):
-            store.check()
-    except StoreError as exc:
-        raise UserError(f"--output {output}: {exc}") from None
     loaded = load_manifest(manifest)
     errors = validate(loaded, check_images=False)
     if errors:
@@ -197,8 +196,12 @@ def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut
     ok = state.is_completed()
     error = None
     if not ok:
+        from prcore.store.storage import StoreWriteError
+
         try:
             state.result(raise_on_failure=True)
+        except StoreWriteError:  # disk full / permission denied mid-run: one line, exit 2 (finished outputs kept)
+            raise
         except Exception as exc:  # the flow's own one-line failure message
             error = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
     return RunOutcome(ok=ok, run_id=summary.get("run_id"), output=output, summary=summary, error=error,
