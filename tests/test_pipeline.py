@@ -484,6 +484,9 @@ def test_a_damaged_lora_is_never_used_it_is_trained_again_once(setup, tmp_path):
     assert again.source == "store" and L.lora_problem(Path(again.local_dir)) is None
 
     good = store.get(weights_key)
+    store.put(weights_key, good[:1000])  # the store's copy cut short, this machine's copy whole: the listing
+    assert lora_for(setup, inputs, store, tmp_path / "cacheA").source == "cache"  # (size) tells; re-uploaded from
+    assert store.get(weights_key) == good  # the verified local copy
     store.put(weights_key, _flip(good, len(good) - 10))  # the store's copy damaged (same size)
     with pytest.raises(ValueError, match="is damaged: pytorch_lora_weights.safetensors is not the file"):
         L.materialize_lora(store, "s0", first.lora_fp, tmp_path / "cacheB")

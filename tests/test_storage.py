@@ -302,7 +302,6 @@ def test_s3_endpoint_away_then_back_is_retried_within_the_budget(s3_server, s3_b
 
     from prefect_harness import free_port
 
-    from prcore.store.storage import TransientStoreError
 
     port = free_port()
     gate = _Gate(port, urlparse(s3_server).port)

@@ -153,6 +153,14 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     return settings.model_copy(update={"model": model, "check_images": False})  # images checked: once is enough
 
 
+def _no_store_write_traceback(record: logging.LogRecord) -> bool:
+    """Drop Prefect's traceback of a run stopped by a refused write: the CLI prints it as one line."""
+    from prcore.store.storage import StoreWriteError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, StoreWriteError) and "StoreWriteError" not in record.getMessage()
+
+
 def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut | None = None, *,
               verbose: bool = False, show_progress: bool = True) -> RunOutcome:
     """Validate, then run ``nightly-batch`` in-process with a live display; never raises on subject failures."""
@@ -187,12 +195,17 @@ def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut
 
     finished = _Finished(logging.INFO)
     plog.addHandler(finished)
+    prefect_logs = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for lg in prefect_logs:
+        lg.addFilter(_no_store_write_traceback)
     try:
         with progress:
             state = nightly_batch(manifest=manifest, output=output, settings=settings, fan_out=fan_out, return_state=True)
     finally:
         plog.removeHandler(handler)
         plog.removeHandler(finished)
+        for lg in prefect_logs:
+            lg.removeFilter(_no_store_write_traceback)
     ok = state.is_completed()
     error = None
     if not ok:

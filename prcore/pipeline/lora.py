@@ -100,6 +100,36 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _md5_file(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+
+
+def store_listing_problem(store, prefix: str, record: bytes) -> str | None:
+    """What the store's listing of a LoRA folder (one LIST: sizes; on S3 the ETag, the MD5 of a single-part
+    upload) says differs from the files ``training.json`` recorded, or None. No download."""
+    import json
+
+    from prcore.store.storage import list_info
+
+    try:
+        files = json.loads(record).get("files")
+    except ValueError:
+        return f"{LORA_RECORD_FILE} does not read"
+    if not isinstance(files, dict):
+        return None
+    listed = {info.key[len(prefix):]: info for info in list_info(store, prefix)}
+    for rel, want in sorted(files.items()):
+        info = listed.get(rel)
+        if info is None:
+            return f"{rel} is missing in the store"
+        if (info.size >= 0 and info.size != want.get("bytes")) or (info.md5 and want.get("md5") and info.md5 != want["md5"]):
+            return f"{rel} in the store is not the file {LORA_RECORD_FILE} recorded (size or MD5 differs)"
+    return None
+
+
 def record_file_hashes(local: Path) -> None:
     """Write into the folder's ``training.json`` the sha256 and size of every other file of the LoRA
     (``files``): what a machine checks before it samples with a copy (:func:`lora_problem`)."""
@@ -107,7 +137,8 @@ def record_file_hashes(local: Path) -> None:
 
     record_path = local / LORA_RECORD_FILE
     record = json.loads(record_path.read_text())
-    record["files"] = {p.relative_to(local).as_posix(): {"sha256": _sha256_file(p), "bytes": p.stat().st_size}
+    record["files"] = {p.relative_to(local).as_posix(): {"sha256": _sha256_file(p), "bytes": p.stat().st_size,
+                                                         "md5": _md5_file(p)}
                        for p in sorted(local.rglob("*")) if p.is_file() and p.name != LORA_RECORD_FILE}
     record_path.write_text(json.dumps(record, indent=2, sort_keys=True))
 
@@ -186,6 +217,12 @@ def _verified_copy(store, subject_id: str, lora_fp: str, local: Path, record: by
     is the store's and its files hash as recorded, else a fresh download. Returns (source, problem):
     ``problem`` is None when the copy is whole, else what differs in the store's own bytes."""
     if _local_matches(local, record) and lora_problem(local) is None:
+        prefix = lora_prefix(subject_id, lora_fp)
+        if (problem := store_listing_problem(store, prefix, record)) is not None:  # the store's copy is damaged:
+            log.warning("LoRA %s of subject %s in %s: %s; uploading this machine's verified copy again", lora_fp,
+                        subject_id, store.uri, problem)  # repaired from this machine's copy, whose bytes match the record
+            store.delete(prefix + LORA_RECORD_FILE)
+            _upload_lora(store, local, prefix)
         return "cache", None
     _download_lora(store, lora_prefix(subject_id, lora_fp), local)
     problem = lora_problem(local)
