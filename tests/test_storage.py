@@ -368,9 +368,12 @@ def test_probe_write_refuses_an_output_root_that_takes_no_writes_and_leaves_noth
         assert str(info.value).count("\n") == 0
     assert afile.read_bytes() == b"not a folder"
 
+    probe_write(open_store(str(tmp_path / "new" / "root")))  # folders the probe made are removed again
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "good" / "images").mkdir(parents=True)
     good = open_store(str(tmp_path / "good"))
     probe_write(good)
-    assert list(good.list()) == [] and not any(p.is_file() for p in (tmp_path / "good").rglob("*"))
+    assert list(good.list()) == [] and [p.name for p in (tmp_path / "good").iterdir()] == ["images"]
     s3 = open_store(f"s3://{s3_bucket}/out")
     probe_write(s3)
     assert list(s3.list()) == []

@@ -117,6 +117,12 @@ def probe_write(store: Any) -> None:
 
     key = probe_key(secrets.token_hex(8))
     data = b"prcore write probe\n"
+    created: list[Path] = []  # a folder's root and runs/ made by the probe are removed again: nothing is left
+    if isinstance(store, LocalStore):
+        folder = store._path(key).parent
+        while not folder.exists() and folder != folder.parent:
+            created.append(folder)
+            folder = folder.parent
     try:
         store.put(key, data, content_type="text/plain")
         if store.get(key) != data:
@@ -124,6 +130,9 @@ def probe_write(store: Any) -> None:
     finally:
         with contextlib.suppress(StoreError, OSError):
             store.delete(key)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 class KeyNotFoundError(StoreError, FileNotFoundError):
