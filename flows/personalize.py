@@ -64,7 +64,8 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
                 progress_event(event="subject_leased", subject_id=job.subject_id, holder=holder)
                 return res, None
             step = "fingerprint"
-            refresh_done(store, job)  # what another run finished while we waited is not redone
+            refresh_done(store, job)  # what another run finished while we waited is not redone; damaged images are
+            res.damaged.extend(job.damaged)  # not done (made again below)
             inputs = read_subject_inputs(job)  # the instance images, read once for every step below
             made = []
             if job.todo_requests:
@@ -75,6 +76,8 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
                     step = "train"
                     lora = ensure_lora_task(inputs, store, model, fp, settings)
                     adapter = lora.adapter_name
+                    if lora.damaged:
+                        res.damaged.append(f"LoRA {fp}: {lora.damaged}")
                     res.lora_source = lora.source
                     res.model_seconds += lora.train_seconds
                     step = "sample"

@@ -391,6 +391,11 @@ def test_a_rerun_verifies_the_store_and_remakes_what_is_damaged(prefect_api, tmp
     assert state.is_completed(), state
     second = summary_of(out)
     assert (second["generated"], second["trained"], second["failed_subjects"]) == (2, 1, 0)
+    assert second["damaged"] == 2  # reported: the PNG and the LoRA (in the shard record: which and why)
+    (shard,) = (out / "runs" / second["run_id"] / "shards").glob("*.json")
+    damaged = json.loads(shard.read_text())["subjects"][0]["damaged"]
+    assert "is not the" in damaged[0] and damaged[0].startswith(truncated.relative_to(out).as_posix())
+    assert damaged[1].startswith("LoRA ") and "pytorch_lora_weights.safetensors is not the file training.json recorded" in damaged[1]
     sidecar = json.loads(truncated.with_suffix(".json").read_text())
     assert sidecar["sha256"] == hashlib.sha256(truncated.read_bytes()).hexdigest()
     record = json.loads((weights.parent / "training.json").read_text())

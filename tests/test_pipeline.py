@@ -260,7 +260,7 @@ def test_shards_records_and_failure_report(tmp_path):
     assert reports.ShardRecord.from_json(record.to_json()) == record
     assert reports.summarize([ok, bad]) | {} == {
         "subjects": 2, "failed_subjects": 1, "requests": 3, "images": 6, "generated": 3, "skipped": 1, "failed": 2,
-        "trained": 1, "model_seconds": 1.5, "qc_failed": 0, "leased": 0}
+        "trained": 1, "model_seconds": 1.5, "qc_failed": 0, "leased": 0, "damaged": 0}
     rows = reports.table_rows([ok, bad])
     assert [r["subject"] for r in rows] == ["a", "x"] and rows[1]["error"].startswith("train: training of subject")
 

@@ -97,6 +97,8 @@ class SubjectJob:
     _params: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
     _requests: list[ImageRequest] | None = field(default=None, repr=False, compare=False)
     _meta: pl.DataFrame | None = field(default=None, repr=False, compare=False)  # meta_* columns by row, shared
+    # finished images found damaged when the store was checked before the subject's work (made again)
+    damaged: list[str] = field(default_factory=list, compare=False)
 
     @property
     def n_todo(self) -> int:

@@ -38,6 +38,7 @@ class LoraInfo:
     seconds: float = 0.0  # wall time of this step
     train_seconds: float = 0.0  # time inside training steps (0 when reused)
     final_loss: float | None = None
+    damaged: str | None = None  # what was wrong with the stored copy, when it was replaced (retrained or re-uploaded)
 
     @property
     def trained(self) -> bool:
@@ -212,10 +213,11 @@ def materialize_lora(store, subject_id: str, lora_fp: str, cache_dir: Path) -> P
     return local
 
 
-def _verified_copy(store, subject_id: str, lora_fp: str, local: Path, record: bytes) -> tuple[str, str | None]:
+def _verified_copy(store, subject_id: str, lora_fp: str, local: Path, record: bytes) -> tuple[str, str | None, str | None]:
     """Make ``local`` the store's LoRA, checked against its record before use: the cached copy when it
-    is the store's and its files hash as recorded, else a fresh download. Returns (source, problem):
-    ``problem`` is None when the copy is whole, else what differs in the store's own bytes."""
+    is the store's and its files hash as recorded, else a fresh download. Returns (source, problem,
+    repaired): ``problem`` is None when the copy is whole, else what differs in the store's own bytes;
+    ``repaired`` says what was re-uploaded from this machine's verified copy."""
     if _local_matches(local, record) and lora_problem(local) is None:
         prefix = lora_prefix(subject_id, lora_fp)
         if (problem := store_listing_problem(store, prefix, record)) is not None:  # the store's copy is damaged:
@@ -223,12 +225,12 @@ def _verified_copy(store, subject_id: str, lora_fp: str, local: Path, record: by
                         subject_id, store.uri, problem)  # repaired from this machine's copy, whose bytes match the record
             store.delete(prefix + LORA_RECORD_FILE)
             _upload_lora(store, local, prefix)
-        return "cache", None
+        return "cache", None, problem
     _download_lora(store, lora_prefix(subject_id, lora_fp), local)
     problem = lora_problem(local)
     if problem is not None:
         shutil.rmtree(local, ignore_errors=True)  # never sampled with
-    return "store", problem
+    return "store", problem, None
 
 
 def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora_fp: str, base_model_id: str,
@@ -241,10 +243,12 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
     local = _local_lora_dir(cache_dir, job.subject_id, lora_fp)
 
     record = store_has_lora(store, job.subject_id, lora_fp)
+    problem = None
     if record is not None:
-        source, problem = _verified_copy(store, job.subject_id, lora_fp, local, record)
+        source, problem, repaired = _verified_copy(store, job.subject_id, lora_fp, local, record)
         if problem is None:
-            return LoraInfo(job.subject_id, lora_fp, prefix, str(local), source, seconds=time.perf_counter() - started)
+            return LoraInfo(job.subject_id, lora_fp, prefix, str(local), source, seconds=time.perf_counter() - started,
+                            damaged=repaired)
         log.warning("LoRA %s of subject %s in %s is damaged (%s): training it again and replacing it", lora_fp,
                     job.subject_id, store.uri, problem)
         store.delete(lora_record_key(job.subject_id, lora_fp))  # the folder is incomplete until the new upload ends
@@ -273,7 +277,7 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return LoraInfo(job.subject_id, lora_fp, prefix, str(local), "trained", seconds=time.perf_counter() - started,
-                    train_seconds=float(result.seconds_total), final_loss=final_loss)
+                    train_seconds=float(result.seconds_total), final_loss=final_loss, damaged=problem)
 
 
 def activate_lora(pipe, lora: LoraInfo) -> None:

@@ -361,9 +361,9 @@ def refresh_done(store, job: SubjectJob) -> SubjectJob:
 
     done, problems = verified_images(store, job.subject_id)
     wanted = {key for request in job.requests for key in request.keys}
-    for problem in problems:
-        if problem.split(":", 1)[0] in wanted:
-            logging.getLogger("prcore.pipeline").warning("subject %s: %s: making it again", job.subject_id, problem)
+    job.damaged = [p for p in problems if p.split(":", 1)[0] in wanted]
+    for problem in job.damaged:
+        logging.getLogger("prcore.pipeline").warning("subject %s: %s: making it again", job.subject_id, problem)
     n_done = 0
     for request in job.requests:
         request.done = [key in done for key in request.keys]
