@@ -254,14 +254,18 @@ class LocalStore:
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys (relative, ``/``-separated, sorted) starting with ``prefix``; temporary files are skipped."""
+        return iter([key for key, _ in self._walk(prefix, sizes=False)])
+
+    def _walk(self, prefix: str, *, sizes: bool) -> list[tuple[str, int]]:
+        """(key, size or -1) of every object under ``prefix``, sorted by key."""
         _check_prefix(prefix)
         # Walk only the deepest folder the prefix names, then filter by the remaining partial name.
         folder_part, _, _ = prefix.rpartition("/")
         start = self.root.joinpath(*folder_part.split("/")) if folder_part else self.root
         if not start.is_dir():
-            return iter(())
+            return []
         rel_start = f"{folder_part}/" if folder_part else ""
-        keys: list[str] = []
+        keys: list[tuple[str, int]] = []
         stack = [(str(start), rel_start)]
         while stack:  # iterative scandir: d_type tells folders apart without a stat per entry
             path, rel = stack.pop()
@@ -270,21 +274,19 @@ class LocalStore:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append((entry.path, f"{rel}{entry.name}/"))
                     elif not entry.name.startswith((".tmp-", ".lock-")):
-                        keys.append(rel + entry.name)
+                        try:
+                            size = entry.stat(follow_symlinks=False).st_size if sizes else -1
+                        except FileNotFoundError:  # removed meanwhile
+                            continue
+                        keys.append((rel + entry.name, size))
         if prefix and not prefix.endswith("/"):
-            keys = [k for k in keys if k.startswith(prefix)]
+            keys = [k for k in keys if k[0].startswith(prefix)]
         keys.sort()
-        return iter(keys)
+        return keys
 
     def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """:meth:`list` with each object's size (one ``stat`` per object; no ETag on a folder)."""
-        out = []
-        for key in self.list(prefix):
-            try:
-                out.append(ObjectInfo(key, self._path(key).stat().st_size))
-            except FileNotFoundError:  # deleted between the listing and the stat
-                continue
-        return iter(out)
+        """:meth:`list` with each object's size (one ``stat`` per object, in the same walk; no ETag on a folder)."""
+        return iter([ObjectInfo(key, size) for key, size in self._walk(prefix, sizes=True)])
 
     def delete(self, key: str) -> None:
         try:
