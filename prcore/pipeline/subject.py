@@ -285,13 +285,6 @@ def finished_records(store, job: SubjectJob, made_now: Sequence[ImageRecord] = (
     return out
 
 
-def subject_sidecar_keys(store, subject_id: str) -> list[str]:
-    """Every finished image of the subject in the store (its sidecar keys), whatever the manifest says now."""
-    from prcore.store.keys import parse_image_key, subject_images_prefix
-
-    return [k for k in store.list(subject_images_prefix(subject_id)) if (p := parse_image_key(k)) is not None and p.ext == "json"]
-
-
 def stored_pngs(store, subject_id: str) -> dict[str, Any]:
     """{PNG key: its ObjectInfo (size, S3 ETag)} for every image of the subject whose sidecar is in the
     store too (one listing): the candidates for "done"."""
