@@ -20,8 +20,7 @@ from prefect.runtime import flow_run as current_run
 from flows.common import SubjectsFailed, progress_event, wait_for_flow_runs
 from prcore.outputs.reports import Failure, SubjectResult, summarize, table_rows
 from prcore.pipeline.settings import FanOut, RunSettings
-from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, shard, worker_identity
-from prcore.store.storage import open_store
+from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, open_output, shard, worker_identity
 from tasks.plan import plan_task
 from tasks.report import (
     Progress,
@@ -63,9 +62,7 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
     started = time.perf_counter()
     run_id, run_date, flow_run_id = _run_identity()
     run = RunContext(run_id, run_date, worker_identity())
-    store = open_store(output)
-    if hasattr(store, "check"):
-        store.check()
+    store = open_output(output)  # reachable and writable (a probe write), before anything is planned
     if hasattr(store, "clean_stale_tmp"):  # a folder: temporary files of writes a killed run interrupted
         removed = store.clean_stale_tmp()
         if removed:

@@ -35,7 +35,7 @@ from prcore.pipeline.subject import (
     refresh_done,
     worker_identity,
 )
-from prcore.store.storage import Store, open_store
+from prcore.store.storage import Store, StoreWriteError, open_store
 from tasks.lora import ensure_lora_task
 from tasks.outputs import contact_sheet_task, write_catalog_task
 from tasks.plan import plan_task
@@ -64,7 +64,8 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
                 progress_event(event="subject_leased", subject_id=job.subject_id, holder=holder)
                 return res, None
             step = "fingerprint"
-            refresh_done(store, job)  # what another run finished while we waited is not redone
+            refresh_done(store, job)  # what another run finished while we waited is not redone; damaged images are
+            res.damaged.extend(job.damaged)  # not done (made again below)
             inputs = read_subject_inputs(job)  # the instance images, read once for every step below
             made = []
             if job.todo_requests:
@@ -75,6 +76,8 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
                     step = "train"
                     lora = ensure_lora_task(inputs, store, model, fp, settings)
                     adapter = lora.adapter_name
+                    if lora.damaged:
+                        res.damaged.append(f"LoRA {fp}: {lora.damaged}")
                     res.lora_source = lora.source
                     res.model_seconds += lora.train_seconds
                     step = "sample"
@@ -94,6 +97,8 @@ def run_subject(job: SubjectJob, *, store: Store, settings: RunSettings, run: Ru
             step = "catalog"  # last: with the dirty marker gone, the subject's derived outputs match its images
             write_catalog_task(store, inputs, made)
             clear_dirty(store, job.subject_id)
+    except StoreWriteError:  # disk full / permissions: every later write would fail too; stop the run
+        raise
     except Exception as exc:
         failure = failure_from(exc, subject_id=job.subject_id, step=step, run_id=run.run_id, shard=shard_index)
         res.error, res.step = failure.error, step

@@ -125,3 +125,18 @@ def test_real_entry_point_reports_bad_prompt(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: prompt 'no placeholder' has no {subject} placeholder") and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_takes_no_writes_is_refused_before_the_model_loads(app, model_and_lora, tmp_path):
+    """--out under a file: a real probe write fails at once (one line, exit 2), not after sampling."""
+    import time
+
+    model, lora = model_and_lora
+    afile = tmp_path / "a-file"
+    afile.write_bytes(b"keep")
+    started = time.monotonic()
+    result = invoke(app, *base_args(model, lora, afile / "out"))
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith(f"error: --out {afile / 'out'}: cannot write") and "is a file, not a folder" in err and "\n" not in err
+    assert "Traceback" not in result.output and time.monotonic() - started < 10 and afile.read_bytes() == b"keep"

@@ -362,3 +362,91 @@ def test_killed_prcore_run_leaves_no_process_behind(tmp_path, tiny_sd_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def test_a_rerun_verifies_the_store_and_remakes_what_is_damaged(prefect_api, tmp_path, tiny_sd_path):
+    """The three damages of issue 21 at once, rerun on another machine (empty LoRA cache) with one more image
+    asked for: a truncated PNG whose sidecar remains is made again; a LoRA whose stored weights had bits
+    flipped is never sampled with, it is trained again and replaced; an unreadable catalogue file does not
+    crash the run, it is rebuilt with one row per image from the sidecars."""
+    import hashlib
+
+    import polars as pl
+
+    model = str(tiny_sd_path)
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1, num_images=2, steps=2), subjects=1)
+    out = tmp_path / "out"
+    assert run_flow(manifest, out, model, tmp_path / "cacheA").is_completed()
+    pngs = sorted((out / "images").rglob("*.png"))
+    truncated = pngs[0]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (weights,) = (out / "loras").rglob("pytorch_lora_weights.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    weights.write_bytes(bytes(data))
+    (out / "catalog" / "s0.parquet").write_bytes(b"PAR1 this is not a catalogue PAR1")
+    pl.DataFrame(manifest_rows(1, prompts=1, num_images=3, steps=2)).write_parquet(manifest)
+
+    state = run_flow(manifest, out, model, tmp_path / "cacheB")
+    assert state.is_completed(), state
+    second = summary_of(out)
+    assert (second["generated"], second["trained"], second["failed_subjects"]) == (2, 1, 0)
+    assert second["damaged"] == 2  # reported: the PNG and the LoRA (in the shard record: which and why)
+    (shard,) = (out / "runs" / second["run_id"] / "shards").glob("*.json")
+    damaged = json.loads(shard.read_text())["subjects"][0]["damaged"]
+    assert "is not the" in damaged[0] and damaged[0].startswith(truncated.relative_to(out).as_posix())
+    assert damaged[1].startswith("LoRA ") and "pytorch_lora_weights.safetensors is not the file training.json recorded" in damaged[1]
+    sidecar = json.loads(truncated.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256(truncated.read_bytes()).hexdigest()
+    record = json.loads((weights.parent / "training.json").read_text())
+    assert record["files"][weights.name]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    _assert_catalog_true(out)
+    assert _catalog(out).height == 3
+
+
+def test_prcore_run_refuses_an_output_root_that_takes_no_writes_in_seconds(tmp_path, tiny_sd_path):
+    """An output root that is a file (or under one): one line, exit 2, before the model is loaded or the
+    manifest planned (a real probe write), the file untouched."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from prcore.cli import build_app
+
+    app = build_app("run", "demo")
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1), subjects=1)
+    afile = tmp_path / "out.bin"
+    afile.write_bytes(b"keep me")
+    for root in (afile, afile / "sub"):
+        started = time.monotonic()
+        done = CliRunner().invoke(app, ["run", str(manifest), "--output", str(root), "--model", str(tiny_sd_path)])
+        assert done.exit_code == 2, done.output
+        assert done.stderr.startswith(f"error: --output {root}: cannot write") and "is a file, not a folder" in done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.output
+        assert time.monotonic() - started < 10
+    assert afile.read_bytes() == b"keep me"
+
+
+def test_prcore_run_stops_at_a_write_the_store_refuses_mid_run_with_one_line_exit_2(tmp_path, tiny_sd_path):
+    """A write refused after planning (here the images folder is a file, as a full disk or a permission
+    change refuses it): the run stops with one line and exit 2, no traceback; what was finished is kept."""
+    from typer.testing import CliRunner
+
+    from prcore.cli import build_app
+
+    app = build_app("run", "demo")
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1, num_images=1, steps=2), subjects=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images").write_bytes(b"in the way")
+    done = CliRunner().invoke(app, ["run", str(manifest), "--output", str(out), "--model", str(tiny_sd_path),
+                                    "--train-steps", "2", "--device", "cpu", "--dtype", "float32",
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert done.exit_code == 2, done.output
+    assert "Traceback" not in done.output
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot write 'images/s0/" in errors[0] and "is a file, not a folder" in errors[0], done.stderr
+    assert sum("cannot write" in line for line in done.stderr.splitlines()) == 1, done.stderr  # no echo of Prefect's
+    assert (out / "images").read_bytes() == b"in the way"
+    assert list((out / "loras").rglob("training.json"))  # the LoRA trained before the refusal is kept
+    assert not list(out.rglob(".tmp-*"))

@@ -260,7 +260,7 @@ def test_shards_records_and_failure_report(tmp_path):
     assert reports.ShardRecord.from_json(record.to_json()) == record
     assert reports.summarize([ok, bad]) | {} == {
         "subjects": 2, "failed_subjects": 1, "requests": 3, "images": 6, "generated": 3, "skipped": 1, "failed": 2,
-        "trained": 1, "model_seconds": 1.5, "qc_failed": 0, "leased": 0}
+        "trained": 1, "model_seconds": 1.5, "qc_failed": 0, "leased": 0, "damaged": 0}
     rows = reports.table_rows([ok, bad])
     assert [r["subject"] for r in rows] == ["a", "x"] and rows[1]["error"].startswith("train: training of subject")
 
@@ -377,3 +377,123 @@ def test_a_subjects_requests_share_denoising_loops_and_draw_what_each_draws_alon
                                 lora_fp=lora.lora_fp, base_model=setup["model"])
     finally:
         L.deactivate_lora(pipe, lora.adapter_name)
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    """The same bytes with one bit flipped at ``at`` (same size: only a checksum can tell)."""
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_damaged_image_is_not_done_and_is_made_again(setup, tmp_path, where, request):
+    """A finished image counts as done only while its stored PNG is the file its sidecar recorded: a
+    truncated PNG (size, both stores), a same-size bit flip (S3: the listing's ETag is the MD5 the sidecar
+    recorded), a PNG deleted under its sidecar; the catalogue of such a subject is no longer current and is
+    rewritten with only the images that are whole. Checked from one listing + the catalogue, no PNG read."""
+    from prcore_testing import record_for
+
+    from prcore.outputs.sidecar import write_image
+
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        store = open_store(f"s3://{request.getfixturevalue('s3_bucket')}/out")
+    else:
+        store = open_store(str(tmp_path / "out"))
+    job = plan(setup, store)[0]
+    keys = [k for r in job.requests for k in r.keys]
+    for r in job.requests:
+        for i in range(r.num_images):
+            write_image(store, record_for(r, i, lora_fp="0" * 16), Image.open(io.BytesIO(subject_image(3 + i))))
+    S.write_subject_catalog(store, plan(setup, store)[0])
+    assert S.catalog_is_current(store, "s0")
+
+    truncated, deleted = keys[0], keys[1]
+    store.put(truncated, store.get(truncated)[:100])  # a PNG cut short, its sidecar still there
+    assert not S.catalog_is_current(store, "s0")
+    job = S.refresh_done(store, plan(setup, store)[0])
+    assert [k for r in job.requests for k, d in zip(r.keys, r.done, strict=True) if not d] == [truncated]
+    assert job.n_done == len(keys) - 1
+
+    store.delete(deleted)  # the PNG gone, its sidecar left: not done, already at planning (listing only)
+    job = plan(setup, store)[0]
+    assert not job.requests[0].done[1] and S.refresh_done(store, job).requests[0].done[:2] == [False, False]
+    S.write_subject_catalog(store, job)
+    import polars as pl
+
+    cat = pl.read_parquet(io.BytesIO(store.get("catalog/s0.parquet")))
+    assert sorted(cat["key"].to_list()) == sorted(keys[2:])
+    assert not S.catalog_is_current(store, "s0")  # the damaged image is still work left
+    r = job.requests[0]
+    for i in (0, 1):  # made again (replacing the bad bytes), then the catalogue: current again
+        write_image(store, record_for(r, i, lora_fp="0" * 16), Image.open(io.BytesIO(subject_image(3 + i))))
+    S.write_subject_catalog(store, S.refresh_done(store, plan(setup, store)[0]))
+    assert S.catalog_is_current(store, "s0") and S.verified_images(store, "s0") == (set(keys), [])
+
+    if where == "s3":  # same size, one bit changed: the ETag (MD5) no longer matches the recorded md5
+        flipped = keys[2]
+        store.put(flipped, _flip(store.get(flipped), 60))
+        assert not S.catalog_is_current(store, "s0")
+        assert flipped not in S.verified_images(store, "s0")[0]
+
+
+def test_a_damaged_catalogue_file_is_detected_and_rebuilt_from_the_sidecars(setup, tmp_path):
+    """Catalogue files carry Parquet page checksums: garbage or one flipped bit is a CatalogCorruptError
+    naming the file (never a traceback of the run, never silently fewer rows); the subject is not current,
+    and its file is rebuilt with one row per image from the sidecars."""
+    import polars as pl
+    from prcore_testing import record_for
+
+    from prcore.outputs.catalog import CatalogCorruptError, read_catalog, read_subject_catalog
+    from prcore.outputs.sidecar import write_image
+
+    store = open_store(str(tmp_path / "out"))
+    job = plan(setup, store)[0]
+    for r in job.requests:
+        for i in range(r.num_images):
+            write_image(store, record_for(r, i), Image.open(io.BytesIO(subject_image(5 + i))))
+    key = S.write_subject_catalog(store, plan(setup, store)[0])
+    good = store.get(key)
+    n = sum(r.num_images for r in job.requests)
+    for bad in (b"not parquet at all", good[: len(good) // 2], _flip(good, 40), _flip(good, 200)):
+        store.put(key, bad)
+        with pytest.raises(CatalogCorruptError, match="catalog/s0.parquet is damaged"):
+            read_subject_catalog(store, "s0")
+        with pytest.raises(CatalogCorruptError, match="rebuilds it"):
+            read_catalog(store)
+        assert not S.catalog_is_current(store, "s0")
+        S.write_subject_catalog(store, plan(setup, store)[0])
+        assert read_subject_catalog(store, "s0").height == n and S.catalog_is_current(store, "s0")
+    assert pl.read_parquet(io.BytesIO(store.get(key))).height == n  # still plain Parquet for every reader
+
+
+def test_a_damaged_lora_is_never_used_it_is_trained_again_once(setup, tmp_path):
+    """training.json records every LoRA file's sha256 and size; before sampling, the copy is hashed against
+    it. A bit flipped in the store's weights: not downloaded into use but trained again and replaced (the
+    store then holds a whole LoRA); a damaged local cache copy: downloaded again from the store;
+    materialize_lora refuses a damaged store copy with one error."""
+    store = open_store(str(tmp_path / "out"))
+    inputs = S.read_subject_inputs(plan(setup, store)[0])
+    first = lora_for(setup, inputs, store, tmp_path / "cacheA")
+    weights_key = f"loras/s0/{first.lora_fp}/pytorch_lora_weights.safetensors"
+    record = json.loads(store.get(f"loras/s0/{first.lora_fp}/training.json"))
+    assert record["files"]["pytorch_lora_weights.safetensors"]["sha256"] == hashlib.sha256(store.get(weights_key)).hexdigest()
+
+    local = Path(first.local_dir) / "pytorch_lora_weights.safetensors"
+    local.write_bytes(_flip(local.read_bytes(), len(local.read_bytes()) - 10))  # this machine's copy damaged
+    again = lora_for(setup, inputs, store, tmp_path / "cacheA")
+    assert again.source == "store" and L.lora_problem(Path(again.local_dir)) is None
+
+    good = store.get(weights_key)
+    store.put(weights_key, good[:1000])  # the store's copy cut short, this machine's copy whole: the listing
+    assert lora_for(setup, inputs, store, tmp_path / "cacheA").source == "cache"  # (size) tells; re-uploaded from
+    assert store.get(weights_key) == good  # the verified local copy
+    store.put(weights_key, _flip(good, len(good) - 10))  # the store's copy damaged (same size)
+    with pytest.raises(ValueError, match="is damaged: pytorch_lora_weights.safetensors is not the file"):
+        L.materialize_lora(store, "s0", first.lora_fp, tmp_path / "cacheB")
+    assert not (tmp_path / "cacheB" / "loras" / "s0" / first.lora_fp).exists()
+    repaired = lora_for(setup, inputs, store, tmp_path / "cacheB")
+    assert repaired.source == "trained" and repaired.lora_fp == first.lora_fp
+    assert L.lora_problem(Path(repaired.local_dir)) is None
+    record = json.loads(store.get(f"loras/s0/{first.lora_fp}/training.json"))
+    assert record["files"]["pytorch_lora_weights.safetensors"]["sha256"] == hashlib.sha256(store.get(weights_key)).hexdigest()
+    assert lora_for(setup, inputs, store, tmp_path / "cacheC").source == "store"  # whole again: reused, not retrained

@@ -171,12 +171,26 @@ def test_s3_bad_credentials_message_names_bucket_not_secret(s3_auth_server, monk
     assert not is_transient(info.value)
 
 
-def test_unreachable_endpoint_is_transient():
-    store = open_store("s3://bucket/p", endpoint_url="http://127.0.0.1:9", max_attempts=1, retry_mode="standard",
-                       retry_budget_s=0)  # no store-level retries: the error itself is under test
-    with pytest.raises(TransientStoreError, match="AWS_ENDPOINT_URL") as info:
-        store.exists("a.txt")
-    assert is_transient(info.value)
+def test_a_refused_endpoint_fails_in_seconds_before_any_call_succeeded(monkeypatch):
+    """A typo'd port (connection refused at the very start) is a configuration error: one StoreError naming
+    the endpoint in seconds, not the retry budget meant for outages after the first successful call
+    (that case: test_s3_outage_mid_call_is_retried_until_the_endpoint_returns)."""
+    import socket
+    import time
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = open_store("s3://bucket/p", endpoint_url=f"http://127.0.0.1:{port}", retry_budget_s=20)  # default retries
+    for call in (store.check, lambda: store.exists("a.txt"), lambda: store.put("a.txt", b"x")):
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"endpoint http://127.0.0.1:{port}.*AWS_ENDPOINT_URL") as info:
+            call()
+        assert time.monotonic() - started < 5
+        assert not is_transient(info.value) and str(info.value).count("\n") == 0
 
 
 def test_read_uri_bytes_local_file_and_s3(tmp_path, s3_server, s3_bucket):
@@ -288,7 +302,6 @@ def test_s3_endpoint_away_then_back_is_retried_within_the_budget(s3_server, s3_b
 
     from prefect_harness import free_port
 
-    from prcore.store.storage import TransientStoreError
 
     port = free_port()
     gate = _Gate(port, urlparse(s3_server).port)
@@ -306,8 +319,9 @@ def test_s3_endpoint_away_then_back_is_retried_within_the_budget(s3_server, s3_b
         reopen.join()
         assert waited >= 3.5 and store.get("b.json") == b"2"
 
-        gate.close()
         short = open_store(f"s3://{s3_bucket}/out", endpoint_url=endpoint, max_attempts=2, retry_budget_s=3, retry_max_delay_s=1)
+        assert short.exists("b.json")  # a first call succeeded: from now on an endpoint away is an outage
+        gate.close()
         started = time.monotonic()
         with pytest.raises(TransientStoreError, match="cannot connect"):
             short.get("b.json")
@@ -339,3 +353,53 @@ def test_output_root_inside_an_s3_manifest_prefix_is_not_read_as_manifests(s3_se
     for key in ("in/out/catalog/s.parquet", "in/out/runs/r1/scores.parquet", "in/out/images/s/p/0123456789abcdef/0.json"):
         client.put_object(Bucket=s3_bucket, Key=key, Body=b"not a manifest")
     assert load_manifest(f"s3://{s3_bucket}/in").files == [f"s3://{s3_bucket}/in/m.parquet"]
+
+
+def test_probe_write_refuses_an_output_root_that_takes_no_writes_and_leaves_nothing(tmp_path, s3_server, s3_bucket):
+    """The output root is checked with a real write, read back and delete: a root that is a file, or lies
+    under one, is one StoreWriteError; a good root (folder, S3) keeps nothing of the probe."""
+    from prcore.store.storage import StoreWriteError, probe_write
+
+    afile = tmp_path / "out.txt"
+    afile.write_bytes(b"not a folder")
+    for root in (afile, afile / "sub"):
+        with pytest.raises(StoreWriteError, match="is a file, not a folder") as info:
+            probe_write(open_store(str(root)))
+        assert str(info.value).count("\n") == 0
+    assert afile.read_bytes() == b"not a folder"
+
+    probe_write(open_store(str(tmp_path / "new" / "root")))  # folders the probe made are removed again
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "good" / "images").mkdir(parents=True)
+    good = open_store(str(tmp_path / "good"))
+    probe_write(good)
+    assert list(good.list()) == [] and [p.name for p in (tmp_path / "good").iterdir()] == ["images"]
+    s3 = open_store(f"s3://{s3_bucket}/out")
+    probe_write(s3)
+    assert list(s3.list()) == []
+
+
+_FSIZE_CHILD = r"""
+import resource, signal, sys
+from prcore.store.storage import StoreWriteError, open_store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # the kernel then fails the write with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a 'disk' that takes 4 KiB per file
+store = open_store(sys.argv[1])
+store.put("images/s/ok.png", b"x" * 100)
+try:
+    store.put("images/s/big.png", b"y" * 100_000)
+except StoreWriteError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_a_write_the_disk_refuses_is_one_line_and_leaves_no_partial_file(tmp_path):
+    """A real write failure from the kernel (RLIMIT_FSIZE: EFBIG past 4 KiB, as ENOSPC on a full disk):
+    one StoreWriteError line, no temporary or partial file left, the object written before kept."""
+    done = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=60, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith("REFUSED cannot write 'images/s/big.png'") and "too large" in line and "\n" not in line
+    files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["ok.png"]

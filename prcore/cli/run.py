@@ -119,8 +119,13 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     from prcore.data.validate import base_model_problem, validate
     from prcore.method.models import default_device, resolve_dtype
     from prcore.pipeline.models import default_model_id, resolve_model
-    from prcore.store.storage import StoreError, open_store
+    from prcore.pipeline.subject import open_output
+    from prcore.store.storage import StoreError
 
+    try:  # first, in seconds: the output root takes writes (a real probe write), before any model or plan
+        store = open_output(output)
+    except StoreError as exc:
+        raise UserError(f"--output {output}: {exc}") from None
     try:
         resolve_dtype(settings.placement.dtype, settings.placement.device or default_device())
     except ValueError as exc:
@@ -139,12 +144,6 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     else:
         model = default_model_id()
         resolve_model(model, settings.cache_path())  # builds the tiny pipeline once, before Prefect starts
-    try:
-        store = open_store(output)
-        if hasattr(store, "check"):
-            store.check()
-    except StoreError as exc:
-        raise UserError(f"--output {output}: {exc}") from None
     loaded = load_manifest(manifest)
     errors = validate(loaded, check_images=False)
     if errors:
@@ -155,6 +154,14 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     plan_jobs(manifest, store, model_id=model, defaults=settings.generation, check_images=settings.check_images,
               cache_dir=settings.cache_path())
     return settings.model_copy(update={"model": model, "check_images": False})  # images checked: once is enough
+
+
+def _no_store_write_traceback(record: logging.LogRecord) -> bool:
+    """Drop Prefect's traceback of a run stopped by a refused write: the CLI prints it as one line."""
+    from prcore.store.storage import StoreWriteError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, StoreWriteError) and "StoreWriteError" not in record.getMessage()
 
 
 def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut | None = None, *,
@@ -191,17 +198,26 @@ def run_batch(manifest: str, output: str, settings: RunSettings, fan_out: FanOut
 
     finished = _Finished(logging.INFO)
     plog.addHandler(finished)
+    prefect_logs = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for lg in prefect_logs:
+        lg.addFilter(_no_store_write_traceback)
     try:
         with progress:
             state = nightly_batch(manifest=manifest, output=output, settings=settings, fan_out=fan_out, return_state=True)
     finally:
         plog.removeHandler(handler)
         plog.removeHandler(finished)
+        for lg in prefect_logs:
+            lg.removeFilter(_no_store_write_traceback)
     ok = state.is_completed()
     error = None
     if not ok:
+        from prcore.store.storage import StoreWriteError
+
         try:
             state.result(raise_on_failure=True)
+        except StoreWriteError:  # disk full / permission denied mid-run: one line, exit 2 (finished outputs kept)
+            raise
         except Exception as exc:  # the flow's own one-line failure message
             error = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
     return RunOutcome(ok=ok, run_id=summary.get("run_id"), output=output, summary=summary, error=error,

@@ -89,6 +89,7 @@ def sample_command(
             raise UserError(f"{out} already holds {', '.join(existing)}; choose another --out or --seed (finished images are never overwritten)")
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder")
+        _check_writable(out)
 
         from prcore.method.accel import UNetOptions, configure_unet
         from prcore.method.models import load_pipeline
@@ -124,6 +125,16 @@ def sample_command(
         _write_atomic(out / f"{name}.json", sidecar_bytes(record))
         typer.echo(str(out / f"{name}.png"))
     typer.echo(f"wrote {num_images} image(s) to {out} in {result.seconds:.1f}s", err=True)
+
+
+def _check_writable(out: Path) -> None:
+    """A real probe write (and delete) in ``--out`` before the model loads: one line, exit 2, when refused."""
+    from prcore.store.storage import LocalStore, StoreError, probe_write
+
+    try:
+        probe_write(LocalStore(out))
+    except StoreError as exc:
+        raise UserError(f"--out {out}: {exc}") from None
 
 
 def register(app: typer.Typer) -> None:

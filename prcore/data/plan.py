@@ -97,6 +97,8 @@ class SubjectJob:
     _params: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
     _requests: list[ImageRequest] | None = field(default=None, repr=False, compare=False)
     _meta: pl.DataFrame | None = field(default=None, repr=False, compare=False)  # meta_* columns by row, shared
+    # finished images found damaged when the store was checked before the subject's work (made again)
+    damaged: list[str] = field(default_factory=list, compare=False)
 
     @property
     def n_todo(self) -> int:
@@ -150,7 +152,8 @@ def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int 
     """Done images in ``store``: (subject_id, prompt_id, req_fp, index) for every sidecar found.
 
     Lists ``images/{subject_id}/`` per subject when there are few subjects, else ``images/`` once;
-    a PNG without its JSON sidecar is not done.
+    a PNG without its JSON sidecar is not done, nor is a sidecar whose PNG is gone. Whether a listed PNG
+    is the file its sidecar recorded is checked per subject before its work (``prcore.pipeline.subject``).
     """
     if len(subject_ids) <= per_subject_limit:
         listed: list[str] = []
@@ -159,7 +162,9 @@ def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int 
     else:
         listed = list(store.list(f"{keys.IMAGES_PREFIX}/"))
     parts = pl.Series("key", listed, dtype=pl.String).str.extract_groups(keys.IMAGE_KEY_PATTERN).struct.unnest()
-    return parts.filter(pl.col("ext") == "json").select(
+    image = ["subject_id", "prompt_id", "req_fp", "index"]
+    pngs = parts.filter(pl.col("ext") == "png").select(image)
+    return parts.filter(pl.col("ext") == "json").join(pngs, on=image, how="semi").select(
         pl.col("subject_id"),
         pl.col("prompt_id").alias("__pid"),
         pl.col("req_fp").alias("__req_fp"),

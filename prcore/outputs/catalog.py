@@ -53,6 +53,38 @@ def catalog_frame(records: Iterable[ImageRecord]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=CATALOG_SCHEMA)
 
 
+class CatalogCorruptError(ValueError):
+    """A catalogue file that does not read back (bytes changed since written: a page checksum fails, or not
+    Parquet at all). The next ``prcore run`` rebuilds it from the sidecars."""
+
+
+def catalog_bytes(frame: pl.DataFrame) -> bytes:
+    """The Parquet bytes of a catalogue frame, with a CRC32 checksum on every data page (Parquet's own
+    integrity field, verified by :func:`parse_catalog`)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(frame.to_arrow(), buf, compression="zstd", write_page_checksum=True)
+    return buf.getvalue()
+
+
+def parse_catalog(data: bytes, key: str) -> pl.DataFrame:
+    """A catalogue file's frame, every page checksum verified; :class:`CatalogCorruptError` when the bytes
+    are not the file that was written."""
+    import pyarrow.parquet as pq
+
+    try:
+        frame = pl.from_arrow(pq.read_table(io.BytesIO(data), page_checksum_verification=True))
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+        raise CatalogCorruptError(f"catalogue file {key} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                                  "the next prcore run rebuilds it from the image sidecars") from None
+    assert isinstance(frame, pl.DataFrame)
+    missing = [c for c in ("key", "sha256", "bytes") if c not in frame.columns]
+    if missing:
+        raise CatalogCorruptError(f"catalogue file {key} lacks the column(s) {missing}; the next prcore run rebuilds it")
+    return frame
+
+
 def write_catalog(store: Any, subject_id: str, records: Iterable[ImageRecord]) -> str:
     """Replace the subject's catalogue file with ``records`` (one row per key: a key given twice keeps
     its last record); returns the key. Files of the old layout for the subject are removed after."""
@@ -62,10 +94,8 @@ def write_catalog(store: Any, subject_id: str, records: Iterable[ImageRecord]) -
             raise ValueError(f"record of subject {record.subject_id!r} in the catalogue of {subject_id!r}")
         by_key[record.key] = record
     key = catalog_key(subject_id)
-    buf = io.BytesIO()
     rows = sorted(by_key.values(), key=lambda r: (r.prompt_id, r.req_fp, r.index))
-    catalog_frame(rows).write_parquet(buf, compression="zstd")
-    store.put(key, buf.getvalue(), content_type="application/vnd.apache.parquet")
+    store.put(key, catalog_bytes(catalog_frame(rows)), content_type="application/vnd.apache.parquet")
     for old in list(store.list(f"{CATALOG_PREFIX}/run_date=")):
         if legacy_catalog_key(old) == subject_id:
             store.delete(old)
@@ -73,18 +103,21 @@ def write_catalog(store: Any, subject_id: str, records: Iterable[ImageRecord]) -
 
 
 def read_subject_catalog(store: Any, subject_id: str) -> pl.DataFrame | None:
-    """The subject's catalogue file, or None when it has none."""
+    """The subject's catalogue file, or None when it has none; :class:`CatalogCorruptError` when it is damaged."""
     from prcore.store.storage import KeyNotFoundError
 
+    key = catalog_key(subject_id)
     try:
-        return pl.read_parquet(io.BytesIO(store.get(catalog_key(subject_id))))
+        data = store.get(key)
     except KeyNotFoundError:
         return None
+    return parse_catalog(data, key)
 
 
 def read_catalog(store: Any) -> pl.DataFrame:
-    """The whole catalogue of ``store`` as one frame (files of the old layout are not read)."""
+    """The whole catalogue of ``store`` as one frame (files of the old layout are not read); a damaged
+    file is :class:`CatalogCorruptError` naming it, never a silent gap."""
     found = sorted(k for k in store.list(f"{CATALOG_PREFIX}/") if catalog_subject(k) is not None)
     if not found:
         return pl.DataFrame(schema=CATALOG_SCHEMA)
-    return pl.concat([pl.read_parquet(io.BytesIO(store.get(k))) for k in found], how="vertical_relaxed")
+    return pl.concat([parse_catalog(store.get(k), k) for k in found], how="vertical_relaxed")

@@ -35,6 +35,7 @@ class SubjectResult:
     step: str | None = None
     worker: dict[str, Any] = field(default_factory=dict)
     leased_by: str | None = None  # skipped: this run id held the subject's lease (it does the work)
+    damaged: list[str] = field(default_factory=list)  # stored files found damaged before use, and remade
 
     @property
     def ok(self) -> bool:
@@ -121,6 +122,7 @@ def summarize(results: Sequence[SubjectResult]) -> dict[str, Any]:
         "model_seconds": round(sum(r.model_seconds for r in results), 3),
         "qc_failed": sum(r.qc_failed for r in results),
         "leased": sum(1 for r in results if r.leased_by),
+        "damaged": sum(len(r.damaged) for r in results),  # stored files that did not match their record: remade
     }
 
 

@@ -87,6 +87,7 @@ class ImageRecord:
     # the file
     sha256: str | None = None
     bytes: int | None = None
+    md5: str | None = None  # what S3 lists as the ETag of a single-part upload: checked on rerun without a download
     code_version: str = field(default_factory=code_version)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     sidecar_version: int = SIDECAR_VERSION
@@ -153,9 +154,11 @@ def read_png_parameters(data: bytes) -> dict[str, Any]:
 
 def encode_image(record: ImageRecord, image: Any) -> tuple[bytes, ImageRecord]:
     """The PNG bytes (parameters chunk = the record without sha256/bytes) and the completed record."""
-    parameters = {k: v for k, v in record.to_dict().items() if k not in ("sha256", "bytes")}
+    import hashlib
+
+    parameters = {k: v for k, v in record.to_dict().items() if k not in ("sha256", "bytes", "md5")}
     data = encode_png(image, parameters)
-    return data, replace(record, sha256=sha256_bytes(data), bytes=len(data))
+    return data, replace(record, sha256=sha256_bytes(data), bytes=len(data), md5=hashlib.md5(data, usedforsecurity=False).hexdigest())
 
 
 def sidecar_bytes(record: ImageRecord) -> bytes:
@@ -174,6 +177,21 @@ def write_image(store: Any, record: ImageRecord, image: Any) -> ImageRecord:
 
 def read_sidecar(store: Any, png_key: str) -> ImageRecord:
     return ImageRecord.from_dict(json.loads(store.get(sidecar_key_for(png_key))))
+
+
+def png_matches(record: ImageRecord, size: int, etag_md5: str | None = None) -> bool:
+    """Whether a stored PNG, as a listing describes it (``size``; on S3 the ETag's MD5 when it is one),
+    is the file the sidecar recorded. Unknown values (an old sidecar, a folder's listing) are not compared."""
+    if record.bytes is not None and size >= 0 and size != record.bytes:
+        return False
+    return not (record.md5 and etag_md5 and etag_md5 != record.md5)
+
+
+def verify_png(record: ImageRecord, data: bytes) -> str | None:
+    """None when ``data`` is the PNG the sidecar recorded (sha256), else what differs (for a message)."""
+    if record.sha256 is not None and sha256_bytes(data) != record.sha256:
+        return f"{record.key}: {len(data)} bytes whose sha256 is not the {record.bytes} bytes its sidecar recorded"
+    return None
 
 
 def update_sidecar(store: Any, record: ImageRecord, **changes: Any) -> ImageRecord:

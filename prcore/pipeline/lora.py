@@ -38,6 +38,7 @@ class LoraInfo:
     seconds: float = 0.0  # wall time of this step
     train_seconds: float = 0.0  # time inside training steps (0 when reused)
     final_loss: float | None = None
+    damaged: str | None = None  # what was wrong with the stored copy, when it was replaced (retrained or re-uploaded)
 
     @property
     def trained(self) -> bool:
@@ -93,6 +94,76 @@ def _download_lora(store, prefix: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _md5_file(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+
+
+def store_listing_problem(store, prefix: str, record: bytes) -> str | None:
+    """What the store's listing of a LoRA folder (one LIST: sizes; on S3 the ETag, the MD5 of a single-part
+    upload) says differs from the files ``training.json`` recorded, or None. No download."""
+    import json
+
+    from prcore.store.storage import list_info
+
+    try:
+        files = json.loads(record).get("files")
+    except ValueError:
+        return f"{LORA_RECORD_FILE} does not read"
+    if not isinstance(files, dict):
+        return None
+    listed = {info.key[len(prefix):]: info for info in list_info(store, prefix)}
+    for rel, want in sorted(files.items()):
+        info = listed.get(rel)
+        if info is None:
+            return f"{rel} is missing in the store"
+        if (info.size >= 0 and info.size != want.get("bytes")) or (info.md5 and want.get("md5") and info.md5 != want["md5"]):
+            return f"{rel} in the store is not the file {LORA_RECORD_FILE} recorded (size or MD5 differs)"
+    return None
+
+
+def record_file_hashes(local: Path) -> None:
+    """Write into the folder's ``training.json`` the sha256 and size of every other file of the LoRA
+    (``files``): what a machine checks before it samples with a copy (:func:`lora_problem`)."""
+    import json
+
+    record_path = local / LORA_RECORD_FILE
+    record = json.loads(record_path.read_text())
+    record["files"] = {p.relative_to(local).as_posix(): {"sha256": _sha256_file(p), "bytes": p.stat().st_size,
+                                                         "md5": _md5_file(p)}
+                       for p in sorted(local.rglob("*")) if p.is_file() and p.name != LORA_RECORD_FILE}
+    record_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def lora_problem(local: Path) -> str | None:
+    """None when every file ``training.json`` lists (``files``) is in ``local`` with its recorded size and
+    sha256, else what differs. A record of an earlier version (no ``files``) cannot be checked: None."""
+    import json
+
+    try:
+        files = json.loads((local / LORA_RECORD_FILE).read_text()).get("files")
+    except (OSError, ValueError) as exc:
+        return f"{LORA_RECORD_FILE} does not read ({type(exc).__name__})"
+    if not isinstance(files, dict):
+        return None
+    for rel, want in sorted(files.items()):
+        path = local.joinpath(*str(rel).split("/"))
+        if ".." in str(rel).split("/") or not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want.get("bytes") or _sha256_file(path) != want.get("sha256"):
+            return f"{rel} is not the file {LORA_RECORD_FILE} recorded (sha256 differs)"
+    return None
+
+
 def _upload_lora(store, local: Path, prefix: str) -> None:
     """Upload a LoRA folder, the record last so a half-uploaded LoRA is never reused."""
     files = sorted(p for p in local.rglob("*") if p.is_file())
@@ -135,9 +206,31 @@ def materialize_lora(store, subject_id: str, lora_fp: str, cache_dir: Path) -> P
     record = store_has_lora(store, subject_id, lora_fp)
     if record is None:
         raise FileNotFoundError(f"LoRA {lora_fp} of subject {subject_id!r} is not (complete) in {store.uri}/{lora_prefix(subject_id, lora_fp)}")
-    if not _local_matches(local, record):
-        _download_lora(store, lora_prefix(subject_id, lora_fp), local)
+    problem = _verified_copy(store, subject_id, lora_fp, local, record)[1]
+    if problem is not None:
+        raise ValueError(f"LoRA {lora_fp} of subject {subject_id!r} in {store.uri} is damaged: {problem}; "
+                         "prcore run trains it again")
     return local
+
+
+def _verified_copy(store, subject_id: str, lora_fp: str, local: Path, record: bytes) -> tuple[str, str | None, str | None]:
+    """Make ``local`` the store's LoRA, checked against its record before use: the cached copy when it
+    is the store's and its files hash as recorded, else a fresh download. Returns (source, problem,
+    repaired): ``problem`` is None when the copy is whole, else what differs in the store's own bytes;
+    ``repaired`` says what was re-uploaded from this machine's verified copy."""
+    if _local_matches(local, record) and lora_problem(local) is None:
+        prefix = lora_prefix(subject_id, lora_fp)
+        if (problem := store_listing_problem(store, prefix, record)) is not None:  # the store's copy is damaged:
+            log.warning("LoRA %s of subject %s in %s: %s; uploading this machine's verified copy again", lora_fp,
+                        subject_id, store.uri, problem)  # repaired from this machine's copy, whose bytes match the record
+            store.delete(prefix + LORA_RECORD_FILE)
+            _upload_lora(store, local, prefix)
+        return "cache", None, problem
+    _download_lora(store, lora_prefix(subject_id, lora_fp), local)
+    problem = lora_problem(local)
+    if problem is not None:
+        shutil.rmtree(local, ignore_errors=True)  # never sampled with
+    return "store", problem, None
 
 
 def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora_fp: str, base_model_id: str,
@@ -150,12 +243,15 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
     local = _local_lora_dir(cache_dir, job.subject_id, lora_fp)
 
     record = store_has_lora(store, job.subject_id, lora_fp)
+    problem = None
     if record is not None:
-        source = "cache"
-        if not _local_matches(local, record):
-            _download_lora(store, prefix, local)
-            source = "store"
-        return LoraInfo(job.subject_id, lora_fp, prefix, str(local), source, seconds=time.perf_counter() - started)
+        source, problem, repaired = _verified_copy(store, job.subject_id, lora_fp, local, record)
+        if problem is None:
+            return LoraInfo(job.subject_id, lora_fp, prefix, str(local), source, seconds=time.perf_counter() - started,
+                            damaged=repaired)
+        log.warning("LoRA %s of subject %s in %s is damaged (%s): training it again and replacing it", lora_fp,
+                    job.subject_id, store.uri, problem)
+        store.delete(lora_record_key(job.subject_id, lora_fp))  # the folder is incomplete until the new upload ends
 
     from prcore.method.dco import train_subject_lora
 
@@ -173,6 +269,7 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
         if final_loss is not None and not math.isfinite(final_loss):
             raise FloatingPointError(f"training of subject {job.subject_id!r} diverged (final loss {final_loss}); "
                                      "lower train_learning_rate or check the instance images")
+        record_file_hashes(tmp)  # what every later use checks the bytes against
         _upload_lora(store, tmp, prefix)
         if local.exists():
             shutil.rmtree(local, ignore_errors=True)
@@ -180,7 +277,7 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return LoraInfo(job.subject_id, lora_fp, prefix, str(local), "trained", seconds=time.perf_counter() - started,
-                    train_seconds=float(result.seconds_total), final_loss=final_loss)
+                    train_seconds=float(result.seconds_total), final_loss=final_loss, damaged=problem)
 
 
 def activate_lora(pipe, lora: LoraInfo) -> None:

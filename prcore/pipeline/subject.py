@@ -57,6 +57,18 @@ class RunContext:
     worker: dict[str, Any] = field(default_factory=worker_identity)
 
 
+def open_output(uri: str):
+    """The output root's Store, checked before any work: reachable (S3: one HeadBucket) and writable (a
+    real probe write, read back and deleted). Raises ``StoreError`` with one line otherwise."""
+    from prcore.store.storage import open_store, probe_write
+
+    store = open_store(uri)
+    if hasattr(store, "check"):
+        store.check()
+    probe_write(store)
+    return store
+
+
 # -- planning -----------------------------------------------------------------------------------------
 
 
@@ -279,19 +291,78 @@ def finished_records(store, job: SubjectJob, made_now: Sequence[ImageRecord] = (
     return out
 
 
-def subject_sidecar_keys(store, subject_id: str) -> list[str]:
-    """Every finished image of the subject in the store (its sidecar keys), whatever the manifest says now."""
+def stored_pngs(store, subject_id: str) -> dict[str, Any]:
+    """{PNG key: its ObjectInfo (size, S3 ETag)} for every image of the subject whose sidecar is in the
+    store too (one listing): the candidates for "done"."""
     from prcore.store.keys import parse_image_key, subject_images_prefix
+    from prcore.store.storage import list_info
 
-    return [k for k in store.list(subject_images_prefix(subject_id)) if (p := parse_image_key(k)) is not None and p.ext == "json"]
+    pngs, sidecars = {}, set()
+    for info in list_info(store, subject_images_prefix(subject_id)):
+        parsed = parse_image_key(info.key)
+        if parsed is None:
+            continue
+        if parsed.ext == "png":
+            pngs[info.key] = info
+        else:
+            sidecars.add(parsed.png)
+    return {k: v for k, v in pngs.items() if k in sidecars}
+
+
+def _catalog_facts(store, subject_id: str) -> dict[str, tuple[int | None, str | None]]:
+    """{key: (bytes, md5)} as the subject's catalogue recorded them; {} when it has none or it is damaged."""
+    from prcore.outputs.catalog import CatalogCorruptError, read_subject_catalog
+
+    try:
+        cat = read_subject_catalog(store, subject_id)
+    except CatalogCorruptError:
+        return {}
+    return {} if cat is None else _catalog_facts_from(cat)
+
+
+def verified_images(store, subject_id: str) -> tuple[set[str], list[str]]:
+    """(PNG keys that count as done, problems found). An image is done when its sidecar reads and its
+    PNG, as the listing describes it (size; on S3 the ETag's MD5), is the file the sidecar recorded.
+    The catalogue's copy of those facts is used where it agrees with the listing (one GET for the
+    subject); a sidecar is read only for images the catalogue lacks or disagrees with."""
+    from prcore.outputs.sidecar import png_matches
+
+    facts = _catalog_facts(store, subject_id)
+    done, problems = set(), []
+    for key, info in stored_pngs(store, subject_id).items():
+        size, md5 = facts.get(key, (None, None))
+        if size is not None and _facts_match(size, md5, info):
+            done.add(key)
+            continue
+        try:
+            record = read_sidecar(store, key)
+        except Exception as exc:  # unreadable sidecar: the image is not done; it is made again
+            problems.append(f"{key}: its sidecar does not read ({type(exc).__name__})")
+            continue
+        if png_matches(record, info.size, info.md5):
+            done.add(key)
+        else:
+            problems.append(f"{key}: the stored PNG ({info.size} bytes) is not the {record.bytes} bytes its sidecar recorded")
+    return done, problems
+
+
+def _facts_match(size: int, md5: str | None, info: Any) -> bool:
+    if info.size >= 0 and info.size != size:
+        return False
+    return not (md5 and info.md5 and md5 != info.md5)
 
 
 def refresh_done(store, job: SubjectJob) -> SubjectJob:
     """Re-mark which of the job's images are done from one listing of the store (a run that waited
-    for another, or was planned long ago, must not redo what the other finished meanwhile)."""
-    from prcore.store.keys import png_key_for
+    for another, or was planned long ago, must not redo what the other finished meanwhile), verifying
+    each against its record (:func:`verified_images`): a damaged image is logged and made again."""
+    import logging
 
-    done = {png_key_for(k) for k in subject_sidecar_keys(store, job.subject_id)}
+    done, problems = verified_images(store, job.subject_id)
+    wanted = {key for request in job.requests for key in request.keys}
+    job.damaged = [p for p in problems if p.split(":", 1)[0] in wanted]
+    for problem in job.damaged:
+        logging.getLogger("prcore.pipeline").warning("subject %s: %s: making it again", job.subject_id, problem)
     n_done = 0
     for request in job.requests:
         request.done = [key in done for key in request.keys]
@@ -301,35 +372,65 @@ def refresh_done(store, job: SubjectJob) -> SubjectJob:
 
 
 def write_subject_catalog(store, job: SubjectJob, made_now: Sequence[ImageRecord] = ()) -> str:
-    """Rewrite ``catalog/{subject_id}.parquet`` from the store: one row per sidecar of the subject (the
-    records made now as returned, every other one read from its sidecar), so the file matches the
-    store exactly after any sequence of crashes, reruns and manifest edits."""
+    """Rewrite ``catalog/{subject_id}.parquet`` from the store: one row per image of the subject that is
+    done (sidecar readable, PNG as recorded: the records made now as returned, every other one read from
+    its sidecar), so the file matches the store exactly after any sequence of crashes, reruns, manifest
+    edits and damaged files (whatever the old catalogue file held, even unreadable bytes)."""
+    import logging
+
     from prcore.outputs.catalog import write_catalog
-    from prcore.store.keys import png_key_for
+    from prcore.outputs.sidecar import png_matches
 
     now = {r.key: r for r in made_now}
     records = []
-    for sidecar in subject_sidecar_keys(store, job.subject_id):
-        png = png_key_for(sidecar)
-        records.append(now[png] if png in now else read_sidecar(store, png))
+    for png, info in stored_pngs(store, job.subject_id).items():
+        if png in now:
+            records.append(now[png])
+            continue
+        try:
+            record = read_sidecar(store, png)
+        except Exception as exc:
+            logging.getLogger("prcore.pipeline").warning("subject %s: %s left out of the catalogue: its sidecar does not read (%s)",
+                                                         job.subject_id, png, type(exc).__name__)
+            continue
+        if png_matches(record, info.size, info.md5):
+            records.append(record)
+        else:
+            logging.getLogger("prcore.pipeline").warning("subject %s: %s left out of the catalogue: the PNG is not the file its "
+                                                         "sidecar recorded", job.subject_id, png)
     return write_catalog(store, job.subject_id, records)
 
 
 def catalog_is_current(store, subject_id: str) -> bool:
     """True when the subject's derived outputs need nothing: no dirty marker (no run wrote images of it
-    without finishing its contact sheet and catalogue) and its catalogue file lists exactly the
-    images in the store. Cheap: one HEAD, one GET and one LIST."""
-    from prcore.outputs.catalog import read_subject_catalog
-    from prcore.store.keys import dirty_key, png_key_for
+    without finishing its contact sheet and catalogue), its catalogue file reads (page checksums) and
+    lists exactly the images in the store, each PNG as the listing describes it (size; on S3 the
+    ETag's MD5) as the catalogue recorded it. Cheap: one HEAD, one GET and one LIST."""
+    from prcore.outputs.catalog import CatalogCorruptError, read_subject_catalog
+    from prcore.store.keys import dirty_key
 
     if store.exists(dirty_key(subject_id)):
         return False
-    cat = read_subject_catalog(store, subject_id)
-    stored = {png_key_for(k) for k in subject_sidecar_keys(store, subject_id)}
+    try:
+        cat = read_subject_catalog(store, subject_id)
+    except CatalogCorruptError as exc:
+        import logging
+
+        logging.getLogger("prcore.pipeline").warning("%s", exc)
+        return False
+    stored = stored_pngs(store, subject_id)
     if cat is None:
         return not stored
     keys = cat["key"].to_list()
-    return len(keys) == len(set(keys)) and set(keys) == stored
+    if len(keys) != len(set(keys)) or set(keys) != set(stored):
+        return False
+    facts = _catalog_facts_from(cat)
+    return all(facts[k][0] is not None and _facts_match(facts[k][0], facts[k][1], stored[k]) for k in keys)
+
+
+def _catalog_facts_from(cat) -> dict[str, tuple[int | None, str | None]]:
+    md5 = cat["md5"].to_list() if "md5" in cat.columns else [None] * cat.height
+    return {k: (b, m) for k, b, m in zip(cat["key"].to_list(), cat["bytes"].to_list(), md5, strict=True)}
 
 
 def mark_dirty(store, run: RunContext, subject_id: str) -> None:

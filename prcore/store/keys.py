@@ -172,6 +172,12 @@ def run_key(run_id: str, name: str) -> str:
     return f"{RUNS_PREFIX}/{safe_id('run_id', run_id)}/{name}"
 
 
+def probe_key(token: str) -> str:
+    """``runs/.probe-{token}``: the small object a run writes and deletes before planning, to learn that
+    the output root takes writes (``token``: hex, unique per probe)."""
+    return f"{RUNS_PREFIX}/.probe-{_fp('probe token', token)}"
+
+
 def summary_key(run_id: str) -> str:
     return run_key(run_id, "summary.json")
 

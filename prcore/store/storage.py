@@ -35,7 +35,11 @@ __all__ = [
     "LocalStore",
     "S3Store",
     "StoreError",
+    "StoreWriteError",
     "TransientStoreError",
+    "ObjectInfo",
+    "list_info",
+    "probe_write",
     "KeyNotFoundError",
     "open_store",
     "check_key",
@@ -52,6 +56,83 @@ class StoreError(Exception):
 
 class TransientStoreError(StoreError):
     """A storage error worth retrying (throttling, 5xx, connection reset, timeout)."""
+
+
+class StoreUnreachableError(TransientStoreError):
+    """The endpoint cannot be reached (connection refused, DNS, connect timeout). Retried within the
+    budget once a call to the store has succeeded (an outage in the middle of a night); before that
+    it is a configuration error and fails at once."""
+
+
+class StoreWriteError(StoreError):
+    """The store refuses writes: disk full, quota, file too large, permission denied, read-only file
+    system, an output root that is a file. Nothing else this run writes will succeed either: the CLI
+    stops with one line and exit 2."""
+
+
+_WRITE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded", "EFBIG": "the file is too large for the file system or the process's file size limit",
+                 "EACCES": "permission denied", "EPERM": "operation not permitted", "EROFS": "the file system is read-only",
+                 "ENOTDIR": "a part of the path is a file, not a folder", "EEXIST": "a part of the path is a file, not a folder"}
+
+
+def _write_error(key: str, root: str, exc: OSError) -> StoreError:
+    """One line for an OSError of a local write: :class:`StoreWriteError` for the errors no retry fixes."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    if name in _WRITE_ERRNOS:
+        return StoreWriteError(f"cannot write {key!r} under {root}: {_WRITE_ERRNOS[name]} ({exc.strerror}); "
+                               "free space or fix the folder's permissions, then run again (finished outputs are kept)")
+    return StoreError(f"cannot write {key!r} under {root}: {exc.strerror or exc}; check the folder's permissions and free space")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing tells about an object without reading it: its key, size and (S3) ETag."""
+
+    key: str
+    size: int
+    etag: str | None = None  # S3: the MD5 of the bytes for a single-part upload without SSE-KMS; None on a folder
+
+    @property
+    def md5(self) -> str | None:
+        """The MD5 hex digest when the ETag is one (a single-part upload), else None."""
+        tag = (self.etag or "").strip('"')
+        return tag if re.fullmatch(r"[0-9a-f]{32}", tag) else None
+
+
+def list_info(store: Any, prefix: str = "") -> Iterator[ObjectInfo]:
+    """``store.list_info(prefix)`` where the store has it, else the keys with unknown size (-1)."""
+    if hasattr(store, "list_info"):
+        return store.list_info(prefix)
+    return (ObjectInfo(k, -1) for k in store.list(prefix))
+
+
+def probe_write(store: Any) -> None:
+    """Write, read back and delete one small uniquely named object (``runs/.probe-*``): the output root
+    takes writes. Raises :class:`StoreError` (one line) when it does not; leaves nothing behind."""
+    import secrets
+
+    from prcore.store.keys import probe_key
+
+    key = probe_key(secrets.token_hex(8))
+    data = b"prcore write probe\n"
+    created: list[Path] = []  # a folder's root and runs/ made by the probe are removed again: nothing is left
+    if isinstance(store, LocalStore):
+        folder = store._path(key).parent
+        while not folder.exists() and folder != folder.parent:
+            created.append(folder)
+            folder = folder.parent
+    try:
+        store.put(key, data, content_type="text/plain")
+        if store.get(key) != data:
+            raise StoreError(f"the output root {store.uri} does not return what was written to it (probe {key!r})")
+    finally:
+        with contextlib.suppress(StoreError, OSError):
+            store.delete(key)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 class KeyNotFoundError(StoreError, FileNotFoundError):
@@ -147,16 +228,16 @@ class LocalStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         except OSError as exc:
-            raise StoreError(f"cannot write {key!r} under {self.uri}: {exc.strerror}; check the folder's permissions and free space") from None
+            raise _write_error(key, self.uri, exc) from None
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, path)
-        except BaseException:
-            try:
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # never leave half a file behind (disk full, killed)
                 os.unlink(tmp)
-            except OSError:
-                pass
+            if isinstance(exc, OSError):
+                raise _write_error(key, self.uri, exc) from None
             raise
 
     def get(self, key: str) -> bytes:
@@ -173,14 +254,18 @@ class LocalStore:
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys (relative, ``/``-separated, sorted) starting with ``prefix``; temporary files are skipped."""
+        return iter([key for key, _ in self._walk(prefix, sizes=False)])
+
+    def _walk(self, prefix: str, *, sizes: bool) -> list[tuple[str, int]]:
+        """(key, size or -1) of every object under ``prefix``, sorted by key."""
         _check_prefix(prefix)
         # Walk only the deepest folder the prefix names, then filter by the remaining partial name.
         folder_part, _, _ = prefix.rpartition("/")
         start = self.root.joinpath(*folder_part.split("/")) if folder_part else self.root
         if not start.is_dir():
-            return iter(())
+            return []
         rel_start = f"{folder_part}/" if folder_part else ""
-        keys: list[str] = []
+        keys: list[tuple[str, int]] = []
         stack = [(str(start), rel_start)]
         while stack:  # iterative scandir: d_type tells folders apart without a stat per entry
             path, rel = stack.pop()
@@ -189,11 +274,19 @@ class LocalStore:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append((entry.path, f"{rel}{entry.name}/"))
                     elif not entry.name.startswith((".tmp-", ".lock-")):
-                        keys.append(rel + entry.name)
+                        try:
+                            size = entry.stat(follow_symlinks=False).st_size if sizes else -1
+                        except FileNotFoundError:  # removed meanwhile
+                            continue
+                        keys.append((rel + entry.name, size))
         if prefix and not prefix.endswith("/"):
-            keys = [k for k in keys if k.startswith(prefix)]
+            keys = [k for k in keys if k[0].startswith(prefix)]
         keys.sort()
-        return iter(keys)
+        return keys
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """:meth:`list` with each object's size (one ``stat`` per object, in the same walk; no ETag on a folder)."""
+        return iter([ObjectInfo(key, size) for key, size in self._walk(prefix, sizes=True)])
 
     def delete(self, key: str) -> None:
         try:
@@ -352,15 +445,31 @@ class S3Store:
         if self.options.retry_mode not in ("adaptive", "standard", "legacy"):
             raise StoreError(f"retry_mode must be 'adaptive' or 'standard', not {self.options.retry_mode!r}")
         self._client = None
+        self._first_client = None
+        self._reached = False  # has any call succeeded? (the retry budget is for outages after that)
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r})"
 
     @property
     def client(self) -> Any:
+        """boto3's client; until a first call has succeeded, one without botocore's connection retries
+        (a typo'd endpoint fails in seconds, not after minutes of backoff)."""
+        if not self._reached:
+            if self._first_client is None:
+                from dataclasses import replace
+
+                self._first_client = make_s3_client(replace(self.options, max_attempts=1))
+            return self._first_client
         if self._client is None:
             self._client = make_s3_client(self.options)
         return self._client
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint URL (without any user:password part), for messages."""
+        url = urlparse(str(self.client.meta.endpoint_url))
+        return url._replace(netloc=url.hostname + (f":{url.port}" if url.port else "")).geturl() if url.hostname else str(url.geturl())
 
     def _full(self, key: str) -> str:
         check_key(key)
@@ -378,7 +487,17 @@ class S3Store:
         delay = 1.0
         while True:
             try:
-                return fn()
+                result = fn()
+                self._reached = True
+                return result
+            except StoreUnreachableError as exc:
+                if not self._reached:  # nothing ever answered: a wrong endpoint, not an outage
+                    raise StoreError(f"{exc} (endpoint {self.endpoint}: no call to it has succeeded; "
+                                     "check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, the port and that the service runs)") from None
+                if time.monotonic() - started + delay > self.options.retry_budget_s:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.options.retry_max_delay_s)
             except TransientStoreError:
                 if time.monotonic() - started + delay > self.options.retry_budget_s:
                     raise
@@ -399,6 +518,10 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._retry(lambda: self._delete(key))
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """:meth:`list` with each object's size and ETag, from the same listing (no extra request)."""
+        return iter(self._retry(lambda: list(self._list(prefix, info=True))))
 
     def _put(self, key: str, data: bytes, content_type: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         full = self._full(key)
@@ -437,14 +560,15 @@ class S3Store:
                 return False
             raise self._error(exc, "check", key) from None
 
-    def _list(self, prefix: str = "") -> Iterator[str]:
+    def _list(self, prefix: str = "", info: bool = False) -> Iterator[Any]:
         _check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
                 for obj in page.get("Contents", ()):
-                    yield obj["Key"][len(root) :]
+                    key = obj["Key"][len(root) :]
+                    yield ObjectInfo(key, int(obj.get("Size", -1)), obj.get("ETag")) if info else key
         except StoreError:
             raise
         except Exception as exc:
@@ -517,10 +641,14 @@ class S3Store:
 
     def check(self) -> None:
         """Fail fast: one ``HeadBucket``; raises :class:`StoreError` naming the bucket and what to check."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            raise self._error(exc, "open", None) from None
+
+        def head() -> None:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except Exception as exc:
+                raise self._error(exc, "open", None) from None
+
+        self._retry(head)
 
 
 def make_s3_client(options: S3Options | None = None) -> Any:
@@ -573,7 +701,7 @@ def translate_s3_error(exc: BaseException, *, bucket: str, action: str, key: str
     if isinstance(exc, ProfileNotFound):
         return StoreError(f"cannot {action} {where}: the AWS profile named in AWS_PROFILE / the profile option does not exist")
     if isinstance(exc, EndpointConnectionError):
-        return TransientStoreError(
+        return StoreUnreachableError(
             f"cannot {action} {where}: cannot connect to the S3 endpoint; check AWS_ENDPOINT_URL / the endpoint_url option and the network"
         )
     if isinstance(exc, ClientError):
