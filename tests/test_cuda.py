@@ -12,10 +12,11 @@ says by how much. What is checked, and the tolerance where one applies:
   eager: max |diff| <= 1e-3 (fp32 with TF32 off; with TF32, CUDA's default for convolutions, another
   memory layout picks other TF32 kernels: 0.014 on these latents, measured on the H200);
 - per-row LoRA routing adds no host-device synchronisation to a UNet forward (peft's own
-  ``adapter_names`` path adds two per LoRA layer: the defect the first GPU run found);
-- ``max_batch_rows`` bounds the sampler's activation memory (peak above the weights) and leaves the
-  images unchanged (fp32, TF32 off; fp16 is reported); the sampler's peak is its own call's, not
-  the process' (training ran before).
+  ``adapter_names`` path adds three per LoRA layer, 96 in the tiny UNet: the defect the first GPU
+  run found);
+- ``max_batch_rows`` bounds the sampler's activation memory (peak above the weights; the full-size
+  SD 1.5 at 512 px where the GPU check built it) and leaves the images unchanged (tiny model, fp32,
+  TF32 off); the sampler's peak is its own call's, not the process' (training ran before).
 """
 
 from __future__ import annotations
@@ -172,9 +173,9 @@ def test_per_row_lora_routing_adds_no_synchronisation(tiny_sd_path, tmp_path):
         return unet(x, t, encoder_hidden_states=emb).sample
 
     use_adapter(unet, BASE)
+    forward()  # one-time work of a first forward (the GPU run counted 1 sync there) out of the counts
     plain = _count_syncs(forward)
     with per_sample_adapters(unet, names):
-        forward()  # the row masks go to the device once per layout
         routed = _count_syncs(forward)
         out = forward()
     use_adapter(unet, ADAPTER)
@@ -188,7 +189,7 @@ def test_per_row_lora_routing_adds_no_synchronisation(tiny_sd_path, tmp_path):
             h.remove()
     report("routing_syncs", plain=plain, routed=routed, peft_adapter_names=peft, lora_layers=len(lora_layers(unet)),
            max_abs_vs_peft=float((out - reference).abs().max()))
-    assert routed == plain
+    assert routed <= plain
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)  # the same rows get the same LoRA
 
 
@@ -198,28 +199,34 @@ def _model_for_memory(tiny_sd_path: Path) -> tuple[Path, int]:
     return (Path(folder), 512) if folder else (tiny_sd_path, 256)
 
 
-def test_max_batch_rows_bounds_peak_memory_and_keeps_the_images(tiny_sd_path, tmp_path):
+ROWS_12 = dict(num_images=4, num_inference_steps=2, output_type="latent", consistency_start=0.0, consistency_stop=1.0)
+
+
+def test_max_batch_rows_bounds_peak_memory(tiny_sd_path, tmp_path):
+    """Activation memory (peak above the weights) with 12 UNet rows a step vs 3. The images of the two are
+    compared on the tiny model (next test): the random-weight full-size UNet is chaotic (float64
+    rounding differences of 3e-11 after its first block grow ~1000x per block to O(1) at its output,
+    measured on the CPU), so any change of kernel or batch size changes its output entirely."""
     path, size = _model_for_memory(tiny_sd_path)
     pipe = lora_pipe(path, tmp_path / "lora", "cuda", "float16")
-    kw = dict(num_images=4, height=size, width=size, num_inference_steps=2, output_type="latent",
-              consistency_start=0.0, consistency_stop=1.0)  # 12 UNet rows a step
+    kw = dict(height=size, width=size, **ROWS_12)
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
-    all_rows = draw(pipe, **kw)
-    capped = draw(pipe, max_batch_rows=3, **kw)
-    act_all, act_capped = all_rows.peak_memory_bytes - weights, capped.peak_memory_bytes - weights
-    d16 = float((all_rows.images.float() - capped.images.float()).abs().max())
-    scale = float(all_rows.images.float().abs().max())
-    del pipe
-    with no_tf32():  # the same images: fp32 without TF32, where only the summation order may differ
-        pipe32 = lora_pipe(path, tmp_path / "lora", "cuda", "float32")
-        a, b = draw(pipe32, **kw).images, draw(pipe32, max_batch_rows=3, **kw).images
-    d32 = float((a - b).abs().max())
-    report("max_batch_rows", model=str(path.name), size=size, weights_bytes=weights, activation_bytes_12_rows=act_all,
-           activation_bytes_3_rows=act_capped, ratio=act_capped / act_all, fp16_max_abs_latent_diff=d16,
-           latent_max_abs=scale, fp32_max_abs_latent_diff=d32, fp32_latent_max_abs=float(a.abs().max()))
+    act_all = draw(pipe, **kw).peak_memory_bytes - weights
+    act_capped = draw(pipe, max_batch_rows=3, **kw).peak_memory_bytes - weights
+    report("max_batch_rows_memory", model=str(path.name), size=size, weights_bytes=weights, activation_bytes_12_rows=act_all,
+           activation_bytes_3_rows=act_capped, ratio=act_capped / act_all)
     assert act_capped < 0.6 * act_all
-    assert d32 <= 1e-4 * max(1.0, float(a.abs().max()))
+
+
+@no_tf32()
+def test_max_batch_rows_keeps_the_images_on_cuda(tiny_sd_path, tmp_path):
+    pipe = lora_pipe(tiny_sd_path, tmp_path / "lora", "cuda")
+    a = draw(pipe, height=64, width=64, **ROWS_12).images
+    b = draw(pipe, height=64, width=64, max_batch_rows=3, **ROWS_12).images
+    d = float((a - b).abs().max())
+    report("max_batch_rows_images", max_abs_latent_diff=d, latent_max_abs=float(a.abs().max()))
+    assert d <= 1e-4
 
 
 def test_sampler_peak_is_its_own_call(tiny_sd_path, tmp_path):
