@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig
 from safetensors import safe_open
+from test_lora_export import unet_out
 
 from prcore.method.adapters import lora_layers
-from prcore.method.families import family_of
 from prcore.method.lora_io import LoraMismatchError, file_lora_modules, injected_modules, load_subject_lora, save_lora
 from prcore.method.models import load_pipeline
 from prcore.store.keys import LORA_KOHYA_FILE, LORA_WEIGHTS_FILE
@@ -35,16 +35,6 @@ def with_random_lora(pipe, targets, name="src", seed=0):
             for weight in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                 weight.copy_(torch.randn(weight.shape, generator=g) * 0.2)
     return pipe
-
-
-def unet_out(pipe, seed=0):
-    family = family_of(pipe)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((2, 4, 8, 8), generator=g)
-    cond = family.encode(pipe, ["a photo of a dog", "a dog in the snow"], "cpu")
-    tids = family.time_ids(pipe, [(32, 32, 0, 0, 32, 32)] * 2, dtype=torch.float32, device="cpu")
-    with torch.no_grad():
-        return family.unet_pred(pipe, x, torch.tensor([500, 700]), cond, tids)
 
 
 def lora_weights(unet, adapter):
