@@ -140,3 +140,28 @@ def test_an_out_folder_that_takes_no_writes_is_refused_before_the_model_loads(ap
     err = result.stderr.strip()
     assert err.startswith(f"error: --out {afile / 'out'}: cannot write") and "is a file, not a folder" in err and "\n" not in err
     assert "Traceback" not in result.output and time.monotonic() - started < 10 and afile.read_bytes() == b"keep"
+
+
+_FULL_DISK_CHILD = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)            # the kernel then fails the write with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))  # a 'disk' that takes 2 KiB per file: the probe fits, a PNG does not
+from prcore.cli import main
+sys.argv = ["prcore", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_disk_that_refuses_the_images_is_one_line_and_leaves_no_partial_file(model_and_lora, tmp_path):
+    """A real refused write (RLIMIT_FSIZE: EFBIG past 2 KiB, as ENOSPC on a full disk) after sampling: one line,
+    exit 2, no temporary or partial PNG, no sidecar."""
+    model, lora = model_and_lora
+    out = tmp_path / "out"
+    args = [str(a) for a in base_args(model, lora, out)]
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, "sample", *args, "--height", "64", "--width", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = done.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: cannot write 'parallel_rescaled-seed0-000.png'") and "too large" in err
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in out.rglob("*")) == []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +36,6 @@ def _check_lora_dir(lora: Path | None, guidance: str) -> None:
         raise UserError(f"--lora {lora}: no such folder (give the folder holding {LORA_WEIGHTS_FILE})")
     if not (lora / LORA_WEIGHTS_FILE).is_file():
         raise UserError(f"--lora {lora}: {LORA_WEIGHTS_FILE} is missing; point --lora at a LoRA folder in diffusers format")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @spec_options({**GENERATION_PARAMS, "seed": SEED}, defaults={"num_images": 1, "seed": 0})
@@ -108,7 +95,9 @@ def sample_command(
 
     req_fp = fingerprint("sample-cli", 1, {"model": str(model), "lora": str(lora) if lora else None, "prompt": prompt, "seed": seed, **params})
     recorded = {k: v for k, v in params.items() if k not in ("scheduler", "height", "width")}  # recorded as used, below
-    out.mkdir(parents=True, exist_ok=True)
+    from prcore.store.storage import LocalStore, StoreError
+
+    store = LocalStore(out)  # atomic writes (tmp + rename); a full disk or a refused write: one line, exit 2
     for i, (name, image) in enumerate(zip(names, result.images, strict=True)):
         record = ImageRecord(
             subject_id=class_noun.replace(" ", "_"), prompt_id=default_prompt_id(prompt), req_fp=req_fp, index=i,
@@ -121,8 +110,9 @@ def sample_command(
             extra={"lora": str(lora) if lora else None, "request_seed": seed, "unet_batching": result.batch_mode},
         )
         data, record = encode_image(record, image)
-        _write_atomic(out / f"{name}.png", data)
-        _write_atomic(out / f"{name}.json", sidecar_bytes(record))
+        with user_errors(StoreError):
+            store.put(f"{name}.png", data)
+            store.put(f"{name}.json", sidecar_bytes(record))  # last: the sidecar marks the image finished
         typer.echo(str(out / f"{name}.png"))
     typer.echo(f"wrote {num_images} image(s) to {out} in {result.seconds:.1f}s", err=True)
 
