@@ -265,3 +265,18 @@ def test_unknown_target_module_names_are_refused_before_training(tmp_path, refs,
     assert res.exit_code == 2 and "train_target_modules: 'bogus'" in res.stderr, res.output
     assert time.monotonic() - started < 30
     assert not out.exists() or not any(out.rglob("*.safetensors"))  # refused before any training
+
+
+def test_the_runs_own_target_modules_setting_is_checked_before_training(tmp_path, refs, tiny_sd_path):
+    """settings.train.target_modules (the flow's settings: what every subject without its own column trains)
+    by the same rule as the manifest column, in the planning step that prcore run and the flow's plan task run."""
+    from prcore.data.schema import GenerationDefaults
+    from prcore.pipeline.subject import plan_jobs
+    from prcore.store.storage import LocalStore
+
+    manifest = str(write(tmp_path, rows(refs)))
+    store = LocalStore(tmp_path / "out")
+    with pytest.raises(ManifestInvalid, match=r"settings.train.target_modules: 'bogus' match\(es\) no layer of the UNet of the run's base model"):
+        plan_jobs(manifest, store, model_id=str(tiny_sd_path), defaults=GenerationDefaults(), target_modules=("to_q", "bogus"))
+    jobs = plan_jobs(manifest, store, model_id=str(tiny_sd_path), defaults=GenerationDefaults(), target_modules=("to_q", "ff.net.2"))
+    assert [j.subject_id for j in jobs] == ["dog1"]

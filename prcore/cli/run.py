@@ -152,7 +152,7 @@ def preflight(manifest: str, output: str, settings: RunSettings) -> RunSettings:
     from prcore.pipeline.subject import plan_jobs
 
     plan_jobs(manifest, store, model_id=model, defaults=settings.generation, check_images=settings.check_images,
-              cache_dir=settings.cache_path())
+              cache_dir=settings.cache_path(), target_modules=settings.train.target_modules)
     return settings.model_copy(update={"model": model, "check_images": False})  # images checked: once is enough
 
 

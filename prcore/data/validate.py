@@ -323,24 +323,32 @@ def short_target_names(layer_names: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
+def target_modules_problem(names: Iterable[str], layer_names: Iterable[str], which: str) -> str | None:
+    """Why LoRA ``target_modules`` ``names`` cannot train on a UNet with ``layer_names`` (``which``: the model,
+    for the message), or None: the one rule for the manifest column and the run's setting."""
+    layers = list(layer_names)
+    accepted = target_suffixes(layers)
+    unknown = [n for n in names if n not in accepted]
+    if not unknown:
+        return None
+    return (f"{', '.join(map(repr, unknown))} match(es) no layer of the UNet of {which}; name layers by "
+            f"their dotted names or suffixes, e.g. {', '.join(short_target_names(layers))}")
+
+
 def _validate_target_modules(c: _Collector, module_names: ModuleNames, *, with_model: bool) -> None:
     """``train_target_modules`` names against the layers of each subject's base model (``module_names``)."""
     model = pl.col("base_model") if with_model else pl.lit(None, pl.String)
     subjects = c.subjects.with_columns(model.alias("__model")).filter(pl.col("train_target_modules").is_not_null())
-    known: dict[str | None, tuple[frozenset[str], list[str]] | None] = {}
+    known: dict[str | None, Collection[str] | None] = {}
     messages: dict[int, str] = {}
     for row, base, names in subjects.select("__row", "__model", "train_target_modules").iter_rows():
         if base not in known:
-            layers = module_names(base)
-            known[base] = (target_suffixes(layers), short_target_names(layers)) if layers else None
+            known[base] = module_names(base) or None
         if known[base] is None:
             continue
-        accepted, short = known[base]  # type: ignore[misc]
-        unknown = [n for n in names if n not in accepted]
-        if unknown:
-            which = f"base model {base!r}" if base else "the run's base model"
-            messages[row] = (f"{', '.join(map(repr, unknown))} match(es) no layer of the UNet of {which}; name layers by "
-                             f"their dotted names or suffixes, e.g. {', '.join(short)}")
+        problem = target_modules_problem(names, known[base], f"base model {base!r}" if base else "the run's base model")
+        if problem:
+            messages[row] = problem
     if messages:
         c.rows(pl.col("__row").is_in(list(messages)), "train_target_modules", lambda r: messages[r["__row"]], per_subject=True)
 

@@ -73,18 +73,20 @@ def open_output(uri: str):
 
 
 def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids: Iterable[str] | None = None,
-              check_images: bool = False, cache_dir: Path | None = None) -> list[SubjectJob]:
+              check_images: bool = False, cache_dir: Path | None = None,
+              target_modules: Sequence[str] | None = None) -> list[SubjectJob]:
     """Load, validate and plan a manifest once; keep only ``subject_ids`` when given (in that order).
 
     Raises ``prcore.data.schema.ManifestInvalid`` (a ValueError listing every problem) on a bad
     manifest, ``train_target_modules`` checked against each base model's UNet layers
     (:func:`prcore.pipeline.models.unet_layer_names`; ``cache_dir``: the run's, where the tiny model
-    lives). ``check_images=True`` also decodes every instance image before anything runs.
+    lives), and so is the run's own ``target_modules`` setting (``settings.train``) when given.
+    ``check_images=True`` also decodes every instance image before anything runs.
     """
     from prcore.data.load import load_manifest
     from prcore.data.plan import plan
     from prcore.data.schema import ManifestError, ManifestInvalid
-    from prcore.data.validate import validate, validate_defaults
+    from prcore.data.validate import target_modules_problem, validate, validate_defaults
     from prcore.pipeline.models import unet_layer_names
 
     manifest = load_manifest(manifest_uri)
@@ -92,6 +94,9 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     if errors:
         raise ManifestInvalid(errors, manifest.source)
     bad_defaults = validate_defaults(defaults)
+    if target_modules is not None and (layers := unet_layer_names(None, model_id, cache_dir)):
+        problem = target_modules_problem(target_modules, layers, "the run's base model")
+        bad_defaults += [f"settings.train.target_modules: {problem}"] if problem else []
     if bad_defaults:
         raise ManifestInvalid([ManifestError(None, None, None, m) for m in bad_defaults], "the run's settings")
     jobs = plan(manifest, store=store, defaults=defaults, base_model=model_id, check=False)
