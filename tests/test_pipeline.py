@@ -497,3 +497,32 @@ def test_a_damaged_lora_is_never_used_it_is_trained_again_once(setup, tmp_path):
     record = json.loads(store.get(f"loras/s0/{first.lora_fp}/training.json"))
     assert record["files"]["pytorch_lora_weights.safetensors"]["sha256"] == hashlib.sha256(store.get(weights_key)).hexdigest()
     assert lora_for(setup, inputs, store, tmp_path / "cacheC").source == "store"  # whole again: reused, not retrained
+
+
+def test_a_lora_an_earlier_version_wrote_in_two_key_layouts_is_trained_again_once(setup, tmp_path):
+    """training.json without file hashes (an earlier version) is still checked: a weights file mixing peft's and
+    diffusers' key layouts (what earlier versions wrote for non-attention targets: diffusers drops one layout
+    on load) counts as damaged and is trained again once; a whole file of that age is reused."""
+    from safetensors.torch import load_file, save_file
+
+    store = open_store(str(tmp_path / "out"))
+    inputs = S.read_subject_inputs(plan(setup, store)[0])
+    first = lora_for(setup, inputs, store, tmp_path / "cacheA")
+    prefix = f"loras/s0/{first.lora_fp}/"
+    record = json.loads(store.get(prefix + "training.json"))
+    record.pop("files")  # as an earlier version wrote it
+    store.put(prefix + "training.json", json.dumps(record).encode())
+    assert lora_for(setup, inputs, store, tmp_path / "cacheB").source == "store"  # whole: reused as before
+
+    tensors = load_file(str(Path(first.local_dir) / "pytorch_lora_weights.safetensors"))
+    keys = sorted(tensors)
+    mixed = {(k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") if "attn1" in k else k): v
+             for k, v in tensors.items()}
+    assert any(".lora_A." in k for k in mixed) and any(".lora.down." in k for k in mixed) and len(mixed) == len(keys)
+    old = tmp_path / "old.safetensors"
+    save_file(mixed, str(old))
+    store.put(prefix + "pytorch_lora_weights.safetensors", old.read_bytes())
+    again = lora_for(setup, inputs, store, tmp_path / "cacheC")
+    assert again.source == "trained" and "mixes two LoRA key layouts" in (again.damaged or "")
+    assert L.lora_problem(Path(again.local_dir)) is None
+    assert lora_for(setup, inputs, store, tmp_path / "cacheD").source == "store"  # replaced once: reused after

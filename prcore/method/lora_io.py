@@ -122,11 +122,31 @@ def _loaded_tokens(pipe) -> dict[str, list[str]]:
     return registry
 
 
+def mixes_key_layouts(keys) -> bool:
+    """Whether LoRA tensor ``keys`` mix peft's (``lora_A``/``lora_B``) and diffusers' (``lora.down``/``lora.up``)
+    layouts, as prcore wrote non-attention targets before: diffusers then drops one of them on load."""
+    keys = list(keys)
+    return any(".lora_A." in k for k in keys) and any(".lora.down." in k for k in keys)
+
+
+def weights_file_problem(path: str | Path) -> str | None:
+    """Why a diffusers-layout LoRA file cannot load whole, from its header alone (no tensor read), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        return f"{Path(path).name} does not read as safetensors ({type(exc).__name__})"
+    if mixes_key_layouts(keys):
+        return f"{Path(path).name} mixes two LoRA key layouts (written by an earlier prcore): it cannot load whole"
+    return None
+
+
 def _mismatch_hint(keys) -> str:
     """What to do about a file whose modules do not all apply: a file mixing peft's and diffusers' key
     layouts (earlier prcore versions, non-attention targets) is rewritten by training again."""
-    keys = list(keys)
-    if any(".lora_A." in k for k in keys) and any(".lora.down." in k for k in keys):
+    if mixes_key_layouts(keys):
         return ("the file mixes two key layouts (peft's lora_A/lora_B and diffusers' lora.down/lora.up, as prcore wrote "
                 "LoRAs with non-attention target modules before), which diffusers cannot load whole: delete the LoRA "
                 "folder and train the subject again")

@@ -146,15 +146,20 @@ def record_file_hashes(local: Path) -> None:
 
 def lora_problem(local: Path) -> str | None:
     """None when every file ``training.json`` lists (``files``) is in ``local`` with its recorded size and
-    sha256, else what differs. A record of an earlier version (no ``files``) cannot be checked: None."""
+    sha256, else what differs. A record of an earlier version (no ``files``) has no hashes to check;
+    its weights file must still load whole (earlier versions mixed two key layouts for non-attention
+    targets: such a LoRA counts as damaged and is trained again once)."""
     import json
+
+    from prcore.method.lora_io import weights_file_problem
 
     try:
         files = json.loads((local / LORA_RECORD_FILE).read_text()).get("files")
     except (OSError, ValueError) as exc:
         return f"{LORA_RECORD_FILE} does not read ({type(exc).__name__})"
     if not isinstance(files, dict):
-        return None
+        weights = local / LORA_WEIGHTS_FILE
+        return weights_file_problem(weights) if weights.is_file() else f"{LORA_WEIGHTS_FILE} is missing"
     for rel, want in sorted(files.items()):
         path = local.joinpath(*str(rel).split("/"))
         if ".." in str(rel).split("/") or not path.is_file():
