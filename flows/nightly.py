@@ -4,7 +4,8 @@ Reads and validates the manifest, plans (what is done is skipped), groups the su
 left into shards and fans out: in this process, one shard at a time (``fan_out="local"``), or one
 ``run_deployment`` per shard onto the ``personalize-subject/gpu`` deployment (``"deployment"``),
 linked as child runs with idempotency keys derived from this flow run's id, then waits for all.
-Writes ``runs/{run_id}/summary.json`` and ``failures.json``, publishes the run table, progress and
+Rebuilds the catalogue snapshot ``catalog.parquet`` from the per-subject files (when they changed), writes
+``runs/{run_id}/summary.json`` and ``failures.json``, publishes the run table, progress and
 contact-sheet artifacts, and ends Failed when any subject failed (after all the others finished).
 """
 
@@ -21,6 +22,7 @@ from flows.common import SubjectsFailed, progress_event, wait_for_flow_runs
 from prcore.outputs.reports import Failure, SubjectResult, summarize, table_rows
 from prcore.pipeline.settings import FanOut, RunSettings
 from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, open_output, shard, worker_identity
+from tasks.outputs import catalog_snapshot_task
 from tasks.plan import plan_task
 from tasks.report import (
     Progress,
@@ -125,6 +127,7 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
                "shard_states": {str(k): v for k, v in shard_states.items()},
                "seconds": round(time.perf_counter() - started, 3), **summarize(results),
                "subjects_detail": table_rows(results)}
+    summary["catalog_snapshot"] = catalog_snapshot_task(store)  # after every shard: the per-subject files in one
     keys = write_run_report_task(store, run_id, summary, failures)
     try:  # the browsable report: a failure to write it is logged, never fails the night
         keys["report"] = write_html_report_task(store, run_id, summary, jobs, results)

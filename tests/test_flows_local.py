@@ -178,6 +178,12 @@ def _assert_catalog_true(out: Path) -> None:
                 for p in (out / "images").rglob("*.json")}
     assert cat.height == len(sidecars) and sorted(cat["key"]) == sorted(sidecars)
     assert {k: s for k, s in zip(cat["key"], cat["sha256"], strict=True)} == {k: v["sha256"] for k, v in sidecars.items()}
+    # the run's snapshot: exactly the rows of the per-subject files (same order), no row twice
+    import polars as pl
+
+    snapshot = pl.read_parquet(out / "catalog.parquet")
+    assert snapshot.equals(pl.concat([pl.read_parquet(p) for p in sorted((out / "catalog").glob("*.parquet"))]))
+    assert snapshot["key"].n_unique() == snapshot.height
 
 
 def test_catalogue_leases_and_store_checked_cache_across_a_sequence_of_runs(prefect_api, tmp_path, tiny_sd_path):

@@ -229,3 +229,123 @@ def test_contact_sheet_artifact_carries_no_credentials(s3_bucket, monkeypatch):
     monkeypatch.setenv("PRCORE_PUBLIC_BASE_URL", "https://review.example.com/nightly/")
     md = contact_sheets_markdown(store, "r1", results)
     assert "![s0](https://review.example.com/nightly/runs/r1/contact_sheets/s0.png)" in md and "X-Amz" not in md
+
+
+def _catalogue_of_three(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    for sid, n in (("s1", 2), ("s2", 3), ("s3", 1)):
+        write_catalog(store, sid, _rows(sid, n, "2026-01-01"))
+    return store
+
+
+def test_readme_read_commands_on_both_layouts(tmp_path):
+    """README's read commands: the per-subject glob keeps reading each row once with the snapshot beside it,
+    and the snapshot (one file) reads the same rows."""
+    from prcore.outputs.catalog import write_snapshot
+
+    store = _catalogue_of_three(tmp_path)
+    snap = write_snapshot(store)
+    assert (snap.key, snap.files, snap.rows, snap.written) == ("catalog.parquet", 3, 6, True)
+    out = tmp_path / "out"
+    per_subject = [pl.scan_parquet(f"{out}/catalog/*.parquet").collect(),
+                   pl.from_arrow(pads.dataset(str(out / "catalog"), format="parquet").to_table()),
+                   duckdb.sql(f"SELECT * FROM read_parquet('{out}/catalog/*.parquet')").pl()]
+    snapshot = [pl.scan_parquet(f"{out}/catalog.parquet").collect(), duckdb.sql(f"SELECT * FROM read_parquet('{out}/catalog.parquet')").pl()]
+    for frame in per_subject + snapshot:
+        assert frame.height == 6 and frame["key"].n_unique() == 6 and frame.schema == pl.Schema(CATALOG_SCHEMA)
+        assert frame.sort("key").equals(per_subject[0].sort("key"))
+
+
+def test_snapshot_is_exactly_the_per_subject_files_and_never_trusted_stale(tmp_path):
+    """The snapshot holds the rows of the per-subject files (same rows, order, schema); once a subject's file
+    changes, read_catalog no longer uses it until it is rebuilt; rebuilt only when something changed."""
+    from prcore.outputs.catalog import catalog_sources, read_snapshot, sources_fingerprint, write_snapshot
+
+    store = _catalogue_of_three(tmp_path)
+    files = read_catalog(store, use_snapshot=False)
+    write_snapshot(store)
+    assert pl.read_parquet(tmp_path / "out" / "catalog.parquet").equals(files)
+    assert read_snapshot(store, sources_fingerprint(catalog_sources(store))).equals(files)
+    assert read_catalog(store).equals(files)
+    assert not write_snapshot(store).written  # nothing changed: not rewritten
+
+    rows = _rows("s2", 3, "2026-01-01")
+    rows[1] = dataclasses.replace(rows[1], sha256="cd" * 32)  # a rerun redid one image of s2
+    write_catalog(store, "s2", rows)
+    assert read_snapshot(store, sources_fingerprint(catalog_sources(store))) is None  # stale: not trusted
+    whole = read_catalog(store)
+    assert whole.height == 6 and whole.filter(pl.col("key") == rows[1].key)["sha256"].to_list() == ["cd" * 32]
+    snap = write_snapshot(store)
+    assert snap.written and pl.read_parquet(tmp_path / "out" / "catalog.parquet").equals(read_catalog(store, use_snapshot=False))
+    (tmp_path / "out" / "catalog" / "s3.parquet").unlink()  # a subject's file removed: the snapshot no longer matches
+    assert read_catalog(store).height == 5 and write_snapshot(store).rows == 5
+
+
+def test_damaged_snapshot_is_rebuilt_and_a_failed_rebuild_keeps_the_old_one(tmp_path, caplog):
+    """A snapshot whose page checksum fails is neither read nor counted as current; a per-subject file that
+    fails its checksum stops the rebuild with its name and leaves the old snapshot's bytes as they were,
+    and read_catalog names that file instead of returning the stale snapshot."""
+    from prcore.outputs.catalog import CatalogCorruptError, write_snapshot
+    from prcore.pipeline.catalog import refresh_catalog_snapshot
+
+    store = _catalogue_of_three(tmp_path)
+    write_snapshot(store)
+    path = tmp_path / "out" / "catalog.parquet"
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 3] ^= 0xFF  # inside a data page: the footer (and its fingerprint) still read
+    path.write_bytes(bytes(data))
+    assert read_catalog(store).equals(read_catalog(store, use_snapshot=False))  # the files, not the damaged snapshot
+    assert write_snapshot(store).written and path.read_bytes() == good  # rebuilt, byte for byte what it was
+
+    (tmp_path / "out" / "catalog" / "s2.parquet").write_bytes(b"PAR1 not a catalogue PAR1")
+    with pytest.raises(CatalogCorruptError, match="catalog/s2.parquet"):
+        write_snapshot(store)
+    with pytest.raises(CatalogCorruptError, match="catalog/s2.parquet"):
+        read_catalog(store)
+    with caplog.at_level("WARNING", logger="prcore.pipeline"):
+        assert refresh_catalog_snapshot(store) is None
+    assert "catalog/s2.parquet" in caplog.text and path.read_bytes() == good
+
+
+def test_snapshot_replaced_in_one_put(tmp_path):
+    """The snapshot is written with one put of the whole file (atomic on both stores): a put that fails
+    leaves the old snapshot whole, and no partial file is ever visible under its key."""
+    from prcore.outputs.catalog import write_snapshot
+    from prcore.store.storage import StoreWriteError
+
+    store = _catalogue_of_three(tmp_path)
+    write_snapshot(store)
+    old = (tmp_path / "out" / "catalog.parquet").read_bytes()
+    write_catalog(store, "s4", _rows("s4", 2, "2026-01-02"))
+    puts: list[str] = []
+
+    class FailingStore(LocalStore):
+        def put(self, key, data, content_type=None, metadata=None):
+            puts.append(key)
+            raise StoreWriteError(f"cannot write {key!r}: disk full")
+
+    with pytest.raises(StoreWriteError):
+        write_snapshot(FailingStore(tmp_path / "out"))
+    assert puts == ["catalog.parquet"] and (tmp_path / "out" / "catalog.parquet").read_bytes() == old
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["catalog", "catalog.parquet"]  # no temporary file left
+    assert read_catalog(store).height == 8  # the stale snapshot is not used
+
+
+def test_snapshot_on_s3_read_by_polars_and_read_catalog(tmp_path, s3_server, s3_bucket):
+    """On the S3 server: polars reads the per-subject glob and the snapshot alike; read_catalog uses the
+    snapshot (S3 ETags in its fingerprint) and notices a rewritten subject."""
+    from prcore.outputs.catalog import catalog_sources, read_snapshot, sources_fingerprint, write_snapshot
+
+    store = open_store(f"s3://{s3_bucket}/root", endpoint_url=s3_server)
+    for sid, n in (("s1", 2), ("s2", 3)):
+        write_catalog(store, sid, _rows(sid, n, "2026-01-01"))
+    write_snapshot(store)
+    opts = {"aws_endpoint_url": s3_server, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+            "aws_region": "us-east-1", "aws_allow_http": "true"}
+    glob = pl.scan_parquet(f"s3://{s3_bucket}/root/catalog/*.parquet", storage_options=opts).collect()
+    snap = pl.scan_parquet(f"s3://{s3_bucket}/root/catalog.parquet", storage_options=opts).collect()
+    assert glob.height == 5 and snap.equals(glob) and read_catalog(store).equals(glob)
+    assert read_snapshot(store, sources_fingerprint(catalog_sources(store))) is not None
+    write_catalog(store, "s1", _rows("s1", 1, "2026-01-01"))
+    assert read_snapshot(store, sources_fingerprint(catalog_sources(store))) is None and read_catalog(store).height == 4

@@ -12,6 +12,14 @@ columns, ``run_date`` included: the date of the run that made the image; nested 
     pl.scan_parquet("out/catalog/**/*.parquet", hive_partitioning=True)
     pyarrow.dataset.dataset("out/catalog", format="parquet", partitioning="hive")
     duckdb.sql("SELECT * FROM read_parquet('out/catalog/**/*.parquet', hive_partitioning = true)")
+
+The snapshot, ``catalog.parquet`` beside ``catalog/``, is all of those files in one (same schema, same
+rows, same order), so a full read is one object instead of one per subject (10,000 at catalogue
+scale: the small-files problem; figures in docs/manifest_and_storage.md). :func:`write_snapshot`
+rebuilds it from the per-subject files (each verified) and replaces it in one put; its Parquet
+metadata holds the fingerprint of the per-subject files it was built from (key + S3 ETag, or on a
+folder size + mtime + inode), so :func:`read_catalog` uses it only while it is exactly those files,
+and reads the per-subject files otherwise (a stale, damaged or missing snapshot is never trusted).
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable
-from dataclasses import fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from prcore.outputs.sidecar import ImageRecord
-from prcore.store.keys import CATALOG_PREFIX, catalog_key, catalog_subject, legacy_catalog_key
+from prcore.store.keys import CATALOG_PREFIX, CATALOG_SNAPSHOT_KEY, catalog_key, catalog_subject, legacy_catalog_key
 
 _POLARS = {"str": pl.String(), "int": pl.Int64(), "float": pl.Float64(), "bool": pl.Boolean()}
 
@@ -114,10 +124,136 @@ def read_subject_catalog(store: Any, subject_id: str) -> pl.DataFrame | None:
     return parse_catalog(data, key)
 
 
-def read_catalog(store: Any) -> pl.DataFrame:
-    """The whole catalogue of ``store`` as one frame (files of the old layout are not read); a damaged
-    file is :class:`CatalogCorruptError` naming it, never a silent gap."""
-    found = sorted(k for k in store.list(f"{CATALOG_PREFIX}/") if catalog_subject(k) is not None)
-    if not found:
+SNAPSHOT_SOURCES_META = b"prcore.catalog.sources"  # Parquet metadata: fingerprint of the files a snapshot holds
+SNAPSHOT_FILES_META = b"prcore.catalog.files"
+SNAPSHOT_ROW_GROUP_ROWS = 100_000  # row groups a reader decodes in parallel (and skips by subject_id statistics)
+READ_THREADS = 16  # parallel GETs of per-subject files (S3 round trips overlap)
+
+
+def catalog_sources(store: Any) -> list[tuple[str, str | None]]:
+    """``(key, version)`` of every per-subject catalogue file, sorted by key, from one listing: the version
+    is ``size:ETag`` on S3, ``size:mtime_ns:inode`` on a folder (every put is a new file, renamed in
+    place), None where the store tells neither."""
+    from prcore.store.storage import LocalStore, list_info
+
+    out: list[tuple[str, str | None]] = []
+    for info in list_info(store, f"{CATALOG_PREFIX}/"):
+        if catalog_subject(info.key) is None:
+            continue
+        version = None
+        if info.etag:
+            version = f"{info.size}:{info.etag.strip(chr(34))}"
+        elif isinstance(store, LocalStore):
+            try:
+                st = (Path(store.root) / info.key).stat()
+            except FileNotFoundError:  # replaced meanwhile: unknown, so no snapshot matches
+                st = None
+            version = None if st is None else f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        out.append((info.key, version))
+    return sorted(out)
+
+
+def sources_fingerprint(sources: list[tuple[str, str | None]]) -> str | None:
+    """sha256 of the listing of per-subject files; None when a version is unknown (no snapshot can be checked)."""
+    import hashlib
+
+    if any(v is None for _, v in sources):
+        return None
+    return hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sources).encode()).hexdigest()
+
+
+def _read_files(store: Any, keys: list[str]) -> pl.DataFrame:
+    """The per-subject files ``keys`` as one frame, in that order (GETs in parallel, every page checksum
+    verified; a damaged file is :class:`CatalogCorruptError` naming it)."""
+    if not keys:
         return pl.DataFrame(schema=CATALOG_SCHEMA)
-    return pl.concat([parse_catalog(store.get(k), k) for k in found], how="vertical_relaxed")
+    with ThreadPoolExecutor(max(1, min(READ_THREADS, len(keys)))) as pool:
+        frames = list(pool.map(lambda k: parse_catalog(store.get(k), k), keys))
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What :func:`write_snapshot` wrote (or found current)."""
+
+    key: str
+    files: int
+    rows: int
+    fingerprint: str | None
+    written: bool
+
+
+def snapshot_bytes(frame: pl.DataFrame, fingerprint: str, files: int) -> bytes:
+    """The snapshot's Parquet bytes: page checksums, row groups of SNAPSHOT_ROW_GROUP_ROWS, and the
+    fingerprint of its source files in the file's key-value metadata."""
+    import pyarrow.parquet as pq
+
+    table = frame.to_arrow()
+    meta = {**(table.schema.metadata or {}), SNAPSHOT_SOURCES_META: fingerprint.encode(), SNAPSHOT_FILES_META: str(files).encode()}
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd", write_page_checksum=True,
+                   row_group_size=SNAPSHOT_ROW_GROUP_ROWS)
+    return buf.getvalue()
+
+
+def _snapshot_fingerprint(data: bytes) -> str | None:
+    """The source fingerprint in a snapshot's footer (the footer only: no page is decoded); None when absent
+    or the bytes are not Parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+    except Exception:  # not Parquet (damaged footer): not a snapshot of anything
+        return None
+    value = meta.get(SNAPSHOT_SOURCES_META)
+    return value.decode() if value else None
+
+
+def read_snapshot(store: Any, fingerprint: str | None) -> pl.DataFrame | None:
+    """The snapshot's frame when it was built from exactly the files of ``fingerprint`` and every page checksum
+    holds; None when it is missing, stale or damaged (the caller reads the per-subject files)."""
+    from prcore.store.storage import KeyNotFoundError
+
+    if fingerprint is None:
+        return None
+    try:
+        data = store.get(CATALOG_SNAPSHOT_KEY)
+    except KeyNotFoundError:
+        return None
+    if _snapshot_fingerprint(data) != fingerprint:
+        return None
+    try:
+        return parse_catalog(data, CATALOG_SNAPSHOT_KEY)
+    except CatalogCorruptError:
+        return None
+
+
+def write_snapshot(store: Any, *, force: bool = False) -> Snapshot:
+    """Rebuild ``catalog.parquet`` from the per-subject files (one listing, one GET each, every page checksum
+    verified) and replace it in one put (a reader sees the old snapshot or the new); skipped when the
+    snapshot already holds exactly the listed files and reads back whole (one GET of it, every page
+    checksum verified) unless ``force``.
+    A damaged per-subject file is :class:`CatalogCorruptError` naming it, and the old snapshot stays
+    (:func:`read_catalog` no longer trusts it: its fingerprint does not match)."""
+    sources = catalog_sources(store)
+    fingerprint = sources_fingerprint(sources)
+    if fingerprint is None:
+        raise ValueError(f"{store!r} lists no version (ETag, or a folder's mtime) of its catalogue files; a snapshot could not be checked")
+    if not force:
+        current = read_snapshot(store, fingerprint)
+        if current is not None:
+            return Snapshot(CATALOG_SNAPSHOT_KEY, len(sources), current.height, fingerprint, written=False)
+    frame = _read_files(store, [k for k, _ in sources])
+    store.put(CATALOG_SNAPSHOT_KEY, snapshot_bytes(frame, fingerprint, len(sources)), content_type="application/vnd.apache.parquet")
+    return Snapshot(CATALOG_SNAPSHOT_KEY, len(sources), frame.height, fingerprint, written=True)
+
+
+def read_catalog(store: Any, *, use_snapshot: bool = True) -> pl.DataFrame:
+    """The whole catalogue of ``store`` as one frame: the per-subject files, read from the snapshot when it
+    holds exactly them (one LIST + one GET), else file by file (files of the old layout are not read); a
+    damaged file is :class:`CatalogCorruptError` naming it, never a silent gap."""
+    sources = catalog_sources(store)
+    if not sources:
+        return pl.DataFrame(schema=CATALOG_SCHEMA)
+    snap = read_snapshot(store, sources_fingerprint(sources)) if use_snapshot else None
+    return snap if snap is not None else _read_files(store, [k for k, _ in sources])

@@ -5,6 +5,7 @@ Layout under one root (a folder or ``s3://bucket/prefix``)::
     loras/{subject_id}/{lora_fp}/                      LORA_WEIGHTS_FILE, LORA_EMBEDDINGS_FILE, LORA_RECORD_FILE (last)
     images/{subject_id}/{prompt_id}/{req_fp}/{i}.png   + {i}.json sidecar (written last: the commit marker)
     catalog/{subject_id}.parquet                       one row per finished image of the subject (rewritten whole)
+    catalog.parquet                                    the snapshot: every catalogue file in one (rewritten at the end of a run)
     runs/{run_id}/                                     summary.json, failures.json, shards/, contact_sheets/
     state/leases/{subject_id}.json                     who works on the subject now (a lease with an expiry)
     state/dirty/{subject_id}.json                      images written since the subject's catalogue was last rewritten
@@ -211,6 +212,11 @@ def catalog_subject(key: str) -> str | None:
         sid = parts[1][: -len(".parquet")]
         return sid if is_safe_id(sid) else None
     return None
+
+
+# The compacted snapshot of the whole catalogue: every ``catalog/{subject_id}.parquet`` in one file, beside
+# (not inside) catalog/, so the per-subject glob ``catalog/*.parquet`` never reads a row twice.
+CATALOG_SNAPSHOT_KEY = "catalog.parquet"
 
 
 def legacy_catalog_key(key: str) -> str | None:
