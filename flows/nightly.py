@@ -4,7 +4,7 @@ Reads and validates the manifest, plans (what is done is skipped), groups the su
 left into shards and fans out: in this process, one shard at a time (``fan_out="local"``), or one
 ``run_deployment`` per shard onto the ``personalize-subject/gpu`` deployment (``"deployment"``),
 linked as child runs with idempotency keys derived from this flow run's id, then waits for all.
-A deployment shard gets its plan file (``runs/{run_id}/shards/{i}.plan.json``: its subjects' jobs as
+A deployment shard gets its plan file (``runs/{run_id}/shard_plans/{i}.json``: its subjects' jobs as
 planned and image-checked here), so it reads nothing of other subjects.
 Writes ``runs/{run_id}/summary.json`` and ``failures.json``, publishes the run table, progress and
 contact-sheet artifacts, and ends Failed when any subject failed (after all the others finished).

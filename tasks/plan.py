@@ -35,10 +35,10 @@ def plan_task(manifest: str, store: Any, settings: RunSettings, subject_ids: lis
 @task(name="write-shard-plans", cache_policy=NO_CACHE, persist_result=False, **RETRY_OPTIONS)
 def write_shard_plans_task(store: Any, run_id: str, shards: list[list[Any]], manifest: str, manifest_fp: str,
                            settings: RunSettings) -> list[str]:
-    """One plan file per shard (``runs/{run_id}/shards/{i}.plan.json``): that shard's jobs as planned here."""
+    """One plan file per shard (``runs/{run_id}/shard_plans/{i}.json``): that shard's jobs as planned here."""
     keys = write_shard_plans(store, run_id, shards, manifest=manifest, manifest_fp=manifest_fp,
                              settings_fp=settings_fingerprint(settings))
-    get_run_logger().info("%d shard plan(s) written under runs/%s/shards/", len(keys), run_id)
+    get_run_logger().info("%d shard plan(s) written under runs/%s/shard_plans/", len(keys), run_id)
     return keys
 
 

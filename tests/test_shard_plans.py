@@ -122,7 +122,7 @@ def test_a_shard_with_its_plan_file_reads_nothing_of_other_subjects(prefect_api,
     manifest = write_local_manifest(folder, manifest_rows(SUBJECTS, prompts=1, num_images=1, steps=2), subjects=SUBJECTS)
     out, settings = tmp_path / "out", settings_for(tiny_sd_path, tmp_path / "cache")
     plans = parent_plans(manifest, out, settings, "20260101T000000Z-test", [["s0"], ["s1", "s2"]])
-    assert plans == ["runs/20260101T000000Z-test/shards/0000.plan.json", "runs/20260101T000000Z-test/shards/0001.plan.json"]
+    assert plans == ["runs/20260101T000000Z-test/shard_plans/0000.json", "runs/20260101T000000Z-test/shard_plans/0001.json"]
     delete_instance_images(folder, ["s1", "s2"])  # checked by the parent; a shard of s0 must not need them
     CountingStore.listed, OPENED[:] = [], []
 
@@ -184,3 +184,28 @@ def test_a_shard_started_by_hand_plans_its_own_subjects_and_refuses_bad_input_fi
     (folder / "subjects" / "s2" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     state = run_shard_flow(manifest, tmp_path / "bad2", settings, ["s2"])
     assert state.is_failed() and "1.png" in str(state.message) and not (tmp_path / "bad2" / "images").exists()
+
+
+def test_a_job_written_to_a_plan_file_reads_back_as_planned(tmp_path):
+    """Every field a shard uses survives the plan file: specs, overrides, QC thresholds, meta cells,
+    params, seeds, keys and what was done; before and after the requests were built."""
+    import json
+
+    from prcore.data.load import load_manifest
+    from prcore.data.plan import SubjectJob, plan
+    from prcore.data.schema import GenerationDefaults
+
+    rows = manifest_rows(2, prompts=3, num_images=2, steps=2)
+    for r in rows:
+        r.update(meta_batch="b7", train_target_modules=["to_q", "to_v"], qc_clip_t=0.2, seed=11 if r["prompt_id"] == "p1" else None)
+    manifest = write_local_manifest(tmp_path / "in", rows, subjects=2)
+    jobs = plan(load_manifest(manifest), defaults=GenerationDefaults(), base_model="m")
+    for built in (False, True):
+        for job in jobs:
+            if built:
+                job.requests[1].done[1] = True
+            record = json.loads(json.dumps(job.to_record()))
+            back = SubjectJob.from_record(record)
+            assert back.requests == job.requests and record["requests"][0]["meta"] == {"meta_batch": "b7"}
+            assert (back.subject_fp, back.train_overrides, back.qc_thresholds, back.instance_images, back.n_done) == (
+                job.subject_fp, {"target_modules": ("to_q", "to_v")}, {"clip_t": 0.2}, job.instance_images, int(built))

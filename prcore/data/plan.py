@@ -60,6 +60,7 @@ class ImageRequest:
     keys: list[str]
     row: int = -1
     meta: dict[str, Any] = field(default_factory=dict)  # the row's meta_* cells (non-null), carried into every record
+    base_seed: int | None = None  # the row's seed (given or derived): seeds[i] is image_seed(base_seed, i)
 
     @property
     def num_images(self) -> int:
@@ -115,31 +116,37 @@ class SubjectJob:
         return [r for r in self.requests if not all(r.done)]
 
     def to_record(self) -> dict[str, Any]:
-        """The job as JSON values (a shard's plan file): its subject spec and every request, with the
-        indices of the images that were done when it was planned."""
+        """The job as JSON values (a shard's plan file): its subject spec and every request (its seed, size
+        and the indices of the images done when it was planned). Read from the planned columns while
+        the requests are not built (no objects, no keys: thousands of subjects a second)."""
         overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in self.train_overrides.items()}
+        if self._requests is None:
+            requests = [{"prompt_id": pid, "prompt": prompt, "params": params, "req_fp": fp, "base_seed": base, "num_images": n,
+                         "done": sorted(done), "row": row, "meta": meta}
+                        for row, pid, prompt, n, base, fp, done, params, meta in _planned_requests(self)]
+        else:
+            requests = [{"prompt_id": r.prompt_id, "prompt": r.prompt, "params": r.params, "req_fp": r.req_fp,
+                         "base_seed": r.base_seed, "num_images": r.num_images, "done": [i for i, d in enumerate(r.done) if d],
+                         "row": r.row, "meta": r.meta} for r in self.requests]
         return {
             "subject_id": self.subject_id, "class_noun": self.class_noun, "identifier": self.identifier,
             "instance_images": self.instance_images, "instance_prompts": self.instance_prompts,
             "train_overrides": overrides, "base_model": self.base_model, "subject_fp": self.subject_fp,
-            "qc_thresholds": self.qc_thresholds,
-            "requests": [{"prompt_id": r.prompt_id, "prompt": r.prompt, "params": r.params, "req_fp": r.req_fp,
-                          "seeds": r.seeds, "done": [i for i, d in enumerate(r.done) if d], "row": r.row, "meta": r.meta}
-                         for r in self.requests],
+            "qc_thresholds": self.qc_thresholds, "requests": requests,
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> SubjectJob:
-        """The job :meth:`to_record` wrote; its keys are built again (ids and fingerprints checked)."""
+        """The job :meth:`to_record` wrote; seeds and keys are derived again (ids and fingerprints checked)."""
         sid = record["subject_id"]
         requests = []
         for r in record["requests"]:
-            done = set(r["done"])
+            done, n, base = set(r["done"]), int(r["num_images"]), int(r["base_seed"])
             requests.append(ImageRequest(
                 subject_id=sid, prompt_id=r["prompt_id"], prompt=r["prompt"], params=dict(r["params"]), req_fp=r["req_fp"],
-                seeds=[int(x) for x in r["seeds"]], done=[i in done for i in range(len(r["seeds"]))],
-                keys=[keys.image_key(sid, r["prompt_id"], r["req_fp"], i) for i in range(len(r["seeds"]))],
-                row=int(r["row"]), meta=dict(r["meta"])))
+                seeds=[image_seed(base, i) for i in range(n)], done=[i in done for i in range(n)],
+                keys=[keys.image_key(sid, r["prompt_id"], r["req_fp"], i) for i in range(n)],
+                row=int(r["row"]), meta=dict(r["meta"]), base_seed=base))
         overrides = dict(record["train_overrides"])
         if "target_modules" in overrides:
             overrides["target_modules"] = tuple(overrides["target_modules"])
@@ -152,37 +159,36 @@ class SubjectJob:
         )
 
 
-def _build_requests(job: SubjectJob) -> list[ImageRequest]:
-    """ImageRequest objects from the job's planned columns (ids were validated by :func:`plan`)."""
+def _planned_requests(job: SubjectJob) -> list[tuple]:
+    """(row, prompt_id, prompt, num_images, base seed, req_fp, done indices, params, meta) of each request,
+    from the job's planned columns (ids were validated by :func:`plan`)."""
     if job._rows is None or job.n_requests == 0:
         return []
     cols = job._rows.slice(job._offset, job.n_requests).to_dict(as_series=False)
-    out = []
-    sid = job.subject_id
     meta_rows = None
     if job._meta is not None and job._meta.width:
         meta_rows = job._meta[cols["__row"]].to_dicts()
-    for j, (row, pid, prompt, n, base, fp_u64, done_idx, spec) in enumerate(zip(
-        cols["__row"], cols["__pid"], cols["prompt"], cols["num_images"], cols["__base_seed"],
-        cols["__req_u64"], cols["__done_idx"], cols["__spec"], strict=True,
-    )):
-        fp = f"{fp_u64:016x}"
-        done_set = set(done_idx) if done_idx else ()
-        out.append(
-            ImageRequest(
-                subject_id=sid,
-                prompt_id=pid,
-                prompt=prompt,
-                params=job._params[spec],
-                req_fp=fp,
-                seeds=[image_seed(base, i) for i in range(n)],
-                done=[i in done_set for i in range(n)],
-                keys=[keys.image_key(sid, pid, fp, i) for i in range(n)],
-                row=row,
-                meta={k: _plain(v) for k, v in meta_rows[j].items() if v is not None} if meta_rows else {},
-            )
+    return [
+        (row, pid, prompt, n, base, f"{fp_u64:016x}", set(done_idx) if done_idx else set(), job._params[spec],
+         {k: _plain(v) for k, v in meta_rows[j].items() if v is not None} if meta_rows else {})
+        for j, (row, pid, prompt, n, base, fp_u64, done_idx, spec) in enumerate(zip(
+            cols["__row"], cols["__pid"], cols["prompt"], cols["num_images"], cols["__base_seed"],
+            cols["__req_u64"], cols["__done_idx"], cols["__spec"], strict=True,
+        ))
+    ]
+
+
+def _build_requests(job: SubjectJob) -> list[ImageRequest]:
+    """ImageRequest objects from the job's planned columns."""
+    sid = job.subject_id
+    return [
+        ImageRequest(
+            subject_id=sid, prompt_id=pid, prompt=prompt, params=params, req_fp=fp,
+            seeds=[image_seed(base, i) for i in range(n)], done=[i in done for i in range(n)],
+            keys=[keys.image_key(sid, pid, fp, i) for i in range(n)], row=row, meta=meta, base_seed=base,
         )
-    return out
+        for row, pid, prompt, n, base, fp, done, params, meta in _planned_requests(job)
+    ]
 
 
 def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int | None = 64) -> pl.DataFrame:

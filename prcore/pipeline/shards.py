@@ -1,7 +1,7 @@
 """A shard's plan file: the jobs of its subjects as the parent run planned them.
 
 With deployment fan-out the parent (``nightly-batch``) loads, validates, plans and image-checks the
-manifest once, then writes one file per shard, ``runs/{run_id}/shards/{i:04d}.plan.json``
+manifest once, then writes one file per shard, ``runs/{run_id}/shard_plans/{i:04d}.json``
 (:func:`prcore.store.keys.shard_plan_key`), holding exactly that shard's :class:`SubjectJob` records
 and what they were planned from: the manifest's URI and :func:`prcore.data.load.manifest_identity`
 (taken before the parent loaded it) and the fingerprint of the run's settings. A shard reads its

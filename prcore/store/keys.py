@@ -6,7 +6,7 @@ Layout under one root (a folder or ``s3://bucket/prefix``)::
     images/{subject_id}/{prompt_id}/{req_fp}/{i}.png   + {i}.json sidecar (written last: the commit marker)
     catalog/{subject_id}.parquet                       one row per finished image of the subject (rewritten whole)
     runs/{run_id}/                                     summary.json, failures.json, shards/, contact_sheets/
-    runs/{run_id}/shards/{i}.plan.json                 shard i's jobs as the parent planned them (deployment fan-out)
+    runs/{run_id}/shard_plans/{i}.json                 shard i's jobs as the parent planned them (deployment fan-out)
     state/leases/{subject_id}.json                     who works on the subject now (a lease with an expiry)
     state/dirty/{subject_id}.json                      images written since the subject's catalogue was last rewritten
 
@@ -196,8 +196,8 @@ def shard_record_key(run_id: str, shard_index: int) -> str:
 
 
 def shard_plan_key(run_id: str, shard_index: int) -> str:
-    """``runs/{run_id}/shards/{i:04d}.plan.json``: the jobs of shard ``i`` as the parent planned them."""
-    return run_key(run_id, f"shards/{_index(shard_index):04d}.plan.json")
+    """``runs/{run_id}/shard_plans/{i:04d}.json``: the jobs of shard ``i`` as the parent planned them."""
+    return run_key(run_id, f"shard_plans/{_index(shard_index):04d}.json")
 
 
 def contact_sheet_key(run_id: str, subject_id: str) -> str:
