@@ -209,3 +209,45 @@ def test_a_job_written_to_a_plan_file_reads_back_as_planned(tmp_path):
             assert back.requests == job.requests and record["requests"][0]["meta"] == {"meta_batch": "b7"}
             assert (back.subject_fp, back.train_overrides, back.qc_thresholds, back.instance_images, back.n_done) == (
                 job.subject_fp, {"target_modules": ("to_q", "to_v")}, {"clip_t": 0.2}, job.instance_images, int(built))
+
+
+@pytest.mark.parametrize("where", ["folder", "s3 prefix", "s3 object"])
+def test_the_manifest_identity_changes_when_a_file_is_edited_added_or_removed(where, tmp_path, request):
+    """What a shard compares its plan file with: the manifest's files described (stat / one S3 LIST), not read."""
+    import io
+    import time
+
+    from prcore.data.load import manifest_identity
+
+    def frame(prompt: str) -> bytes:
+        buf = io.BytesIO()
+        pl.DataFrame([{**manifest_rows(1, prompts=1)[0], "prompt": prompt}]).write_parquet(buf)
+        return buf.getvalue()
+
+    if where == "folder":
+        (tmp_path / "m").mkdir()
+
+        def put(name: str, data: bytes | None) -> None:
+            (tmp_path / "m" / name).unlink() if data is None else (tmp_path / "m" / name).write_bytes(data)
+        uri = str(tmp_path / "m")
+    else:
+        import boto3
+
+        bucket = request.getfixturevalue("s3_bucket")
+        s3 = boto3.client("s3", endpoint_url=request.getfixturevalue("s3_server"))
+
+        def put(name: str, data: bytes | None) -> None:
+            s3.delete_object(Bucket=bucket, Key=f"m/{name}") if data is None else s3.put_object(Bucket=bucket, Key=f"m/{name}", Body=data)
+        uri = f"s3://{bucket}/m" + ("/a.parquet" if where == "s3 object" else "")
+    put("a.parquet", frame("a {subject}"))
+    first = manifest_identity(uri)
+    assert manifest_identity(uri) == first
+    time.sleep(0.01)
+    put("a.parquet", frame("a {subject} in the snow"))  # an edit
+    edited = manifest_identity(uri)
+    assert edited != first
+    if where != "s3 object":
+        put("b.parquet", frame("b {subject}"))  # a file added, then removed again
+        assert manifest_identity(uri) not in (first, edited)
+        put("b.parquet", None)
+        assert manifest_identity(uri) == edited
