@@ -4,6 +4,8 @@ Reads and validates the manifest, plans (what is done is skipped), groups the su
 left into shards and fans out: in this process, one shard at a time (``fan_out="local"``), or one
 ``run_deployment`` per shard onto the ``personalize-subject/gpu`` deployment (``"deployment"``),
 linked as child runs with idempotency keys derived from this flow run's id, then waits for all.
+A deployment shard gets its plan file (``runs/{run_id}/shard_plans/{i}.json``: its subjects' jobs as
+planned and image-checked here), so it reads nothing of other subjects.
 Rebuilds the catalogue snapshot ``catalog.parquet`` from the per-subject files (when they changed), writes
 ``runs/{run_id}/summary.json`` and ``failures.json``, publishes the run table, progress and
 contact-sheet artifacts, and ends Failed when any subject failed (after all the others finished).
@@ -19,11 +21,12 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_run
 
 from flows.common import SubjectsFailed, progress_event, wait_for_flow_runs
+from prcore.data.load import manifest_identity
 from prcore.outputs.reports import Failure, SubjectResult, summarize, table_rows
 from prcore.pipeline.settings import FanOut, RunSettings
 from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, open_output, shard, worker_identity
 from tasks.outputs import catalog_snapshot_task
-from tasks.plan import plan_task
+from tasks.plan import plan_task, write_shard_plans_task
 from tasks.report import (
     Progress,
     publish_artifacts,
@@ -69,6 +72,8 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
         removed = store.clean_stale_tmp()
         if removed:
             logger.info("removed %d stale temporary file(s) under %s", removed, store.uri)
+    # what the shards' plan files are checked against: the manifest's files as they are before it is read
+    manifest_fp = manifest_identity(manifest) if fan_out.mode == "deployment" else None
     jobs = plan_task(manifest, store, settings)
     # work left: images to make, or derived outputs (contact sheet, catalogue) that do not match the store
     todo = [j for j in jobs if j.n_todo > 0 or not catalog_is_current(store, j.subject_id)][: fan_out.max_subjects]
@@ -91,10 +96,13 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
             shard_states[i] = "COMPLETED"
             progress.advance()
     else:
+        by_id = {j.subject_id: j for j in todo}
+        plans = write_shard_plans_task(store, run_id, [[by_id[s] for s in ids] for ids in shards], manifest, manifest_fp,
+                                       settings) if shards else []
         params = dict(manifest=manifest, output=output, settings=settings.model_dump(mode="json"), run_id=run_id,
                       run_date=run_date, use_gpu_limit=fan_out.use_gpu_limit)
         shard_states = _fan_out_deployments(shards, params, fan_out.shard_deployment, flow_run_id, run_id,
-                                            fan_out.shard_timeout_s, progress)
+                                            fan_out.shard_timeout_s, progress, plans)
 
     # Collect: shard records from the store; a shard without one (crashed, timed out) fails its subjects.
     results_by_id: dict[str, SubjectResult] = {}
@@ -148,9 +156,10 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
 
 
 def submit_shards(shards: list[list[str]], params: dict[str, Any], deployment: str, flow_run_id: str | None, run_id: str,
-                  *, workers: int = 8) -> dict[int, Any]:
+                  *, workers: int = 8, plans: list[str] | None = None) -> dict[int, Any]:
     """One child flow run per shard on ``deployment``, idempotent per parent run + shard, linked to
-    the current flow run (a task run per shard, as ``run_deployment`` links them).
+    the current flow run (a task run per shard, as ``run_deployment`` links them); shard ``i`` gets
+    ``subject_ids``, ``shard_index`` and, with ``plans``, the key of its plan file (``plan``).
 
     What ``run_deployment`` does in four API calls and a new client per shard is done here with one
     client: the deployment is read once, then two calls per shard (link, flow run) from ``workers``
@@ -185,7 +194,8 @@ def submit_shards(shards: list[list[str]], params: dict[str, Any], deployment: s
                 link = client.create_task_run(task=link_task, flow_run_id=parent.flow_run.id, dynamic_key=str(i),
                                               state=Pending()).id
             return client.create_flow_run_from_deployment(
-                dep.id, parameters={**params, "subject_ids": shards[i], "shard_index": i}, state=Scheduled(),
+                dep.id, parameters={**params, "subject_ids": shards[i], "shard_index": i, **({"plan": plans[i]} if plans else {})},
+                state=Scheduled(),
                 name=f"{run_id}-shard-{i}", tags=["prcore", f"run:{run_id}"],
                 idempotency_key=f"{flow_run_id or run_id}-shard-{i}", parent_task_run_id=link).id
 
@@ -194,12 +204,12 @@ def submit_shards(shards: list[list[str]], params: dict[str, Any], deployment: s
 
 
 def _fan_out_deployments(shards: list[list[str]], params: dict[str, Any], deployment: str, flow_run_id: str | None,
-                         run_id: str, timeout_s: float, progress: Progress) -> dict[int, str]:
-    """Submit one child flow run per shard, then wait for all (one filtered query per poll)."""
+                         run_id: str, timeout_s: float, progress: Progress, plans: list[str]) -> dict[int, str]:
+    """Submit one child flow run per shard (with its plan file), then wait for all (one filtered query per poll)."""
     from prefect.client.orchestration import get_client
 
     logger = get_run_logger()
-    submitted = submit_shards(shards, params, deployment, flow_run_id, run_id)
+    submitted = submit_shards(shards, params, deployment, flow_run_id, run_id, plans=plans)
     logger.info("%d shard(s) submitted to %s", len(submitted), deployment)
     shard_of = {fr_id: i for i, fr_id in submitted.items()}
 

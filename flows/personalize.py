@@ -38,7 +38,7 @@ from prcore.pipeline.subject import (
 from prcore.store.storage import Store, StoreWriteError, open_store
 from tasks.lora import ensure_lora_task
 from tasks.outputs import contact_sheet_task, write_catalog_task
-from tasks.plan import plan_task
+from tasks.plan import shard_jobs_task
 from tasks.report import write_shard_record_task
 
 
@@ -142,6 +142,7 @@ def personalize_subject(
     run_date: str | None = None,
     shard_index: int = 0,
     use_gpu_limit: bool = True,
+    plan: str | None = None,
 ) -> dict[str, Any]:
     """Personalize the subjects ``subject_ids`` of ``manifest`` into ``output``.
 
@@ -153,10 +154,14 @@ def personalize_subject(
         run_id / run_date: the parent run's id (records go to runs/{run_id}/) and catalogue date.
         shard_index: this shard's number in the parent run.
         use_gpu_limit: hold the ``gpu`` global concurrency limit around model work.
+        plan: key of the shard's plan file in ``output`` (the parent run writes it): the shard's jobs
+            as the parent planned and image-checked them. Without it (a shard started by hand), or
+            when it is stale (the manifest changed since; a warning says why), the shard plans its own
+            subjects from the manifest: only their rows validated, prefixes listed, images checked.
     """
     store = open_store(output)
     run = RunContext(run_id or new_run_id(), run_date or datetime.now(UTC).date().isoformat(), worker_identity())
-    jobs = plan_task(manifest, store, settings, subject_ids)
+    jobs = shard_jobs_task(manifest, store, settings, subject_ids, plan)
     record = run_shard(jobs, store=store, settings=settings, run=run, shard_index=shard_index, use_gpu_limit=use_gpu_limit)
     failed = [r for r in record.subjects if not r.ok]
     get_run_logger().info("shard %d: %d subject(s), %d failed", shard_index, len(record.subjects), len(failed))

@@ -133,6 +133,11 @@ def test_nightly_on_gpu_pool_then_rerun_is_a_no_op(cluster, s3, bucket):
     listed = keys(s3, bucket, prefix)
     assert {f"runs/{rid}/contact_sheets/s{i}.png" for i in range(3)} <= set(listed)
     assert sum(1 for k in listed if k.startswith("loras/") and k.endswith("training.json")) == 3
+    # each shard got its plan file from the parent and used it (no shard planned the manifest again)
+    assert sorted(k for k in listed if k.startswith(f"runs/{rid}/shard_plans/")) == [f"runs/{rid}/shard_plans/{i:04d}.json" for i in range(3)]
+    worker_logs = "".join((cluster["server"].home / f"worker-{w}.log").read_text() for w in ("w1", "w2"))
+    assert worker_logs.count(f"shard plan runs/{rid}/shard_plans/") == 3, worker_logs[-3000:]
+    assert "planning the shard's subjects from the manifest" not in worker_logs
     failures = json.loads(get(s3, bucket, f"{prefix}runs/{rid}/failures.json"))
     assert failures["failures"] == []
 

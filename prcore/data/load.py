@@ -12,6 +12,7 @@ import glob as _glob
 import io
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -65,6 +66,22 @@ class Manifest:
     def normalized(self) -> tuple[pl.DataFrame, list[ManifestError]]:
         df, errors = _normalize(self.df)
         return df, [*self.load_errors, *errors]
+
+    def only_subjects(self, subject_ids: Sequence[str]) -> tuple[Manifest, list[int]]:
+        """The rows of ``subject_ids`` as a manifest of their own (same files, same relative-URI bases),
+        and the row number in this manifest of each of its rows (for messages: ``rows[i]`` is row ``i``).
+
+        A manifest without a text ``subject_id`` column comes back whole (its validation names the problem).
+        Raises ``ValueError`` naming the subjects this manifest does not have."""
+        wanted = list(subject_ids)
+        if "subject_id" not in self.df.columns or self.df.schema["subject_id"] != pl.String:
+            return self, list(range(self.df.height))  # validating it names the column's problem
+        indexed = self.df.with_row_index("__at").filter(pl.col("subject_id").is_in(wanted))
+        missing = sorted(set(wanted) - set(indexed["subject_id"].to_list()))
+        if missing:
+            raise ValueError(f"subjects {missing} are not in manifest {self.source}")
+        sub = Manifest(df=indexed.drop("__at"), source=self.source, files=self.files, bases=self.bases, load_errors=self.load_errors)
+        return sub, [int(r) for r in indexed["__at"].to_list()]
 
 
 def _list_manifest_files(uri: str) -> list[str]:
@@ -173,6 +190,30 @@ def load_manifest(uri: str | os.PathLike[str]) -> Manifest:
         raise ValueError(f"the files of manifest {text} do not agree on their column types ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}); write every file with the same dtype per column") from None
     return Manifest(df=df, source=text, files=files, bases=bases, load_errors=load_errors)
+
+
+def manifest_identity(uri: str | os.PathLike[str]) -> str:
+    """A fingerprint of the manifest's files as they are now, without reading them: each file's URI, size
+    and modification time (a folder) or ETag (S3: the MD5 of its bytes for a single-part upload).
+
+    An edit, an added or a removed file changes it. Costs a ``stat`` per file, or on S3 one LIST of the
+    manifest's prefix (plus the one :func:`load_manifest` makes to find the files): nothing grows with the
+    number of rows. Take it before loading: a manifest edited in between is then seen as edited."""
+    from prcore.data.fingerprint import fingerprint
+
+    text = os.fspath(uri)
+    files = _list_manifest_files(text)
+    if text.startswith("s3://"):
+        from prcore.store.storage import S3Store
+
+        root = text.rsplit("/", 1)[0] if text.endswith(".parquet") else text
+        store = S3Store(root)
+        name = text.rsplit("/", 1)[1] if text.endswith(".parquet") else ""
+        infos = {f"{store.uri}/{i.key}": (i.size, i.etag) for i in store.list_info(name)}
+        described = [(f, *infos.get(f, (-1, None))) for f in files]
+    else:
+        described = [(f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files]
+    return fingerprint("manifest-files", 1, {"files": described})
 
 
 def as_manifest(manifest: Manifest | pl.DataFrame) -> Manifest:

@@ -60,6 +60,7 @@ class ImageRequest:
     keys: list[str]
     row: int = -1
     meta: dict[str, Any] = field(default_factory=dict)  # the row's meta_* cells (non-null), carried into every record
+    base_seed: int | None = None  # the row's seed (given or derived): seeds[i] is image_seed(base_seed, i)
 
     @property
     def num_images(self) -> int:
@@ -114,48 +115,91 @@ class SubjectJob:
     def todo_requests(self) -> list[ImageRequest]:
         return [r for r in self.requests if not all(r.done)]
 
+    def to_record(self) -> dict[str, Any]:
+        """The job as JSON values (a shard's plan file): its subject spec and every request (its seed, size
+        and the indices of the images done when it was planned). Read from the planned columns while
+        the requests are not built (no objects, no keys: thousands of subjects a second)."""
+        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in self.train_overrides.items()}
+        if self._requests is None:
+            requests = [{"prompt_id": pid, "prompt": prompt, "params": params, "req_fp": fp, "base_seed": base, "num_images": n,
+                         "done": sorted(done), "row": row, "meta": meta}
+                        for row, pid, prompt, n, base, fp, done, params, meta in _planned_requests(self)]
+        else:
+            requests = [{"prompt_id": r.prompt_id, "prompt": r.prompt, "params": r.params, "req_fp": r.req_fp,
+                         "base_seed": r.base_seed, "num_images": r.num_images, "done": [i for i, d in enumerate(r.done) if d],
+                         "row": r.row, "meta": r.meta} for r in self.requests]
+        return {
+            "subject_id": self.subject_id, "class_noun": self.class_noun, "identifier": self.identifier,
+            "instance_images": self.instance_images, "instance_prompts": self.instance_prompts,
+            "train_overrides": overrides, "base_model": self.base_model, "subject_fp": self.subject_fp,
+            "qc_thresholds": self.qc_thresholds, "requests": requests,
+        }
 
-def _build_requests(job: SubjectJob) -> list[ImageRequest]:
-    """ImageRequest objects from the job's planned columns (ids were validated by :func:`plan`)."""
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SubjectJob:
+        """The job :meth:`to_record` wrote; seeds and keys are derived again (ids and fingerprints checked)."""
+        sid = record["subject_id"]
+        requests = []
+        for r in record["requests"]:
+            done, n, base = set(r["done"]), int(r["num_images"]), int(r["base_seed"])
+            requests.append(ImageRequest(
+                subject_id=sid, prompt_id=r["prompt_id"], prompt=r["prompt"], params=dict(r["params"]), req_fp=r["req_fp"],
+                seeds=[image_seed(base, i) for i in range(n)], done=[i in done for i in range(n)],
+                keys=[keys.image_key(sid, r["prompt_id"], r["req_fp"], i) for i in range(n)],
+                row=int(r["row"]), meta=dict(r["meta"]), base_seed=base))
+        overrides = dict(record["train_overrides"])
+        if "target_modules" in overrides:
+            overrides["target_modules"] = tuple(overrides["target_modules"])
+        return cls(
+            subject_id=sid, class_noun=record["class_noun"], identifier=record["identifier"],
+            instance_images=list(record["instance_images"]), instance_prompts=record["instance_prompts"],
+            train_overrides=overrides, base_model=record["base_model"], subject_fp=record["subject_fp"],
+            n_requests=len(requests), n_images=sum(r.num_images for r in requests),
+            n_done=sum(sum(r.done) for r in requests), qc_thresholds=dict(record["qc_thresholds"]), _requests=requests,
+        )
+
+
+def _planned_requests(job: SubjectJob) -> list[tuple]:
+    """(row, prompt_id, prompt, num_images, base seed, req_fp, done indices, params, meta) of each request,
+    from the job's planned columns (ids were validated by :func:`plan`)."""
     if job._rows is None or job.n_requests == 0:
         return []
     cols = job._rows.slice(job._offset, job.n_requests).to_dict(as_series=False)
-    out = []
-    sid = job.subject_id
     meta_rows = None
     if job._meta is not None and job._meta.width:
         meta_rows = job._meta[cols["__row"]].to_dicts()
-    for j, (row, pid, prompt, n, base, fp_u64, done_idx, spec) in enumerate(zip(
-        cols["__row"], cols["__pid"], cols["prompt"], cols["num_images"], cols["__base_seed"],
-        cols["__req_u64"], cols["__done_idx"], cols["__spec"], strict=True,
-    )):
-        fp = f"{fp_u64:016x}"
-        done_set = set(done_idx) if done_idx else ()
-        out.append(
-            ImageRequest(
-                subject_id=sid,
-                prompt_id=pid,
-                prompt=prompt,
-                params=job._params[spec],
-                req_fp=fp,
-                seeds=[image_seed(base, i) for i in range(n)],
-                done=[i in done_set for i in range(n)],
-                keys=[keys.image_key(sid, pid, fp, i) for i in range(n)],
-                row=row,
-                meta={k: _plain(v) for k, v in meta_rows[j].items() if v is not None} if meta_rows else {},
-            )
+    return [
+        (row, pid, prompt, n, base, f"{fp_u64:016x}", set(done_idx) if done_idx else set(), job._params[spec],
+         {k: _plain(v) for k, v in meta_rows[j].items() if v is not None} if meta_rows else {})
+        for j, (row, pid, prompt, n, base, fp_u64, done_idx, spec) in enumerate(zip(
+            cols["__row"], cols["__pid"], cols["prompt"], cols["num_images"], cols["__base_seed"],
+            cols["__req_u64"], cols["__done_idx"], cols["__spec"], strict=True,
+        ))
+    ]
+
+
+def _build_requests(job: SubjectJob) -> list[ImageRequest]:
+    """ImageRequest objects from the job's planned columns."""
+    sid = job.subject_id
+    return [
+        ImageRequest(
+            subject_id=sid, prompt_id=pid, prompt=prompt, params=params, req_fp=fp,
+            seeds=[image_seed(base, i) for i in range(n)], done=[i in done for i in range(n)],
+            keys=[keys.image_key(sid, pid, fp, i) for i in range(n)], row=row, meta=meta, base_seed=base,
         )
-    return out
+        for row, pid, prompt, n, base, fp, done, params, meta in _planned_requests(job)
+    ]
 
 
-def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int = 64) -> pl.DataFrame:
+def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int | None = 64) -> pl.DataFrame:
     """Done images in ``store``: (subject_id, prompt_id, req_fp, index) for every sidecar found.
 
-    Lists ``images/{subject_id}/`` per subject when there are few subjects, else ``images/`` once;
+    Lists ``images/{subject_id}/`` per subject when there are at most ``per_subject_limit`` subjects
+    (None: always; a shard lists its own subjects only), else ``images/`` once;
     a PNG without its JSON sidecar is not done, nor is a sidecar whose PNG is gone. Whether a listed PNG
     is the file its sidecar recorded is checked per subject before its work (``prcore.pipeline.subject``).
     """
-    if len(subject_ids) <= per_subject_limit:
+    if per_subject_limit is None or len(subject_ids) <= per_subject_limit:
         listed: list[str] = []
         for sid in subject_ids:
             listed.extend(store.list(keys.subject_images_prefix(sid)))
@@ -198,12 +242,14 @@ def plan(
     defaults: GenerationDefaults = GenerationDefaults(),
     base_model: str | None = None,
     check: bool = True,
+    list_per_subject: bool = False,
 ) -> list[SubjectJob]:
     """Expand rows into per-subject jobs: defaults applied, seeds and fingerprints computed, and the
     images whose sidecar already exists in ``store`` marked done.
 
     ``check=True`` runs :func:`validate` (images not opened) and raises :class:`ManifestInvalid`;
     with ``check=False`` (the caller validated already) ids are still checked before any key is built.
+    ``list_per_subject=True`` lists ``images/{subject_id}/`` of each subject planned, never ``images/``.
     """
     m = as_manifest(manifest)
     if check:
@@ -298,7 +344,7 @@ def plan(
 
     # What is done: one listing, joined on (subject, prompt_id, req_fp).
     if store is not None:
-        done = list_done(store, subjects["subject_id"].to_list())
+        done = list_done(store, subjects["subject_id"].to_list(), per_subject_limit=None if list_per_subject else 64)
         done = done.join(subjects.select("subject_id", "__sidx"), on="subject_id", how="inner").with_columns(
             pl.col("__req_fp").str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("__req_u64")
         )

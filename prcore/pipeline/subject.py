@@ -75,13 +75,16 @@ def open_output(uri: str):
 def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids: Iterable[str] | None = None,
               check_images: bool = False, cache_dir: Path | None = None,
               target_modules: Sequence[str] | None = None) -> list[SubjectJob]:
-    """Load, validate and plan a manifest once; keep only ``subject_ids`` when given (in that order).
+    """Load, validate and plan a manifest once; with ``subject_ids`` (a shard started by hand), only the
+    rows of those subjects are validated and planned (in that order), only their ``images/{subject_id}/``
+    prefixes are listed and only their instance images are opened.
 
-    Raises ``prcore.data.schema.ManifestInvalid`` (a ValueError listing every problem) on a bad
-    manifest, ``train_target_modules`` checked against each base model's UNet layers
-    (:func:`prcore.pipeline.models.unet_layer_names`; ``cache_dir``: the run's, where the tiny model
-    lives), and so is the run's own ``target_modules`` setting (``settings.train``) when given.
-    ``check_images=True`` also decodes every instance image before anything runs.
+    Raises ``prcore.data.schema.ManifestInvalid`` (a ValueError listing every problem, rows numbered as
+    in the whole manifest) on a bad manifest, ``train_target_modules`` checked against each base model's
+    UNet layers (:func:`prcore.pipeline.models.unet_layer_names`; ``cache_dir``: the run's, where the
+    tiny model lives), and so is the run's own ``target_modules`` setting (``settings.train``) when
+    given. ``check_images=True`` also decodes every instance image of a subject with work left before
+    anything runs. ``ValueError`` names requested subjects the manifest does not have.
     """
     from prcore.data.load import load_manifest
     from prcore.data.plan import plan
@@ -90,26 +93,39 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     from prcore.pipeline.models import unet_layer_names
 
     manifest = load_manifest(manifest_uri)
-    errors = validate(manifest, check_images=False, module_names=lambda base: unet_layer_names(base, model_id, cache_dir))
-    if errors:
-        raise ManifestInvalid(errors, manifest.source)
-    bad_defaults = validate_defaults(defaults)
-    if target_modules is not None and (layers := unet_layer_names(None, model_id, cache_dir)):
-        problem = target_modules_problem(target_modules, layers, "the run's base model")
-        bad_defaults += [f"settings.train.target_modules: {problem}"] if problem else []
-    if bad_defaults:
-        raise ManifestInvalid([ManifestError(None, None, None, m) for m in bad_defaults], "the run's settings")
-    jobs = plan(manifest, store=store, defaults=defaults, base_model=model_id, check=False)
-    if check_images:
-        check_pending_images(jobs, manifest.source)
-    if subject_ids is not None:
-        wanted = list(subject_ids)
+    rows = None
+    wanted = None if subject_ids is None else list(subject_ids)
+    if wanted is not None:
+        manifest, rows = manifest.only_subjects(wanted)
+    try:
+        errors = validate(manifest, check_images=False, module_names=lambda base: unet_layer_names(base, model_id, cache_dir))
+        if errors:
+            raise ManifestInvalid(errors, manifest.source)
+        bad_defaults = validate_defaults(defaults)
+        if target_modules is not None and (layers := unet_layer_names(None, model_id, cache_dir)):
+            problem = target_modules_problem(target_modules, layers, "the run's base model")
+            bad_defaults += [f"settings.train.target_modules: {problem}"] if problem else []
+        if bad_defaults:
+            raise ManifestInvalid([ManifestError(None, None, None, m) for m in bad_defaults], "the run's settings")
+        jobs = plan(manifest, store=store, defaults=defaults, base_model=model_id, check=False, list_per_subject=wanted is not None)
+        if check_images:
+            check_pending_images(jobs, manifest.source)
+    except ManifestInvalid as exc:
+        if rows is None or all(e.row is None for e in exc.errors):
+            raise
+        raise ManifestInvalid([_renumbered(e, rows) for e in exc.errors], manifest.source) from None
+    if wanted is not None:
         by_id = {j.subject_id: j for j in jobs}
-        missing = [s for s in wanted if s not in by_id]
-        if missing:
-            raise ValueError(f"subjects {missing} are not in manifest {manifest_uri}")
         jobs = [by_id[s] for s in wanted]
     return jobs
+
+
+def _renumbered(error, rows: Sequence[int]):
+    """``error`` of a subset of a manifest, its row numbered as in the whole manifest."""
+    from dataclasses import replace
+
+    ok = error.row is not None and 0 <= error.row < len(rows)
+    return replace(error, row=rows[error.row]) if ok else error
 
 
 def check_pending_images(jobs: Sequence[SubjectJob], source: str, *, workers: int = 8) -> None:

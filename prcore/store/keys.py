@@ -7,6 +7,7 @@ Layout under one root (a folder or ``s3://bucket/prefix``)::
     catalog/{subject_id}.parquet                       one row per finished image of the subject (rewritten whole)
     catalog.parquet                                    the snapshot: every catalogue file in one (rewritten at the end of a run)
     runs/{run_id}/                                     summary.json, failures.json, shards/, contact_sheets/
+    runs/{run_id}/shard_plans/{i}.json                 shard i's jobs as the parent planned them (deployment fan-out)
     state/leases/{subject_id}.json                     who works on the subject now (a lease with an expiry)
     state/dirty/{subject_id}.json                      images written since the subject's catalogue was last rewritten
 
@@ -193,6 +194,11 @@ def scores_key(run_id: str) -> str:
 
 def shard_record_key(run_id: str, shard_index: int) -> str:
     return run_key(run_id, f"shards/{shard_index:04d}.json")
+
+
+def shard_plan_key(run_id: str, shard_index: int) -> str:
+    """``runs/{run_id}/shard_plans/{i:04d}.json``: the jobs of shard ``i`` as the parent planned them."""
+    return run_key(run_id, f"shard_plans/{_index(shard_index):04d}.json")
 
 
 def contact_sheet_key(run_id: str, subject_id: str) -> str:
