@@ -252,6 +252,20 @@ def plan(
     ``list_per_subject=True`` lists ``images/{subject_id}/`` of each subject planned, never ``images/``.
     """
     m = as_manifest(manifest)
+    df, firsts = _checked_rows(m, check)
+    df = df.with_columns(  # what a null cell means: the run's defaults (every field of GenerationDefaults)
+        pl.col("base_model").fill_null(pl.lit(base_model, pl.String)),
+        *(pl.col(f.name).fill_null(pl.lit(getattr(defaults, f.name), df.schema[f.name])) for f in fields(GenerationDefaults)),
+    )
+    subjects, subject_info, subj_table = _subjects(m, firsts, defaults, base_model)
+    df, params_list = _request_specs(df, subj_table)
+    df = _mark_done(df, store, subjects, list_per_subject)
+    return _jobs(m, df, subject_info, params_list)
+
+
+def _checked_rows(m: Manifest, check: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The normalized rows and each subject's first row, after validation (``check``) and the id check:
+    ids become key segments, so every distinct one is checked before anything else happens."""
     if check:
         errors = validate(m, check_images=False)
         if errors:
@@ -259,21 +273,18 @@ def plan(
     df, col_errors = m.normalized
     if col_errors:
         raise ManifestInvalid(col_errors, m.source)
-    # Ids become key segments: check every distinct one before anything else happens.
     firsts = first_rows(df)
     pids = df.select(pl.col("__pid").unique())
     for name, ids in (("subject_id", firsts["subject_id"]), ("prompt_id", pids["__pid"])):
         bad = [v for v in ids.to_list() if not keys.is_safe_id(v)]
         if bad:
             raise ManifestInvalid([ManifestError(None, None, name, f"{bad[0]!r} is not a safe id; no keys were built")], m.source)
+    return df, firsts
 
-    d = defaults
-    df = df.with_columns(  # what a null cell means: the run's defaults (every field of GenerationDefaults)
-        pl.col("base_model").fill_null(pl.lit(base_model, pl.String)),
-        *(pl.col(f.name).fill_null(pl.lit(getattr(d, f.name), df.schema[f.name])) for f in fields(GenerationDefaults)),
-    )
 
-    # Subjects, in order of first appearance: one fingerprint each.
+def _subjects(m: Manifest, firsts: pl.DataFrame, d: GenerationDefaults, base_model: str | None):
+    """Subjects, in order of first appearance: one fingerprint each. Returns the subjects' columns, one
+    ``(row, train overrides, subject_fp)`` per subject, and the table of their fingerprints and seeds."""
     train_cols = [f"train_{f}" for f in TRAIN_FIELDS]
     subj_cols = ["subject_id", "__sidx", "__file", "class_noun", "identifier", "instance_images", "instance_prompts", "base_model", *QC_COLUMNS.values(), *train_cols]
     subjects = firsts.select(subj_cols).with_columns(
@@ -307,9 +318,13 @@ def plan(
             "__subj_idx": pl.int_range(subjects.height, eager=True),
         }
     )
+    return subjects, subject_info, subj_table
 
-    # Distinct request specs: one fingerprint each. Columns constant over the manifest (often all
-    # but the prompt) are left out of the join key.
+
+def _request_specs(df: pl.DataFrame, subj_table: pl.DataFrame) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
+    """Distinct request specs, one fingerprint each, and every row's ``req_fp`` (UInt64 here; 16 hex chars
+    per request when requests are built) and base seed. Columns constant over the manifest (often all
+    but the prompt) are left out of the join key."""
     spec_cols = ["prompt", *REQUEST_PARAM_COLUMNS]
     df = df.select("__row", "__sidx", "subject_id", "__pid", "num_images", "seed", *spec_cols)
     varying = [c for c in spec_cols if c == "prompt" or df[c].n_unique() > 1]
@@ -339,27 +354,32 @@ def plan(
     req_u64 = mix64(mix64(df["__subj_u64"].to_numpy(), df["__spec_u64"].to_numpy()), seed_part)
     derived = mix64(df["__subj_seed_u64"].to_numpy(), df["__pid_u64"].to_numpy())
     base_seed = np.where(seed_given, seed_vals, derived & np.uint64(SEED_MAX)).astype(np.int64)
-    # req_fp stays a UInt64 here; it becomes 16 hex chars per request when requests are built.
     df = df.with_columns(pl.Series("__req_u64", req_u64, dtype=pl.UInt64), pl.Series("__base_seed", base_seed))
+    return df, params_list
 
-    # What is done: one listing, joined on (subject, prompt_id, req_fp).
-    if store is not None:
-        done = list_done(store, subjects["subject_id"].to_list(), per_subject_limit=None if list_per_subject else 64)
-        done = done.join(subjects.select("subject_id", "__sidx"), on="subject_id", how="inner").with_columns(
-            pl.col("__req_fp").str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("__req_u64")
-        )
-        candidates = df.filter(pl.col("__sidx").is_in(done["__sidx"].unique().implode()))
-        join_on = ["__sidx", "__pid", "__req_u64"]
-        done = (
-            done.join(candidates.select(*join_on, "num_images"), on=join_on, how="inner")
-            .filter((pl.col("__index") >= 0) & (pl.col("__index") < pl.col("num_images")))
-            .group_by(join_on)
-            .agg(pl.col("__index").unique().alias("__done_idx"))
-        )
-        df = df.join(done, on=join_on, how="left", maintain_order="left")
-    else:
-        df = df.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("__done_idx"))
 
+def _mark_done(df: pl.DataFrame, store: Any, subjects: pl.DataFrame, list_per_subject: bool) -> pl.DataFrame:
+    """``__done_idx``: each row's image indices already in ``store`` (one listing, joined on subject,
+    prompt_id and req_fp)."""
+    if store is None:
+        return df.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("__done_idx"))
+    done = list_done(store, subjects["subject_id"].to_list(), per_subject_limit=None if list_per_subject else 64)
+    done = done.join(subjects.select("subject_id", "__sidx"), on="subject_id", how="inner").with_columns(
+        pl.col("__req_fp").str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("__req_u64")
+    )
+    candidates = df.filter(pl.col("__sidx").is_in(done["__sidx"].unique().implode()))
+    join_on = ["__sidx", "__pid", "__req_u64"]
+    done = (
+        done.join(candidates.select(*join_on, "num_images"), on=join_on, how="inner")
+        .filter((pl.col("__index") >= 0) & (pl.col("__index") < pl.col("num_images")))
+        .group_by(join_on)
+        .agg(pl.col("__index").unique().alias("__done_idx"))
+    )
+    return df.join(done, on=join_on, how="left", maintain_order="left")
+
+
+def _jobs(m: Manifest, df: pl.DataFrame, subject_info: list, params_list: list[dict[str, Any]]) -> list[SubjectJob]:
+    """One :class:`SubjectJob` per subject, its requests kept as a slice of the shared row table."""
     df = df.sort("__subj_idx", "__row", maintain_order=True) if not df["__subj_idx"].is_sorted() else df
     row_cols = ["__row", "__pid", "prompt", "num_images", "__base_seed", "__req_u64", "__done_idx", "__spec"]
     counts = df.group_by("__subj_idx", maintain_order=True).agg(
