@@ -24,7 +24,7 @@ from flows.common import SubjectsFailed, progress_event, wait_for_flow_runs
 from prcore.data.load import manifest_identity
 from prcore.outputs.reports import Failure, SubjectResult, summarize, table_rows
 from prcore.pipeline.settings import FanOut, RunSettings
-from prcore.pipeline.subject import RunContext, catalog_is_current, new_run_id, open_output, shard, worker_identity
+from prcore.pipeline.subject import RunContext, new_run_id, open_output, shard, subjects_with_work, worker_identity
 from tasks.outputs import catalog_snapshot_task
 from tasks.plan import plan_task, write_shard_plans_task
 from tasks.report import (
@@ -76,7 +76,7 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
     manifest_fp = manifest_identity(manifest) if fan_out.mode == "deployment" else None
     jobs = plan_task(manifest, store, settings)
     # work left: images to make, or derived outputs (contact sheet, catalogue) that do not match the store
-    todo = [j for j in jobs if j.n_todo > 0 or not catalog_is_current(store, j.subject_id)][: fan_out.max_subjects]
+    todo = subjects_with_work(store, jobs)[: fan_out.max_subjects]
     todo_ids = {j.subject_id for j in todo}
     shards = shard([j.subject_id for j in todo], fan_out.subjects_per_shard)
     logger.info("run %s: %d subject(s), %d with work left, %d shard(s), fan-out %s", run_id, len(jobs), len(todo),

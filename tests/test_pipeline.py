@@ -526,3 +526,37 @@ def test_a_lora_an_earlier_version_wrote_in_two_key_layouts_is_trained_again_onc
     assert again.source == "trained" and "mixes two LoRA key layouts" in (again.damaged or "")
     assert L.lora_problem(Path(again.local_dir)) is None
     assert lora_for(setup, inputs, store, tmp_path / "cacheD").source == "store"  # replaced once: reused after
+
+
+def test_subjects_with_work_checks_the_idle_subjects_in_parallel_and_keeps_the_order(tmp_path):
+    """A rerun of an unchanged manifest is one catalogue check per subject: they run side by side (a real
+    LocalStore, its HEADs counted while in flight), and the answer is what the serial check gives."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from prcore.store.storage import LocalStore
+
+    class InFlight(LocalStore):
+        now = peak = 0
+        lock = threading.Lock()
+
+        def exists(self, key: str) -> bool:
+            with self.lock:
+                InFlight.now += 1
+                InFlight.peak = max(InFlight.peak, InFlight.now)
+            time.sleep(0.05)
+            with self.lock:
+                InFlight.now -= 1
+            return super().exists(key)
+
+    from prcore.store.keys import dirty_key
+    from prcore.store.storage import LocalStore
+
+    store = InFlight(tmp_path / "out")
+    jobs = [SimpleNamespace(subject_id=f"s{i}", n_todo=1 if i == 3 else 0) for i in range(12)]
+    store.put(dirty_key("s7"), b"{}")  # a run wrote images of s7 and did not finish its catalogue
+    picked = S.subjects_with_work(store, jobs)
+    assert [j.subject_id for j in picked] == ["s3", "s7"]
+    assert [j.subject_id for j in jobs if j.n_todo > 0 or not S.catalog_is_current(store, j.subject_id)] == ["s3", "s7"]
+    assert InFlight.peak > 1

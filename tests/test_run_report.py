@@ -113,3 +113,33 @@ document.getElementById('f').onload = async () => {
         assert dom.count("<img") == 7 and "failed at train" in dom
     finally:
         server.shutdown()
+
+
+def test_report_bounds_the_subjects_it_reads_images_of(tmp_path):
+    """A night of many subjects: only the first ``max_subjects`` (failures first) get their images read and
+    shown; the others are listed by result alone, and their stored images are never read."""
+    from prcore.pipeline.report import report_subjects
+    from prcore.outputs.run_report import render_report
+
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(3, prompts=1, num_images=1, steps=2), subjects=3)
+
+    class CountingStore(LocalStore):
+        read: list[str] = []
+
+        def get(self, key: str) -> bytes:
+            self.read.append(key)
+            return super().get(key)
+
+    store = CountingStore(tmp_path / "out")
+    jobs = plan(load_manifest(manifest), store=store, check=False)
+    for job in jobs:
+        write_image(store, record_for(job.requests[0], 0, run_id="r1", width=64, height=64), Image.open(io.BytesIO(subject_image(1))))
+    results = [SubjectResult(j.subject_id, requests=1, images=1, generated=1) for j in jobs[:2]]
+    results.append(SubjectResult(jobs[2].subject_id, requests=1, images=1, error="boom", step="sample"))
+    store.read.clear()
+    entries = report_subjects(store, jobs, results, max_subjects=1)
+    assert [e["subject_id"] for e in entries] == [jobs[2].subject_id, jobs[0].subject_id, jobs[1].subject_id]  # the failure first
+    assert entries[0].get("omitted") is None and [e.get("omitted") for e in entries[1:]] == [True, True]
+    assert all(f"images/{jobs[i].subject_id}/" not in k for k in store.read for i in (0, 1))  # never read
+    page = render_report("r1", {"subjects": 3}, entries)
+    assert page.count("images not shown here") == 2

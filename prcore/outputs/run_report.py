@@ -58,7 +58,7 @@ def _score(value: float | None) -> str:
 
 def render_report(run_id: str, summary: dict[str, Any], subjects: Sequence[dict[str, Any]]) -> str:
     """The page. ``subjects``: dicts with ``subject_id``, ``result`` (SubjectResult), ``references``
-    (data URIs), ``records`` (ImageRecord) and ``thumbs`` (key -> data URI)."""
+    (data URIs), ``records`` (ImageRecord) and ``thumbs`` (key -> data URI); ``omitted``: listed without images."""
     def order(s: dict[str, Any]) -> tuple:
         r = s["result"]
         return (r.error is None, r.qc_failed == 0 and not any(x.qc_pass is False for x in s["records"]), s["subject_id"])
@@ -77,6 +77,10 @@ def render_report(run_id: str, summary: dict[str, Any], subjects: Sequence[dict[
             out.append(f"<p class='bad'>failed at {_e(r.step)}: {_e(r.error)}</p>")
         elif r.leased_by:
             out.append(f"<p class='warn'>worked on by run {_e(r.leased_by)} (leased)</p>")
+        if s.get("omitted"):
+            out.append(f"<p>{r.generated} generated this run; images not shown here (the page shows the first subjects' "
+                       "images, failed ones first): see its contact sheet and the catalogue</p>")
+            continue
         qc_bad = sum(1 for x in s["records"] if x.qc_pass is False)
         out.append(f"<p>{r.generated} generated this run, {len(s['records'])} image(s) in total"
                    + (f", <span class='bad'>{qc_bad} failed QC</span>" if qc_bad else "") + "</p>")
