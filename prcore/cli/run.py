@@ -250,7 +250,7 @@ def run_command(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a folder of files or an s3:// prefix."),
     output: str = typer.Option(..., "--output", "-o", help="Output root: a folder or s3://bucket/prefix."),
     model: str | None = typer.Option(None, "--model", help="Base model: a diffusers folder or hub id (default: the embedded model)."),
-    subjects_per_shard: int = typer.Option(4, "--subjects-per-shard", help="Subjects per shard."),
+    subjects_per_shard: int = typer.Option(FanOut.model_fields["subjects_per_shard"].default, "--subjects-per-shard", help="Subjects per shard."),
     max_subjects: int | None = typer.Option(None, "--max-subjects", help="Run at most this many subjects with work left."),
     device: str | None = typer.Option(None, "--device", help="cuda, mps or cpu (default: best available)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on the CPU)."),
