@@ -179,21 +179,6 @@ def read_sidecar(store: Any, png_key: str) -> ImageRecord:
     return ImageRecord.from_dict(json.loads(store.get(sidecar_key_for(png_key))))
 
 
-def png_matches(record: ImageRecord, size: int, etag_md5: str | None = None) -> bool:
-    """Whether a stored PNG, as a listing describes it (``size``; on S3 the ETag's MD5 when it is one),
-    is the file the sidecar recorded. Unknown values (an old sidecar, a folder's listing) are not compared."""
-    if record.bytes is not None and size >= 0 and size != record.bytes:
-        return False
-    return not (record.md5 and etag_md5 and etag_md5 != record.md5)
-
-
-def verify_png(record: ImageRecord, data: bytes) -> str | None:
-    """None when ``data`` is the PNG the sidecar recorded (sha256), else what differs (for a message)."""
-    if record.sha256 is not None and sha256_bytes(data) != record.sha256:
-        return f"{record.key}: {len(data)} bytes whose sha256 is not the {record.bytes} bytes its sidecar recorded"
-    return None
-
-
 def update_sidecar(store: Any, record: ImageRecord, **changes: Any) -> ImageRecord:
     """Rewrite a sidecar with ``changes`` as one atomic put (the store renames a temporary file
     into place locally; an S3 put replaces the object whole), so the commit marker is never

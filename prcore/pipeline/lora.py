@@ -126,7 +126,7 @@ def store_listing_problem(store, prefix: str, record: bytes) -> str | None:
         info = listed.get(rel)
         if info is None:
             return f"{rel} is missing in the store"
-        if (info.size >= 0 and info.size != want.get("bytes")) or (info.md5 and want.get("md5") and info.md5 != want["md5"]):
+        if not info.matches(want.get("bytes"), want.get("md5")):
             return f"{rel} in the store is not the file {LORA_RECORD_FILE} recorded (size or MD5 differs)"
     return None
 

@@ -346,31 +346,31 @@ def verified_images(store, subject_id: str) -> tuple[set[str], list[str]]:
     PNG, as the listing describes it (size; on S3 the ETag's MD5), is the file the sidecar recorded.
     The catalogue's copy of those facts is used where it agrees with the listing (one GET for the
     subject); a sidecar is read only for images the catalogue lacks or disagrees with."""
-    from prcore.outputs.sidecar import png_matches
-
     facts = _catalog_facts(store, subject_id)
     done, problems = set(), []
     for key, info in stored_pngs(store, subject_id).items():
         size, md5 = facts.get(key, (None, None))
-        if size is not None and _facts_match(size, md5, info):
+        if size is not None and info.matches(size, md5):
             done.add(key)
             continue
-        try:
-            record = read_sidecar(store, key)
-        except Exception as exc:  # unreadable sidecar: the image is not done; it is made again
-            problems.append(f"{key}: its sidecar does not read ({type(exc).__name__})")
-            continue
-        if png_matches(record, info.size, info.md5):
+        record, problem = _stored_record(store, key, info)
+        if record is not None:
             done.add(key)
         else:
-            problems.append(f"{key}: the stored PNG ({info.size} bytes) is not the {record.bytes} bytes its sidecar recorded")
+            problems.append(problem)
     return done, problems
 
 
-def _facts_match(size: int, md5: str | None, info: Any) -> bool:
-    if info.size >= 0 and info.size != size:
-        return False
-    return not (md5 and info.md5 and md5 != info.md5)
+def _stored_record(store, png: str, info: Any) -> tuple[ImageRecord | None, str | None]:
+    """The sidecar's record of a stored PNG when the PNG, as listed (``info``), is the file it recorded;
+    else (None, what is wrong)."""
+    try:
+        record = read_sidecar(store, png)
+    except Exception as exc:  # unreadable sidecar: the image is not done; it is made again
+        return None, f"{png}: its sidecar does not read ({type(exc).__name__})"
+    if not info.matches(record.bytes, record.md5):
+        return None, f"{png}: the stored PNG ({info.size} bytes) is not the {record.bytes} bytes its sidecar recorded"
+    return record, None
 
 
 def refresh_done(store, job: SubjectJob) -> SubjectJob:
@@ -400,25 +400,15 @@ def write_subject_catalog(store, job: SubjectJob, made_now: Sequence[ImageRecord
     import logging
 
     from prcore.outputs.catalog import write_catalog
-    from prcore.outputs.sidecar import png_matches
 
     now = {r.key: r for r in made_now}
     records = []
     for png, info in stored_pngs(store, job.subject_id).items():
-        if png in now:
-            records.append(now[png])
-            continue
-        try:
-            record = read_sidecar(store, png)
-        except Exception as exc:
-            logging.getLogger("prcore.pipeline").warning("subject %s: %s left out of the catalogue: its sidecar does not read (%s)",
-                                                         job.subject_id, png, type(exc).__name__)
-            continue
-        if png_matches(record, info.size, info.md5):
+        record, problem = (now[png], None) if png in now else _stored_record(store, png, info)
+        if record is not None:
             records.append(record)
         else:
-            logging.getLogger("prcore.pipeline").warning("subject %s: %s left out of the catalogue: the PNG is not the file its "
-                                                         "sidecar recorded", job.subject_id, png)
+            logging.getLogger("prcore.pipeline").warning("subject %s: left out of the catalogue: %s", job.subject_id, problem)
     return write_catalog(store, job.subject_id, records)
 
 
@@ -446,7 +436,7 @@ def catalog_is_current(store, subject_id: str) -> bool:
     if len(keys) != len(set(keys)) or set(keys) != set(stored):
         return False
     facts = _catalog_facts_from(cat)
-    return all(facts[k][0] is not None and _facts_match(facts[k][0], facts[k][1], stored[k]) for k in keys)
+    return all(facts[k][0] is not None and stored[k].matches(*facts[k]) for k in keys)
 
 
 def subjects_with_work(store, jobs: Sequence[SubjectJob], *, workers: int = 16) -> list[SubjectJob]:

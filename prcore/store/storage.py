@@ -100,6 +100,13 @@ class ObjectInfo:
         tag = (self.etag or "").strip('"')
         return tag if re.fullmatch(r"[0-9a-f]{32}", tag) else None
 
+    def matches(self, size: int | None, md5: str | None) -> bool:
+        """Whether this listed object can be the file recorded with ``size`` bytes and MD5 ``md5``: each
+        is compared where both sides know it (a folder's listing has no MD5, an old record no size)."""
+        if size is not None and self.size >= 0 and self.size != size:
+            return False
+        return not (md5 and self.md5 and md5 != self.md5)
+
 
 def list_info(store: Any, prefix: str = "") -> Iterator[ObjectInfo]:
     """``store.list_info(prefix)`` where the store has it, else the keys with unknown size (-1)."""
