@@ -29,7 +29,6 @@ import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -131,26 +130,12 @@ READ_THREADS = 16  # parallel GETs of per-subject files (S3 round trips overlap)
 
 
 def catalog_sources(store: Any) -> list[tuple[str, str | None]]:
-    """``(key, version)`` of every per-subject catalogue file, sorted by key, from one listing: the version
-    is ``size:ETag`` on S3, ``size:mtime_ns:inode`` on a folder (every put is a new file, renamed in
-    place), None where the store tells neither."""
-    from prcore.store.storage import LocalStore, list_info
+    """``(key, version)`` of every per-subject catalogue file, sorted by key, from one listing
+    (:attr:`~prcore.store.storage.ObjectInfo.version`: size and ETag on S3, size, mtime and inode on a
+    folder; None where the store tells neither)."""
+    from prcore.store.storage import list_info
 
-    out: list[tuple[str, str | None]] = []
-    for info in list_info(store, f"{CATALOG_PREFIX}/"):
-        if catalog_subject(info.key) is None:
-            continue
-        version = None
-        if info.etag:
-            version = f"{info.size}:{info.etag.strip(chr(34))}"
-        elif isinstance(store, LocalStore):
-            try:
-                st = (Path(store.root) / info.key).stat()
-            except FileNotFoundError:  # replaced meanwhile: unknown, so no snapshot matches
-                st = None
-            version = None if st is None else f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-        out.append((info.key, version))
-    return sorted(out)
+    return sorted((info.key, info.version) for info in list_info(store, f"{CATALOG_PREFIX}/") if catalog_subject(info.key) is not None)
 
 
 def sources_fingerprint(sources: list[tuple[str, str | None]]) -> str | None:

@@ -93,6 +93,13 @@ class ObjectInfo:
     key: str
     size: int
     etag: str | None = None  # S3: the MD5 of the bytes for a single-part upload without SSE-KMS; None on a folder
+    stamp: str | None = None  # a folder: "size:mtime_ns:inode" (every put is a new file renamed into place)
+
+    @property
+    def version(self) -> str | None:
+        """What changes whenever the object is rewritten: size and ETag on S3, ``stamp`` on a folder;
+        None when the listing tells neither."""
+        return f"{self.size}:{self.etag.strip(chr(34))}" if self.etag else self.stamp
 
     @property
     def md5(self) -> str | None:
@@ -263,8 +270,8 @@ class LocalStore:
         """Keys (relative, ``/``-separated, sorted) starting with ``prefix``; temporary files are skipped."""
         return iter([key for key, _ in self._walk(prefix, sizes=False)])
 
-    def _walk(self, prefix: str, *, sizes: bool) -> list[tuple[str, int]]:
-        """(key, size or -1) of every object under ``prefix``, sorted by key."""
+    def _walk(self, prefix: str, *, sizes: bool) -> list[tuple[str, os.stat_result | None]]:
+        """(key, its stat with ``sizes``, else None) of every object under ``prefix``, sorted by key."""
         _check_prefix(prefix)
         # Walk only the deepest folder the prefix names, then filter by the remaining partial name.
         folder_part, _, _ = prefix.rpartition("/")
@@ -272,7 +279,7 @@ class LocalStore:
         if not start.is_dir():
             return []
         rel_start = f"{folder_part}/" if folder_part else ""
-        keys: list[tuple[str, int]] = []
+        keys: list[tuple[str, os.stat_result | None]] = []
         stack = [(str(start), rel_start)]
         while stack:  # iterative scandir: d_type tells folders apart without a stat per entry
             path, rel = stack.pop()
@@ -282,18 +289,19 @@ class LocalStore:
                         stack.append((entry.path, f"{rel}{entry.name}/"))
                     elif not entry.name.startswith((".tmp-", ".lock-")):
                         try:
-                            size = entry.stat(follow_symlinks=False).st_size if sizes else -1
+                            st = entry.stat(follow_symlinks=False) if sizes else None
                         except FileNotFoundError:  # removed meanwhile
                             continue
-                        keys.append((rel + entry.name, size))
+                        keys.append((rel + entry.name, st))
         if prefix and not prefix.endswith("/"):
             keys = [k for k in keys if k[0].startswith(prefix)]
         keys.sort()
         return keys
 
     def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """:meth:`list` with each object's size (one ``stat`` per object, in the same walk; no ETag on a folder)."""
-        return iter([ObjectInfo(key, size) for key, size in self._walk(prefix, sizes=True)])
+        """:meth:`list` with each object's size and stamp (one ``stat`` per object, in the same walk; no ETag on a folder)."""
+        return iter([ObjectInfo(key, st.st_size, stamp=f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+                     for key, st in self._walk(prefix, sizes=True)])
 
     def delete(self, key: str) -> None:
         try:
