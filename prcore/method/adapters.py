@@ -44,10 +44,13 @@ def adapter_names_of(module: nn.Module | None) -> set[str]:
     return names
 
 
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the pipeline components a LoRA file may adapt
+
+
 def loaded_adapters(pipe) -> set[str]:
-    """Names of the LoRA adapters loaded anywhere in a pipeline (UNet and text encoders)."""
+    """Names of the LoRA adapters loaded anywhere in a pipeline (:data:`LORA_COMPONENTS`)."""
     names: set[str] = set()
-    for attr in ("unet", "text_encoder", "text_encoder_2"):
+    for attr in LORA_COMPONENTS:
         names |= adapter_names_of(getattr(pipe, attr, None))
     return names
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from prcore.method.adapters import loaded_adapters, lora_layers
+from prcore.method.adapters import LORA_COMPONENTS, loaded_adapters, lora_layers
 from prcore.method.families import ModelFamily, family_named, family_of
 from prcore.store.keys import (
     LORA_EMBEDDINGS_FILE,
@@ -212,7 +212,6 @@ def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
         _loaded_tokens(pipe)[adapter_name] = tokens
 
 
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _MISMATCH_HINT = ("it was probably trained for another base model (family or architecture): sample with the model it "
                   "was trained on, or train the subject again for this one")
 _OLD_ATTENTION_NAMES = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
@@ -236,7 +235,7 @@ def file_lora_modules(state: dict[str, Any]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for key in state:
         component, _, rest = key.partition(".")
-        if component not in _COMPONENTS:
+        if component not in LORA_COMPONENTS:
             component, rest = "", key
         out.setdefault(component, set()).add(_module_of(rest))
     return out
@@ -252,7 +251,7 @@ def _check_applied(pipe, weights: Path, expected: dict[str, set[str]], adapter_n
     """Refuse (and unload) an adapter unless every module of the file received it, and nothing else did."""
     missing: list[str] = []
     extra: list[str] = []
-    for component in sorted(set(expected) | set(_COMPONENTS)):
+    for component in sorted(set(expected) | set(LORA_COMPONENTS)):
         module = getattr(pipe, component, None) if component else None
         got = injected_modules(module, adapter_name) if module is not None else set()
         want = expected.get(component, set())
