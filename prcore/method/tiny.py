@@ -1,5 +1,5 @@
-"""Tiny, randomly initialised but complete SD 1.x and SDXL pipeline folders, and a locally
-generated CLIP BPE tokenizer, for tests and demos (nothing is downloaded).
+"""Tiny, randomly initialised but complete SD 1.x, SDXL and SD3 pipeline folders, and locally
+generated CLIP BPE and T5 tokenizers, for tests and demos (nothing is downloaded).
 
 ``build_tiny_pipeline`` writes a standard diffusers folder (``save_pretrained``, safetensors) that
 ``prcore.method.models.load_pipeline`` opens exactly like a real model.
@@ -16,7 +16,7 @@ import torch
 
 from prcore.method.clip_tokenizer import bytes_to_unicode
 
-PipelineKind = Literal["sd", "sdxl"]
+PipelineKind = Literal["sd", "sdxl", "sd3"]
 
 
 DEFAULT_WORDS = (
@@ -60,6 +60,23 @@ def write_clip_tokenizer(path: str | Path, words: tuple[str, ...] | list[str] = 
     return path
 
 
+def write_t5_tokenizer(path: str | Path, words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> Path:
+    """Write a T5 tokenizer (``tokenizer.json``, a unigram model over ``words`` and single letters)
+    generated locally; ``T5TokenizerFast.from_pretrained`` loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    letters = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789<>{}.,") | {"\u2581"})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)] + [(c, -5.0) for c in letters]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    tok = T5TokenizerFast(tokenizer_object=model, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(path)
+    return Path(path)
+
+
 def _tiny_text_encoder(vocab_size: int, hidden: int, projection: int | None, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -80,11 +97,15 @@ def _tiny_text_encoder(vocab_size: int, hidden: int, projection: int | None, see
     return cls(config)
 
 
-def build_tiny_pipeline(path: str | Path, kind: PipelineKind = "sd", *, seed: int = 0, sample_size: int = 16) -> Path:
+def build_tiny_pipeline(path: str | Path, kind: PipelineKind = "sd", *, seed: int = 0, sample_size: int = 16,
+                        with_t5: bool = True) -> Path:
     """Write a tiny, randomly initialised but complete diffusers pipeline folder.
 
-    ``StableDiffusionPipeline.from_pretrained`` (kind="sd") or
-    ``StableDiffusionXLPipeline.from_pretrained`` (kind="sdxl") load it. ``sample_size`` is the latent
+    ``StableDiffusionPipeline.from_pretrained`` (kind="sd"),
+    ``StableDiffusionXLPipeline.from_pretrained`` (kind="sdxl") or
+    ``StableDiffusion3Pipeline.from_pretrained`` (kind="sd3": MMDiT-X with a dual-attention block and
+    RMS q/k norm as in SD3.5 Medium, 16 latent channels, flow matching; ``with_t5=False`` leaves the
+    T5 encoder out, as ``text_encoder_3=None``) load it. ``sample_size`` is the latent
     size; images are 4x larger (the tiny VAE downsamples twice).
     """
     from diffusers import (
@@ -97,8 +118,10 @@ def build_tiny_pipeline(path: str | Path, kind: PipelineKind = "sd", *, seed: in
     )
     from transformers import CLIPTokenizer
 
-    if kind not in ("sd", "sdxl"):
-        raise ValueError(f"kind must be 'sd' or 'sdxl', not {kind!r}")
+    if kind not in ("sd", "sdxl", "sd3"):
+        raise ValueError(f"kind must be 'sd', 'sdxl' or 'sd3', not {kind!r}")
+    if kind == "sd3":
+        return _build_tiny_sd3(Path(path), seed=seed, sample_size=sample_size, with_t5=with_t5)
     path = Path(path)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_tmp")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -168,3 +191,52 @@ def build_tiny_pipeline(path: str | Path, kind: PipelineKind = "sd", *, seed: in
     return path
 
 
+
+
+def _tiny_vae(sample_size: int, latent_channels: int, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=latent_channels, norm_num_groups=8,
+        sample_size=sample_size * 4, **extra,
+    )
+
+
+def _build_tiny_sd3(path: Path, *, seed: int, sample_size: int, with_t5: bool) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    tok_dir = write_clip_tokenizer(path / "_tokenizer_tmp")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    # SD3's VAE: 16 channels, latents (z - shift) * scale, no quant convs
+    vae = _tiny_vae(sample_size, 16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed + 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=sample_size, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    text_encoder = _tiny_text_encoder(len(tokenizer), 32, 32, seed + 2)
+    text_encoder_2 = _tiny_text_encoder(len(tokenizer), 32, 32, seed + 3)
+    t5_dir = write_t5_tokenizer(path / "_t5_tmp") if with_t5 else None
+    tokenizer_3 = T5TokenizerFast.from_pretrained(t5_dir) if t5_dir else None
+    text_encoder_3 = None
+    if with_t5:
+        torch.manual_seed(seed + 4)
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=64, num_layers=1,
+                                                 num_heads=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(tok_dir / name, path / sub / name)
+    shutil.rmtree(tok_dir)
+    if t5_dir:
+        shutil.rmtree(t5_dir)
+    return path
