@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prcore.data.schema import TrainConfig  # noqa: E402
-from prcore.method.accel import UNetOptions, configure_unet  # noqa: E402
+from prcore.method.accel import DenoiserOptions, configure_denoiser  # noqa: E402
 from prcore.method.dco import train_subject_lora  # noqa: E402
 from prcore.method.lora_io import load_subject_lora, unload_subject_lora  # noqa: E402
 from prcore.method.models import clear_pipeline_cache, load_pipeline  # noqa: E402
@@ -94,8 +94,8 @@ def timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-OPTION_SETTINGS = {"channels_last": UNetOptions(channels_last=True), "classic_attention": UNetOptions(attention="classic"),
-                   "compile": UNetOptions(channels_last=True, compile=True)}
+OPTION_SETTINGS = {"channels_last": DenoiserOptions(channels_last=True), "classic_attention": DenoiserOptions(attention="classic"),
+                   "compile": DenoiserOptions(channels_last=True, compile=True)}
 OPTIONS = ("batch1", "channels_last", "classic_attention", "compile")
 
 
@@ -127,7 +127,7 @@ def run_one(name: str, folder: Path, dtype: str, device: str, train_res: int, si
             if option == "batch1":  # one image per denoising loop: what batching buys
                 secs = timed(lambda: sample(pipe, **{**kw, "num_images": 1}), repeats)
             else:
-                configure_unet(pipe, OPTION_SETTINGS[option])
+                configure_denoiser(pipe, OPTION_SETTINGS[option])
                 secs = timed(lambda: sample(pipe, **kw), repeats) / images
             row[f"img_h_{option}"] = 3600 / secs
     finally:

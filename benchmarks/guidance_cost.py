@@ -77,7 +77,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from prcore.method.models import load_pipeline
     from prcore.method.sampler import image_seeds, sample
-    from prcore.method.schedulers import make_scheduler
+    from prcore.method.families.noise import make_scheduler
     from prcore.method.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

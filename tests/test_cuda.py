@@ -35,7 +35,7 @@ from PIL import Image
 from test_sampler import ADAPTER, save_random_lora
 
 from prcore.data.schema import TrainConfig
-from prcore.method.accel import UNetOptions, configure_unet
+from prcore.method.accel import DenoiserOptions, configure_denoiser
 from prcore.method.adapters import BASE, lora_layers, per_sample_adapters, use_adapter
 from prcore.method.dco import train_subject_lora
 from prcore.method.models import load_pipeline
@@ -128,9 +128,9 @@ def test_channels_last_and_compile_with_lora_routing_match_eager(tiny_sd_path, t
     kw = dict(output_type="latent", num_images=3)
     eager = draw(pipe, **kw)
     assert eager.batch_mode == "batched"  # LoRA rows and base rows in one forward: peft's per-sample routing
-    configure_unet(pipe, UNetOptions(channels_last=True))
+    configure_denoiser(pipe, DenoiserOptions(channels_last=True))
     nhwc = draw(pipe, **kw).images
-    configure_unet(pipe, UNetOptions(channels_last=True, compile=True))
+    configure_denoiser(pipe, DenoiserOptions(channels_last=True, compile=True))
     compiled = draw(pipe, **kw).images
     again = draw(pipe, **kw).images  # the compiled graph reused
     d_nhwc = float((nhwc - eager.images).abs().max())

@@ -29,7 +29,7 @@ def unet_out(pipe, seed=0):
     cond = family.encode(pipe, ["a photo of a dog", "a dog in the snow"], "cpu")
     tids = family.time_ids(pipe, [(32, 32, 0, 0, 32, 32)] * 2, dtype=torch.float32, device="cpu")
     with torch.no_grad():
-        return family.unet_pred(pipe, x, torch.tensor([500, 700]), cond, tids)
+        return family.predict(pipe, x, torch.tensor([500, 700]), cond, tids)
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])

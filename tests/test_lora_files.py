@@ -86,7 +86,7 @@ def test_lora_file_reloads_every_module(kind, targets, request, tmp_path):
     ("down_blocks.0.resnets.0.conv1.lora_B.weight", ("", "down_blocks.0.resnets.0.conv1")),
 ])
 def test_file_modules_read_every_key_layout(key, module):
-    assert file_lora_modules({key: None}) == {module[0]: {module[1]}}
+    assert file_lora_modules({key: None}, ("unet", "text_encoder", "text_encoder_2")) == {module[0]: {module[1]}}
 
 
 def old_prcore_file(pipe, folder, adapter):

@@ -424,7 +424,7 @@ def test_user_column_colliding_with_an_internal_one(tmp_path, images):
 
 def test_scheduler_names_have_one_owner_and_class_names_are_refused(tmp_path, images):
     from prcore.data.schema import SCHEDULER_NAMES
-    from prcore.method.schedulers import SCHEDULER_NAMES as SAMPLER_NAMES
+    from prcore.method.families.noise import SCHEDULER_NAMES as SAMPLER_NAMES
 
     assert SCHEDULER_NAMES == SAMPLER_NAMES
     for bad in ("DPMSolverMultistepScheduler", "nope"):

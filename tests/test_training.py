@@ -52,8 +52,7 @@ def fixed_batch(pipe, images, prompt: str, seed: int = 123):
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g)
     t = torch.tensor([200, 400, 600][: len(images)] + [500] * max(0, len(images) - 3))
-    sched = tr._noise_scheduler(pipe)
-    noisy = sched.add_noise(latents, noise, t)
+    noisy = family_of(pipe).noise_process(pipe).noisy(latents, noise, t)
     with torch.no_grad():
         cond = family_of(pipe).encode(pipe, [prompt] * len(images), "cpu")
     time_ids = family_of(pipe).time_ids(pipe, tr._image_sizes(prepared, RES), dtype=torch.float32, device="cpu")
@@ -63,7 +62,7 @@ def fixed_batch(pipe, images, prompt: str, seed: int = 123):
 def unet_out(pipe, batch) -> torch.Tensor:
     noisy, t, cond, time_ids, _ = batch
     with torch.no_grad():
-        return family_of(pipe).unet_pred(pipe, noisy, t, cond, time_ids)
+        return family_of(pipe).predict(pipe, noisy, t, cond, time_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,10 +108,10 @@ def test_dco_loss_at_lora_init_is_exactly_log2(kind, tiny_sd, tiny_sdxl):
     try:
         tr.add_training_adapter(pipe.unet, TrainConfig(rank=4, alpha=8.0))
         noisy, t, cond, time_ids, noise = batch
-        model_pred = family_of(pipe).unet_pred(pipe, noisy, t, cond, time_ids)
+        model_pred = family_of(pipe).predict(pipe, noisy, t, cond, time_ids)
         pipe.unet.disable_adapters()
         with torch.no_grad():
-            ref_pred = family_of(pipe).unet_pred(pipe, noisy, t, cond, time_ids)
+            ref_pred = family_of(pipe).predict(pipe, noisy, t, cond, time_ids)
         pipe.unet.enable_adapters()
         assert torch.equal(model_pred.detach(), ref_pred)
         assert torch.equal(ref_pred, base)
@@ -324,9 +323,10 @@ def test_all_options_train_on_v_prediction_with_token_embedding(vpred_sd, tmp_pa
 
 
 def test_v_prediction_target_is_velocity(vpred_sd):
-    sched = tr._noise_scheduler(vpred_sd)
+    noise = family_of(vpred_sd).noise_process(vpred_sd)
+    sched = noise.train_scheduler
     assert sched.config.prediction_type == "v_prediction"
-    w = tr.min_snr_weights(sched, torch.tensor([10, 500, 990]), 5.0)
+    w = noise.loss_weights(torch.tensor([10, 500, 990]), 5.0)
     snr = sched.alphas_cumprod[[10, 500, 990]] / (1 - sched.alphas_cumprod[[10, 500, 990]])
     torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / (snr + 1))
 

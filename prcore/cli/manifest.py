@@ -42,11 +42,11 @@ def validate_cmd(
     from prcore.data.validate import validate
 
     def module_names(base: str | None):
-        from prcore.pipeline.models import default_model_id, unet_layer_names
+        from prcore.pipeline.models import default_model_id, layer_names
         from prcore.pipeline.settings import RunSettings
 
         cache = RunSettings(cache_dir=cache_dir).cache_path()
-        return unet_layer_names(base, model or default_model_id(), cache)
+        return layer_names(base, model or default_model_id(), cache)
 
     with user_errors(*_store_errors()):
         manifest = load_manifest(path)

@@ -58,7 +58,7 @@ def sample_command(
 
     The sampling options (--guidance ... --consistency-stop, --seed, --num-images, --identifier)
     are generated from their specs in prcore.data.schema, and checked by them before any work."""
-    from prcore.method.models import ModelNotFoundError
+    from prcore.method.models import ModelNotFoundError, placement
     from prcore.method.sampler import render_prompts
 
     params = dict(params or {})
@@ -78,12 +78,12 @@ def sample_command(
             raise UserError(f"--out {out} exists and is not a folder")
         _check_writable(out)
 
-        from prcore.method.accel import UNetOptions, configure_unet
+        from prcore.method.accel import DenoiserOptions, configure_denoiser
         from prcore.method.models import load_pipeline
         from prcore.method.sampler import sample
 
         pipe = load_pipeline(model, device=device, dtype=dtype)
-        configure_unet(pipe, UNetOptions(channels_last=channels_last, compile=compile_unet))
+        configure_denoiser(pipe, DenoiserOptions(channels_last=channels_last, compile=compile_unet))
         adapter = _load_lora(pipe, lora) if lora is not None else None
         result = sample(
             pipe, prompt=prompt, class_noun=class_noun, identifier=identifier, adapter_name=adapter,
@@ -97,6 +97,7 @@ def sample_command(
     recorded = {k: v for k, v in params.items() if k not in ("scheduler", "height", "width")}  # recorded as used, below
     from prcore.store.storage import LocalStore, StoreError
 
+    device, dtype = placement(pipe)
     store = LocalStore(out)  # atomic writes (tmp + rename); a full disk or a refused write: one line, exit 2
     for i, (name, image) in enumerate(zip(names, result.images, strict=True)):
         record = ImageRecord(
@@ -104,7 +105,7 @@ def sample_command(
             key=f"{name}.png", seed=result.seeds[i], prompt_template=prompt, personal_prompt=result.personal_prompt,
             base_prompt=result.base_prompt, class_noun=class_noun, identifier=identifier, **recorded,
             scheduler=result.scheduler, height=image.height, width=image.width, base_model=str(model),
-            lora_fp=None, device=str(pipe.unet.device), dtype=str(pipe.unet.dtype).removeprefix("torch."),
+            lora_fp=None, device=device, dtype=dtype,
             peak_memory_bytes=result.peak_memory_bytes, unet_rows=result.unet_rows,
             seconds=round(result.seconds / num_images, 4),
             extra={"lora": str(lora) if lora else None, "request_seed": seed, "unet_batching": result.batch_mode},

@@ -44,13 +44,12 @@ def adapter_names_of(module: nn.Module | None) -> set[str]:
     return names
 
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the pipeline components a LoRA file may adapt
-
-
 def loaded_adapters(pipe) -> set[str]:
-    """Names of the LoRA adapters loaded anywhere in a pipeline (:data:`LORA_COMPONENTS`)."""
+    """Names of the LoRA adapters loaded anywhere in a pipeline (its family's ``lora_components``)."""
+    from prcore.method.families import family_of
+
     names: set[str] = set()
-    for attr in LORA_COMPONENTS:
+    for attr in family_of(pipe).lora_components:
         names |= adapter_names_of(getattr(pipe, attr, None))
     return names
 

@@ -37,6 +37,7 @@ from prcore.data.fingerprint import fingerprint, sha256_bytes
 from prcore.data.images import ImageSource, PreparedImage, fingerprint_bytes, prepare_images
 from prcore.data.schema import DEFAULT_CAPTION, SUBJECT_PLACEHOLDER, TrainConfig, TrainingInputError, identifier_problem
 from prcore.method.families import ModelFamily, TextCond, family_of
+from prcore.method.families.noise import NoiseProcess
 from prcore.method.lora_io import read_training_record, save_embeddings, save_lora
 from prcore.method.models import peak_memory, reset_peak_memory
 from prcore.store.keys import LORA_RECORD_FILE, LORA_WEIGHTS_FILE
@@ -95,17 +96,6 @@ def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: tor
     """Plain denoising loss: mean_i w_i * mse_i(model_pred, target)."""
     mse = per_sample_mse(model_pred, target)
     return (mse * weights).mean() if weights is not None else mse.mean()
-
-
-def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights (arXiv 2303.09556): min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR+1) for v."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps).float()
-    clipped = torch.clamp(snr, max=gamma)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,18 +212,20 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def _trained_modules(pipe) -> list[torch.nn.Module]:
-    """The networks whose state training touches: UNet, VAE and the family's text encoders."""
-    return [pipe.unet, pipe.vae, *family_of(pipe).text_encoders(pipe)]
+    """The networks whose state training touches: the denoiser, the VAE and the family's text encoders."""
+    family = family_of(pipe)
+    return [family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)]
 
 
 @contextlib.contextmanager
 def _preserved_pipeline_state(pipe) -> Iterator[None]:
     """Restore requires_grad flags, train/eval modes, gradient checkpointing and active adapters."""
     modules = _trained_modules(pipe)
+    denoiser = modules[0]
     grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     modes = [(m, m.training) for m in modules]
-    checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
-    active = list(pipe.unet.active_adapters()) if getattr(pipe.unet, "_hf_peft_config_loaded", False) else []
+    checkpointing = bool(getattr(denoiser, "is_gradient_checkpointing", False))
+    active = list(denoiser.active_adapters()) if getattr(denoiser, "_hf_peft_config_loaded", False) else []
     try:
         yield
     finally:
@@ -241,18 +233,18 @@ def _preserved_pipeline_state(pipe) -> Iterator[None]:
             p.requires_grad_(flag)
         for m, training in modes:
             m.train(training)
-        if checkpointing != bool(getattr(pipe.unet, "is_gradient_checkpointing", False)):
-            (pipe.unet.enable_gradient_checkpointing if checkpointing else pipe.unet.disable_gradient_checkpointing)()
+        if checkpointing != bool(getattr(denoiser, "is_gradient_checkpointing", False)):
+            (denoiser.enable_gradient_checkpointing if checkpointing else denoiser.disable_gradient_checkpointing)()
         if active:
-            pipe.unet.set_adapter(active)
+            denoiser.set_adapter(active)
 
 
-def add_training_adapter(unet, config: TrainConfig, adapter_name: str = TRAIN_ADAPTER_NAME) -> list[torch.nn.Parameter]:
-    """Add a fresh LoRA (B = 0, A gaussian, seeded by config.seed) to ``unet``; return its parameters in fp32."""
+def add_training_adapter(denoiser, config: TrainConfig, adapter_name: str = TRAIN_ADAPTER_NAME) -> list[torch.nn.Parameter]:
+    """Add a fresh LoRA (B = 0, A gaussian, seeded by config.seed) to ``denoiser``; return its parameters in fp32."""
     from peft import LoraConfig
 
-    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
-        unet.delete_adapters(adapter_name)  # left over from an interrupted run in this process
+    if getattr(denoiser, "_hf_peft_config_loaded", False) and adapter_name in denoiser.peft_config:
+        denoiser.delete_adapters(adapter_name)  # left over from an interrupted run in this process
     lora_config = LoraConfig(
         r=int(config.rank),
         lora_alpha=float(config.alpha),
@@ -264,17 +256,17 @@ def add_training_adapter(unet, config: TrainConfig, adapter_name: str = TRAIN_AD
         try:
             with warnings.catch_warnings():  # other subjects' adapters may be loaded: intended
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                unet.add_adapter(lora_config, adapter_name=adapter_name)
+                denoiser.add_adapter(lora_config, adapter_name=adapter_name)
         except ValueError as exc:
-            raise TrainingInputError(f"target_modules {list(config.target_modules)} do not match the UNet: {exc}") from exc
+            raise TrainingInputError(f"target_modules {list(config.target_modules)} do not match the model's layers: {exc}") from exc
     params = []
-    for name, p in unet.named_parameters():
+    for name, p in denoiser.named_parameters():
         if f".{adapter_name}." in name and "lora_" in name:
             p.data = p.data.float()
             p.requires_grad_(True)
             params.append(p)
     if not params:
-        raise TrainingInputError(f"target_modules {list(config.target_modules)} matched no UNet layer")
+        raise TrainingInputError(f"target_modules {list(config.target_modules)} matched no layer of the model")
     return params
 
 
@@ -527,11 +519,17 @@ def train_subject_lora(
         raise TrainingInputError(f"resolution {resolution} must be a multiple of {multiple} for this model")
     prepared = prepare_images(images, resolution)
     if config.train_text_embeddings:
+        if not family.supports_text_embeddings:
+            raise TrainingInputError(f"train_text_embeddings is not supported for {family.label} models; train the LoRA alone "
+                                     "(train_text_embeddings=false)")
         for tok, _ in family.text_pairs(pipe):
             _check_new_token(tok, identifier)
+    noise = family.noise_process(pipe)
+    noise.check_weighting(config.snr_gamma)
 
-    device = pipe.unet.device
-    mixed = resolve_precision(config.mixed_precision, device, pipe.unet.dtype)
+    denoiser = family.denoiser(pipe)
+    device = denoiser.device
+    mixed = resolve_precision(config.mixed_precision, device, denoiser.dtype)
     checkpointing = family.gradient_checkpointing if config.gradient_checkpointing is None else config.gradient_checkpointing
     personal = [render_caption(t, f"{identifier} {class_noun}") for t in templates]
     base = [render_caption(t, class_noun) for t in templates]
@@ -557,18 +555,18 @@ def train_subject_lora(
                 class_cond = family.encode(pipe, [render_caption(DEFAULT_CAPTION, class_noun)], device) if class_images else None
             time_ids = family.time_ids(pipe, _image_sizes(prepared, resolution), dtype=torch.float32, device=device)
 
-            lora_params = add_training_adapter(pipe.unet, config)
+            lora_params = add_training_adapter(denoiser, config)
             param_groups: list[dict[str, Any]] = [{"params": lora_params, "weight_decay": 1e-2}]
             if config.train_text_embeddings:
                 for tok, te in family.text_pairs(pipe):
                     added_tokens.append((tok, te, _add_learned_token(tok, te, identifier, class_noun)))
                 param_groups.append({"params": [t.row for *_, t in added_tokens], "weight_decay": 0.0})
             if checkpointing:
-                pipe.unet.enable_gradient_checkpointing()
-            pipe.unet.train()
+                denoiser.enable_gradient_checkpointing()
+            denoiser.train()
             optimizer = _make_optimizer(config.optimizer, param_groups, config.learning_rate)
             losses, loop_seconds, loop_cpu_seconds = _train_loop(
-                pipe, config, optimizer, lora_params + [t.row for *_, t in added_tokens], cache, class_cache,
+                pipe, noise, config, optimizer, lora_params + [t.row for *_, t in added_tokens], cache, class_cache,
                 base_cond, personal_cond, personal, class_cond, time_ids, resolution, mixed, progress,
                 desc=f"train {identifier} {class_noun}",
             )
@@ -604,7 +602,7 @@ def train_subject_lora(
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "device": str(device),
-            "unet_dtype": str(pipe.unet.dtype),
+            "unet_dtype": str(denoiser.dtype),  # the denoiser's dtype (the key keeps its first name)
             "library_versions": _library_versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -625,19 +623,13 @@ def train_subject_lora(
 
 
 def _remove_training_adapter(pipe) -> None:
-    unet = pipe.unet
-    if getattr(unet, "_hf_peft_config_loaded", False) and TRAIN_ADAPTER_NAME in unet.peft_config:
-        unet.delete_adapters(TRAIN_ADAPTER_NAME)
-
-
-def _noise_scheduler(pipe):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    denoiser = family_of(pipe).denoiser(pipe)
+    if getattr(denoiser, "_hf_peft_config_loaded", False) and TRAIN_ADAPTER_NAME in denoiser.peft_config:
+        denoiser.delete_adapters(TRAIN_ADAPTER_NAME)
 
 
 REF_CHUNK_STEPS = 8  # steps whose reference predictions are computed together, ahead of training
-REF_MAX_ROWS = 8  # rows per reference UNet call (bounds memory at high resolution)
+REF_MAX_ROWS = 8  # rows per reference denoiser call (bounds memory at high resolution)
 
 
 @dataclass
@@ -650,7 +642,7 @@ class _Draw:
     timesteps: torch.Tensor
 
 
-def _draw_step(gen, config, order: list[int], cache: LatentCache, class_cache: LatentCache | None, num_t: int) -> _Draw:
+def _draw_step(gen, config, order: list[int], cache: LatentCache, class_cache: LatentCache | None, noise_process: NoiseProcess) -> _Draw:
     b = int(config.batch_size)
     n = cache.mean.shape[1]
     while len(order) < b:  # epochs of random permutations
@@ -666,55 +658,55 @@ def _draw_step(gen, config, order: list[int], cache: LatentCache, class_cache: L
     noise = torch.randn(latents.shape, generator=gen)
     if config.offset_noise > 0:
         noise = noise + config.offset_noise * torch.randn((bb, latents.shape[1], 1, 1), generator=gen)
-    timesteps = torch.randint(0, num_t, (bb,), generator=gen)
+    timesteps = noise_process.draw_timesteps(bb, gen)
     return _Draw(idx, latents, noise, timesteps)
 
 
 @torch.no_grad()
-def _reference_predictions(pipe, family: ModelFamily, scheduler, draws: list[_Draw], b: int, base_cond: TextCond, time_ids, autocast) -> list[torch.Tensor]:
-    """eps_ref for the instance rows of several steps: the frozen UNet (LoRA off) on the base caption.
+def _reference_predictions(pipe, family: ModelFamily, noise_process: NoiseProcess, draws: list[_Draw], b: int, base_cond: TextCond,
+                           time_ids, autocast) -> list[torch.Tensor]:
+    """eps_ref for the instance rows of several steps: the frozen denoiser (LoRA off) on the base caption.
 
     The reference depends only on frozen weights and on each step's random draw, never on the LoRA
-    being trained, so the reference rows of ``REF_CHUNK_STEPS`` steps go through the UNet together:
-    one batched no-grad forward instead of one small forward per step.
+    being trained, so the reference rows of ``REF_CHUNK_STEPS`` steps go through the denoiser
+    together: one batched no-grad forward instead of one small forward per step.
     """
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    denoiser = family.denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
     lat = torch.cat([d.latents[:b] for d in draws]).to(device)
     noise = torch.cat([d.noise[:b] for d in draws]).to(device)
     t = torch.cat([d.timesteps[:b] for d in draws]).to(device)
     idx = torch.cat([d.idx for d in draws])
-    noisy = scheduler.add_noise(lat, noise, t).to(dtype)
+    noisy = noise_process.noisy(lat, noise, t).to(dtype)
     cond = base_cond.rows(idx)
     tids = None if time_ids is None else time_ids[idx.to(time_ids.device)]
     outs = []
-    pipe.unet.disable_adapters()
+    denoiser.disable_adapters()
     try:
         with autocast():
             for s in range(0, len(idx), REF_MAX_ROWS):
                 rows = slice(s, s + REF_MAX_ROWS)
                 part_tids = None if tids is None else tids[rows]
-                outs.append(family.unet_pred(pipe, noisy[rows], t[rows], cond.slice(s, s + REF_MAX_ROWS), part_tids))
+                outs.append(family.predict(pipe, noisy[rows], t[rows], cond.slice(s, s + REF_MAX_ROWS), part_tids))
     finally:
-        pipe.unet.enable_adapters()
+        denoiser.enable_adapters()
     return list(torch.cat(outs).split(b))
 
 
 def _train_loop(
-    pipe, config, optimizer, trainable, cache: LatentCache, class_cache: LatentCache | None,
+    pipe, noise_process: NoiseProcess, config, optimizer, trainable, cache: LatentCache, class_cache: LatentCache | None,
     base_cond: TextCond, personal_cond: TextCond | None, personal_prompts: list[str], class_cond: TextCond | None,
     time_ids: torch.Tensor | None, resolution: int, mixed: str, progress: bool, desc: str,
 ) -> tuple[list[float], float, float]:
     from tqdm.auto import tqdm
 
-    device = pipe.unet.device
-    unet_dtype = pipe.unet.dtype
-    scheduler = _noise_scheduler(pipe)
-    num_t = int(scheduler.config.num_train_timesteps)
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
     gen = torch.Generator("cpu").manual_seed(int(config.seed))
     b = int(config.batch_size)
     autocast = _autocast(device, mixed)
     scaler = torch.amp.GradScaler("cuda") if mixed == "fp16" else _NullScaler()
-    family = family_of(pipe)
     class_time_ids = family.time_ids(pipe, [(resolution, resolution, 0, 0, resolution, resolution)], dtype=torch.float32, device=device)
     use_dco = config.dco_beta > 0
     order: list[int] = []
@@ -724,8 +716,8 @@ def _train_loop(
     t0, c0 = time.perf_counter(), time.process_time()
     while len(losses) < config.steps:
         chunk = min(REF_CHUNK_STEPS, config.steps - len(losses))
-        draws = [_draw_step(gen, config, order, cache, class_cache, num_t) for _ in range(chunk)]
-        refs = _reference_predictions(pipe, family, scheduler, draws, b, base_cond, time_ids, autocast) if use_dco else [None] * chunk
+        draws = [_draw_step(gen, config, order, cache, class_cache, noise_process) for _ in range(chunk)]
+        refs = _reference_predictions(pipe, family, noise_process, draws, b, base_cond, time_ids, autocast) if use_dco else [None] * chunk
         for d, ref in zip(draws, refs, strict=True):
             cond_p = personal_cond if personal_cond is not None else family.encode(pipe, personal_prompts, device)
             cond = cond_p.rows(d.idx)
@@ -734,11 +726,11 @@ def _train_loop(
                 cond = TextCond.cat([cond, class_cond.repeat(b)])
                 tids = None if tids is None else torch.cat([tids, class_time_ids.expand(b, -1)])
             latents, noise, timesteps = d.latents.to(device), d.noise.to(device), d.timesteps.to(device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = family.training_target(scheduler, latents, noise, timesteps)
-            weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
+            noisy = noise_process.noisy(latents, noise, timesteps)
+            target = noise_process.target(latents, noise, timesteps)
+            weights = noise_process.loss_weights(timesteps, config.snr_gamma)
             with autocast():
-                pred = family.unet_pred(pipe, noisy.to(unet_dtype), timesteps, cond, tids)
+                pred = family.predict(pipe, noisy.to(dtype), timesteps, cond, tids)
             w_inst = None if weights is None else weights[:b]
             if use_dco:
                 loss = dco_loss(pred[:b], ref, target[:b], config.dco_beta, w_inst)

@@ -1,12 +1,12 @@
 """A subject's LoRA folder: save, load, unload (training and sampling share this module).
 
-The folder (file names: ``prcore.store.keys``) holds the UNet adapter in diffusers' file layout
-(``pytorch_lora_weights.safetensors``: peft's own keys under the ``unet.`` prefix,
-``unet.<module path>.lora_A.weight`` / ``.lora_B.weight``, exactly as diffusers'
-``save_lora_weights`` writes a peft adapter, with the peft LoRA config in its metadata so alpha != rank
-reloads exactly), the same LoRA in kohya's key layout (``lora_kohya.safetensors``: the
-``lora_unet_<module path>.lora_down/lora_up/alpha`` keys ComfyUI and A1111 load, with the kohya
-metadata A1111 reads), an optional learned identifier embedding in the family's textual-inversion
+The folder (file names: ``prcore.store.keys``) holds the denoiser's adapter in diffusers' file layout
+(``pytorch_lora_weights.safetensors``: peft's own keys under the denoiser's component prefix,
+``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``transformer.`` for SD3), exactly as
+diffusers' ``save_lora_weights`` writes a peft adapter, with the peft LoRA config in its metadata so
+alpha != rank reloads exactly), the same LoRA in the layout ComfyUI and A1111 load
+(``lora_kohya.safetensors``: for SD ``lora_unet_<module path>.lora_down/lora_up/alpha``, with the
+kohya metadata A1111 reads; for SD3 the family's layout), an optional learned identifier embedding in the family's textual-inversion
 layout (``learned_embeds.safetensors``) and in the web UIs' embedding layout
 (``embedding_webui.safetensors``), and ``training.json`` (the record, written last).
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from prcore.method.adapters import LORA_COMPONENTS, loaded_adapters, lora_layers
+from prcore.method.adapters import loaded_adapters, lora_layers
 from prcore.method.families import ModelFamily, family_named, family_of
 from prcore.store.keys import (
     LORA_EMBEDDINGS_FILE,
@@ -51,47 +51,32 @@ class LoraMismatchError(ValueError):
     """A LoRA file whose modules do not all apply to the pipeline (e.g. trained for another base model)."""
 
 
-def lora_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
+def lora_state_dict(denoiser, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's weights with peft's keys (``<module path>.lora_A.weight``; fp32, CPU, contiguous):
-    one layout for every target module, which ``save_lora_weights`` prefixes with ``unet.``."""
+    one layout for every target module, which ``save_lora_weights`` prefixes with the denoiser's
+    component name (``unet.``, ``transformer.``)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def kohya_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter in kohya's layout: ``lora_unet_<diffusers module path, dots as _>`` with
-    ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (the LoRA's own alpha, so
-    alpha != rank keeps its scale; diffusers' converter would write the rank). ComfyUI maps these
-    names onto every UNet family it loads; A1111 converts them for SD 1.x/2.x."""
-    from diffusers.utils import convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
-
-    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
-    alpha = torch.tensor(float(unet.peft_config[adapter_name].lora_alpha))
-    out = {}
-    for key, value in convert_state_dict_to_kohya(peft_state).items():
-        out[key] = alpha.clone() if key.endswith(".alpha") else value.detach().to("cpu", torch.float32).contiguous()
-    return out
-
-
 def save_lora(pipe, folder: str | Path, adapter_name: str) -> None:
-    """Write the UNet adapter as ``pytorch_lora_weights.safetensors`` (diffusers layout, its LoRA
-    config as metadata) and as ``lora_kohya.safetensors`` (kohya layout, for ComfyUI / A1111)."""
+    """Write the denoiser's adapter as ``pytorch_lora_weights.safetensors`` (diffusers layout, its LoRA
+    config as metadata) and as ``lora_kohya.safetensors`` (the layout ComfyUI / A1111 load for the
+    family: :meth:`prcore.method.families.ModelFamily.webui_lora`)."""
     from safetensors.torch import save_file
 
-    config = pipe.unet.peft_config[adapter_name]
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    config = denoiser.peft_config[adapter_name]
     metadata = config.to_dict()
     metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
-    type(pipe).save_lora_weights(
-        folder,
-        unet_lora_layers=lora_state_dict(pipe.unet, adapter_name),
-        unet_lora_adapter_metadata=metadata,
-        weight_name=LORA_WEIGHTS_FILE,
-        safe_serialization=True,
-    )
-    save_file(kohya_state_dict(pipe.unet, adapter_name), str(Path(folder) / LORA_KOHYA_FILE), metadata=kohya_metadata(pipe, config))
+    state = lora_state_dict(denoiser, adapter_name)
+    type(pipe).save_lora_weights(folder, **family.save_lora_kwargs(state, metadata), weight_name=LORA_WEIGHTS_FILE,
+                                 safe_serialization=True)
+    save_file(family.webui_lora(state, float(config.lora_alpha)), str(Path(folder) / LORA_KOHYA_FILE),
+              metadata=kohya_metadata(pipe, config))
 
 
 def kohya_metadata(pipe, config) -> dict[str, str]:
@@ -160,12 +145,12 @@ def _load_weights(pipe, lora_dir: Path, adapter_name: str) -> tuple[dict[str, se
 
     weights = lora_dir / LORA_WEIGHTS_FILE
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": we train the UNet only
+    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": we train the denoiser only
     try:
         with warnings.catch_warnings():  # peft's config / state-dict "inconsistency": _check_applied refuses it as one error
             warnings.filterwarnings("ignore", message="While injecting the PEFT adapters", category=RuntimeWarning)
             state = pipe.lora_state_dict(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, use_safetensors=True)[0]
-            expected, hint = file_lora_modules(state), _mismatch_hint(state)
+            expected, hint = file_lora_modules(state, family_of(pipe).lora_components), _mismatch_hint(state)
             try:
                 pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, adapter_name=adapter_name, use_safetensors=True)
             except RuntimeError as exc:
@@ -185,8 +170,8 @@ def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
     applies to the pipeline.
     """
     lora_dir = Path(lora_dir)
-    unet = pipe.unet
-    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
+    denoiser = family_of(pipe).denoiser(pipe)
+    if getattr(denoiser, "_hf_peft_config_loaded", False) and adapter_name in denoiser.peft_config:
         return
     weights = lora_dir / LORA_WEIGHTS_FILE
     if not weights.is_file():
@@ -229,13 +214,13 @@ def _module_of(key: str) -> str:
     return f"{module}.{_OLD_ATTENTION_NAMES[leaf]}" if leaf in _OLD_ATTENTION_NAMES else key
 
 
-def file_lora_modules(state: dict[str, Any]) -> dict[str, set[str]]:
-    """The LoRA modules a diffusers-layout state dict holds, by pipeline component (``unet``,
-    ``text_encoder``, ``text_encoder_2``; keys under any other prefix go to ``""``)."""
+def file_lora_modules(state: dict[str, Any], components: Sequence[str]) -> dict[str, set[str]]:
+    """The LoRA modules a diffusers-layout state dict holds, by pipeline component (``components``: the
+    family's, e.g. ``unet``, ``text_encoder``, ``text_encoder_2``; keys under any other prefix go to ``""``)."""
     out: dict[str, set[str]] = {}
     for key in state:
         component, _, rest = key.partition(".")
-        if component not in LORA_COMPONENTS:
+        if component not in components:
             component, rest = "", key
         out.setdefault(component, set()).add(_module_of(rest))
     return out
@@ -251,7 +236,7 @@ def _check_applied(pipe, weights: Path, expected: dict[str, set[str]], adapter_n
     """Refuse (and unload) an adapter unless every module of the file received it, and nothing else did."""
     missing: list[str] = []
     extra: list[str] = []
-    for component in sorted(set(expected) | set(LORA_COMPONENTS)):
+    for component in sorted(set(expected) | set(family_of(pipe).lora_components)):
         module = getattr(pipe, component, None) if component else None
         got = injected_modules(module, adapter_name) if module is not None else set()
         want = expected.get(component, set())
@@ -272,8 +257,8 @@ def _check_applied(pipe, weights: Path, expected: dict[str, set[str]], adapter_n
 
 def unload_subject_lora(pipe, adapter_name: str) -> None:
     """Remove a subject's adapter and its added tokens, leaving the base pipeline as before loading."""
-    unet = pipe.unet
-    if getattr(unet, "_hf_peft_config_loaded", False) and adapter_name in unet.peft_config:
+    denoiser = family_of(pipe).denoiser(pipe)
+    if getattr(denoiser, "_hf_peft_config_loaded", False) and adapter_name in denoiser.peft_config:
         pipe.delete_adapters(adapter_name)
     tokens = _loaded_tokens(pipe).pop(adapter_name, [])
     for tok, te in family_of(pipe).text_pairs(pipe):

@@ -96,7 +96,7 @@ def model_index(source: str) -> dict[str, Any]:
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | torch.dtype | None = None, cache: bool = True):
-    """Load an SD 1.x/2.x or SDXL pipeline once per process: from a local diffusers folder, a hub id
+    """Load a pipeline of a supported family (:mod:`prcore.method.families`) once per process: from a local diffusers folder, a hub id
     (the offline cache honoured), or a single-file ``.safetensors`` checkpoint (A1111 / civitai layout,
     loaded offline: :mod:`prcore.method.single_file`).
 
@@ -139,8 +139,9 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str | 
 
 def _load_pretrained(source: str, local: Path | None, torch_dtype: torch.dtype):
     """``from_pretrained`` of a diffusers folder or hub repo; the family from its ``model_index.json``."""
-    family: ModelFamily = family_for_index(model_index(source))
-    cls, kwargs = family.pipeline_class(), dict(dtype=torch_dtype, use_safetensors=True, **family.load_kwargs())
+    index = model_index(source)
+    family: ModelFamily = family_for_index(index)
+    cls, kwargs = family.pipeline_class(), dict(dtype=torch_dtype, use_safetensors=True, **family.load_kwargs(index))
     if local is not None:
         return cls.from_pretrained(source, variant=weights_variant(local, torch_dtype), **kwargs)
     if torch_dtype == torch.float16:  # a hub repo: its fp16 files where it has them (half the download)
@@ -149,6 +150,14 @@ def _load_pretrained(source: str, local: Path | None, torch_dtype: torch.dtype):
         except (OSError, ValueError):
             pass
     return cls.from_pretrained(source, **kwargs)
+
+
+def placement(pipe) -> tuple[str, str]:
+    """(device, dtype) of a pipeline's denoiser, as sidecars record them ("cuda:0", "bfloat16")."""
+    from prcore.method.families import family_of
+
+    denoiser = family_of(pipe).denoiser(pipe)
+    return str(denoiser.device), str(denoiser.dtype).removeprefix("torch.")
 
 
 def clear_pipeline_cache() -> None:

@@ -1,14 +1,15 @@
-"""Personalized sampling with parallel-rescaled consistency guidance on SD 1.x/2.x and SDXL pipelines.
+"""Personalized sampling with parallel-rescaled consistency guidance, for every model family.
 
-The denoising loop is assembled from the pipeline's public parts (``encode_prompt``, its UNet,
-VAE and ``image_processor``) and a fresh scheduler (:mod:`prcore.method.schedulers`). At every step the
-three noise predictions of the method
+The denoising loop is assembled from the pipeline's public parts (``encode_prompt``, its denoiser,
+VAE and ``image_processor``) and a fresh scheduler, asking the pipeline's model family
+(:mod:`prcore.method.families`) for each model-specific part. At every step the three predictions of
+the method (noise predictions for SD; velocities for a flow-matching model such as SD3)
 
     e_u   pretrained model (LoRA off), negative prompt
     e_c   pretrained model (LoRA off), base prompt      (template with {subject} -> class noun)
     e_p   fine-tuned model (LoRA on),  personal prompt  (template with {subject} -> identifier + class noun)
 
-come from ONE batched UNet forward over rows [e_u, e_c, e_p] (3 * num_images rows); the LoRA is
+come from ONE batched denoiser forward over rows [e_u, e_c, e_p] (3 * num_images rows); the LoRA is
 routed to the e_p rows only (:func:`prcore.method.adapters.per_sample_adapters`). They are combined by
 :mod:`prcore.method.guidance`:
 
@@ -42,8 +43,8 @@ from prcore.method.adapters import (
     use_adapter,
 )
 from prcore.method.families import ModelFamily, TextCond, UnsupportedModelError, family_of
+from prcore.method.families.noise import SCHEDULER_NAMES, NoiseProcess, UnknownSchedulerError
 from prcore.method.models import peak_memory, reset_peak_memory
-from prcore.method.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, make_scheduler
 
 _DEFAULTS = GenerationDefaults()  # the product's sampling defaults: one owner (prcore.data.schema)
 BatchMode = Literal["auto", "batched", "separate"]
@@ -156,18 +157,18 @@ def _check_scales(**scales: float) -> None:
             raise SamplerError(f"{name} must be a number >= 0, got {value!r}")
 
 
-def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    factor = int(pipe.vae_scale_factor)
-    default = int(pipe.unet.config.sample_size) * factor
+def _check_size(pipe, family: ModelFamily, height: int | None, width: int | None) -> tuple[int, int]:
+    factor = family.size_multiple(pipe)
+    default = family.default_resolution(pipe)
     height = default if height is None else height
     width = default if width is None else width
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % factor:
-            raise SamplerError(f"{name}={v!r} must be a positive multiple of the VAE factor {factor} (e.g. {max(factor, (int(v) // factor) * factor) if isinstance(v, int) and v > 0 else default})")
+            raise SamplerError(f"{name}={v!r} must be a positive multiple of {family.size_multiple_name} {factor} (e.g. {max(factor, (int(v) // factor) * factor) if isinstance(v, int) and v > 0 else default})")
     return height, width
 
 
-class _UNetRows:
+class _DenoiserRows:
     """Noise predictions for each row group at (x_t, t), with as few UNet forwards as allowed.
 
     ``mode`` "single": every row uses one adapter (or none), one forward; "batched": one forward
@@ -206,7 +207,7 @@ class _UNetRows:
             stop = min(rows, start + step)
             if self.routing is not None:
                 self.routing.names = names[start:stop]
-            outs.append(self.family.unet_pred(self.pipe, x_in[start:stop], t, text.slice(start, stop),
+            outs.append(self.family.predict(self.pipe, x_in[start:stop], t, text.slice(start, stop),
                                               None if tids is None else tids[start:stop]))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -217,7 +218,7 @@ class _UNetRows:
             return list(self._forward(x_all, t, text, tids, names).chunk(self.k))
         preds = None
         for adapter, idx, text, tids, names in self.calls:
-            use_adapter(self.pipe.unet, adapter)
+            use_adapter(self.family.denoiser(self.pipe), adapter)
             pred = self._forward(x_all[idx.to(x_all.device)], t, text, tids, names)
             if preds is None:
                 preds = pred.new_empty((x_all.shape[0], *pred.shape[1:]))
@@ -225,14 +226,15 @@ class _UNetRows:
         return list(preds.chunk(self.k))
 
 
-def _step(sched, unet_rows: _UNetRows, latents: Tensor, t, mode: G.Mode, step_kwargs: dict, scales: dict[str, float]) -> Tensor:
-    """One denoising step: predictions at x_t, guided noise estimate, scheduler update to x_{t-1}."""
-    preds = unet_rows(sched.scale_model_input(latents, t), t)
+def _step(noise: NoiseProcess, sched, unet_rows: _DenoiserRows, latents: Tensor, t, mode: G.Mode, step_kwargs: dict,
+          scales: dict[str, float]) -> Tensor:
+    """One denoising step: predictions at x_t, guided estimate, scheduler update to x_{t-1}."""
+    preds = unet_rows(noise.model_input(sched, latents, t), t)
     eps = mode.combine(*preds, **scales)
     return sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
 
 
-def _decode(pipe, latents: Tensor, output_type: str, *, vae_tiling: bool = False):
+def _decode(pipe, family: ModelFamily, latents: Tensor, output_type: str, *, vae_tiling: bool = False):
     """Latents -> images, one image per VAE call (the decoder's activations at 1024 px are several
     GiB per image), in fp32 where the VAE config asks to upcast; ``vae_tiling`` decodes in
     overlapping tiles (diffusers' tiled VAE: bounded memory at any size, slightly different pixels)."""
@@ -241,14 +243,7 @@ def _decode(pipe, latents: Tensor, output_type: str, *, vae_tiling: bool = False
     vae = pipe.vae
     needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     dtype = torch.float32 if needs_upcast else vae.dtype
-    mean = getattr(vae.config, "latents_mean", None)
-    std = getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, dtype)
-        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, dtype)
-        z = latents.to(dtype) * std_t / vae.config.scaling_factor + mean_t
-    else:
-        z = latents.to(dtype) / vae.config.scaling_factor
+    z = family.from_latents(vae.config, latents.to(dtype))
     original = vae.dtype
     tiled = bool(getattr(vae, "use_tiling", False))
     if needs_upcast:
@@ -352,7 +347,8 @@ def sample_batch(
         raise SamplerError(f"max_batch_rows must be None or an int >= 1, got {max_batch_rows!r}")
     if batch_mode not in ("auto", "batched", "separate"):
         raise SamplerError(f"batch_mode must be auto, batched or separate; got {batch_mode!r}")
-    height, width = _check_size(pipe, height, width)
+    family = family_of(pipe)
+    height, width = _check_size(pipe, family, height, width)
     seeds = [image_seeds(list(r.seeds), len(r.seeds)) for r in requests]
     if guidance != "pretrained":
         loaded = loaded_adapters(pipe)
@@ -362,20 +358,20 @@ def sample_batch(
             if r.adapter_name == BASE or r.adapter_name not in loaded:
                 have = ", ".join(sorted(loaded)) or "none"
                 raise SamplerError(f"unknown adapter {r.adapter_name!r}; LoRA adapters loaded into this pipeline: {have}. Load it first with pipe.load_lora_weights(dir, adapter_name=...)")
+    noise = family.noise_process(pipe)
     try:
-        sched = make_scheduler(scheduler, pipe.scheduler.config)
+        sched = noise.scheduler(scheduler, pipe.scheduler.config)
     except UnknownSchedulerError as exc:
         raise SamplerError(str(exc)) from None
 
     device = pipe._execution_device
     reset_peak_memory(torch.device(device))  # this call's peak, not the process' (training may have run before)
-    unet = pipe.unet
-    dtype = unet.dtype
-    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    dtype = denoiser.dtype
     zero_negative = family.zero_negative(pipe, negative_prompt)
     counts = [len(s) for s in seeds]
 
-    with adapter_state_preserved(unet, *family.text_encoders(pipe)):
+    with adapter_state_preserved(denoiser, *family.text_encoders(pipe)):
         mode_spec = G.MODES[guidance]
         steps = int(num_inference_steps)
         windowed = mode_spec.outside is not None and not (consistency_start <= 0.0 and consistency_stop >= 1.0)
@@ -394,10 +390,10 @@ def sample_batch(
         row_sets = [[encoded[r] for r in spec.rows] for spec in specs]
         adapters_used = list(dict.fromkeys(a for c in encoded.values() for a in c.adapters))
 
-        if len(adapters_used) == 1 or not lora_layers(unet):
+        if len(adapters_used) == 1 or not lora_layers(denoiser):
             mode = "single"
         else:
-            blocker = mixed_batch_blocker(unet, adapters_used)
+            blocker = mixed_batch_blocker(denoiser, adapters_used)
             if batch_mode == "batched" and blocker:
                 raise SamplerError(f"batch_mode='batched' is impossible here: {blocker}; use batch_mode='auto' or 'separate'")
             mode = "separate" if (batch_mode == "separate" or blocker) else "batched"
@@ -413,8 +409,8 @@ def sample_batch(
         from diffusers.utils.torch_utils import randn_tensor
 
         sched.set_timesteps(steps, device=device)
-        shape = (n, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype) * sched.init_noise_sigma
+        shape = (n, family.latent_channels(pipe), height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        latents = noise.initial_latents(sched, randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype))
         step_params = inspect.signature(sched.step).parameters
         step_kwargs: dict[str, Any] = {"generator": generators} if "generator" in step_params else {}
         if "eta" in step_params:
@@ -422,13 +418,13 @@ def sample_batch(
 
         from tqdm.auto import tqdm
 
-        unet_rows = [_UNetRows(pipe, family, rows, time_ids, mode, max_batch_rows) for rows in row_sets]
+        unet_rows = [_DenoiserRows(pipe, family, rows, time_ids, mode, max_batch_rows) for rows in row_sets]
         scales = {"guidance_scale": guidance_scale, "consistency_scale": consistency_scale, "parallel_scale": parallel_scale}
         routing = contextlib.nullcontext()
         if mode == "batched":
-            routing = per_sample_adapters(unet, _Cond.cat(row_sets[0]).adapters)
+            routing = per_sample_adapters(denoiser, _Cond.cat(row_sets[0]).adapters)
         elif mode == "single":
-            use_adapter(unet, adapters_used[0])
+            use_adapter(denoiser, adapters_used[0])
         rows_per_image = 0
         with routing as route:
             for rows in unet_rows:
@@ -436,9 +432,9 @@ def sample_batch(
             for i, t in enumerate(tqdm(sched.timesteps, desc=f"sampling ({guidance})", disable=not progress, leave=False)):
                 k = 0 if not windowed or G.in_window(i, steps, consistency_start, consistency_stop) else 1
                 rows_per_image += len(row_sets[k])
-                latents = _step(sched, unet_rows[k], latents, t, specs[k], step_kwargs, scales)
+                latents = _step(noise, sched, unet_rows[k], latents, t, specs[k], step_kwargs, scales)
 
-        images = _decode(pipe, latents, output_type, vae_tiling=vae_tiling)
+        images = _decode(pipe, family, latents, output_type, vae_tiling=vae_tiling)
     seconds = time.perf_counter() - started
     peak = peak_memory(torch.device(device))[0]
     outputs, start = [], 0

@@ -64,17 +64,17 @@ def _tiny_model(cache_dir: Path) -> str:
 
 def load_run_pipeline(model: str | None, settings):
     """The cached pipeline for ``model`` (an id or folder, embedded ids resolved) with the run's placement."""
-    from prcore.method.accel import configure_unet
+    from prcore.method.accel import configure_denoiser
     from prcore.method.models import load_pipeline
 
     p = settings.placement
     pipe = load_pipeline(resolve_model(model, settings.cache_path()), device=p.device, dtype=p.dtype)
-    configure_unet(pipe, p.unet_options())
+    configure_denoiser(pipe, p.denoiser_options())
     return pipe
 
 
-def unet_layer_names(model: str | None, run_model: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
-    """The LoRA-targetable UNet layer names of a subject's base model (``model``, or the run's
+def layer_names(model: str | None, run_model: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
+    """The LoRA-targetable denoiser layer names of a subject's base model (``model``, or the run's
     ``run_model`` for a row without one), read without weights (:func:`prcore.method.targets.lora_layer_names`);
     None when they cannot be known here (a hub model not in the local cache; the tiny model
     without the run's ``cache_dir`` or not built there yet).

@@ -45,10 +45,10 @@ class Placement(BaseModel):
     compile_unet: bool = Field(False, description="torch.compile the UNet (recompiles after each LoRA change)")
     attention: Literal["sdpa", "classic"] = "sdpa"
 
-    def unet_options(self):
-        from prcore.method.accel import UNetOptions
+    def denoiser_options(self):
+        from prcore.method.accel import DenoiserOptions
 
-        return UNetOptions(channels_last=self.channels_last, compile=self.compile_unet, attention=self.attention)
+        return DenoiserOptions(channels_last=self.channels_last, compile=self.compile_unet, attention=self.attention)
 
 
 class Scoring(BaseModel):

@@ -81,7 +81,7 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
 
     Raises ``prcore.data.schema.ManifestInvalid`` (a ValueError listing every problem, rows numbered as
     in the whole manifest) on a bad manifest, ``train_target_modules`` checked against each base model's
-    UNet layers (:func:`prcore.pipeline.models.unet_layer_names`; ``cache_dir``: the run's, where the
+    denoiser layers (:func:`prcore.pipeline.models.layer_names`; ``cache_dir``: the run's, where the
     tiny model lives), and so is the run's own ``target_modules`` setting (``settings.train``) when
     given. ``check_images=True`` also decodes every instance image of a subject with work left before
     anything runs. ``ValueError`` names requested subjects the manifest does not have.
@@ -90,7 +90,7 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     from prcore.data.plan import plan
     from prcore.data.schema import ManifestError, ManifestInvalid
     from prcore.data.validate import target_modules_problem, validate, validate_defaults
-    from prcore.pipeline.models import unet_layer_names
+    from prcore.pipeline.models import layer_names
 
     manifest = load_manifest(manifest_uri)
     rows = None
@@ -98,11 +98,11 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     if wanted is not None:
         manifest, rows = manifest.only_subjects(wanted)
     try:
-        errors = validate(manifest, check_images=False, module_names=lambda base: unet_layer_names(base, model_id, cache_dir))
+        errors = validate(manifest, check_images=False, module_names=lambda base: layer_names(base, model_id, cache_dir))
         if errors:
             raise ManifestInvalid(errors, manifest.source)
         bad_defaults = validate_defaults(defaults)
-        if target_modules is not None and (layers := unet_layer_names(None, model_id, cache_dir)):
+        if target_modules is not None and (layers := layer_names(None, model_id, cache_dir)):
             problem = target_modules_problem(target_modules, layers, "the run's base model")
             bad_defaults += [f"settings.train.target_modules: {problem}"] if problem else []
         if bad_defaults:
@@ -206,10 +206,6 @@ class RequestResult:
     qc_failed: int = 0
 
 
-def _placement(pipe) -> tuple[str, str]:
-    return str(pipe.unet.device), str(pipe.unet.dtype).removeprefix("torch.")
-
-
 def batches(requests: Sequence[ImageRequest], max_images: int) -> list[list[ImageRequest]]:
     """A subject's pending requests packed into denoising loops: requests whose sampling parameters
     agree (everything but the prompt and seeds) share a loop of at most ``max_images`` images (a
@@ -243,6 +239,7 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
     the QC verdict go into each record."""
     from prcore.method.accel import options_in_use
     from prcore.method.sampler import Request, sample_batch
+    from prcore.method.models import placement
     from prcore.outputs.sidecar import write_image
 
     started = time.perf_counter()
@@ -260,7 +257,7 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
                                for r, _ in pending],
                         progress=progress, max_batch_rows=max_batch_rows, vae_tiling=vae_tiling,
                         **{k: v for k, v in params.items() if v is not None})
-    device, dtype = _placement(pipe)
+    device, dtype = placement(pipe)
     accel = {"unet_options": used} if (used := options_in_use(pipe)) else {}  # GPU speed options, when any is on
     for (request, result), out in zip(pending, outs, strict=True):
         todo = request.todo

@@ -13,8 +13,8 @@ What a family owns:
   embedding where the model takes one), the empty negative prompt;
 - **the noise process** (:meth:`ModelFamily.noise_process`, :mod:`.noise`): noising, the target, the
   training timesteps and weights, the sampler's scheduler;
-- **latents**: the VAE's scale and shift (:meth:`ModelFamily.to_latents` / :meth:`ModelFamily.from_latents`),
-  channels, the size multiple;
+- **latents**: decoding with the VAE's scale and shift (:meth:`ModelFamily.from_latents`), channels,
+  the size multiples;
 - **micro-conditioning** (:meth:`ModelFamily.time_ids`);
 - **files**: the LoRA layout diffusers saves, the layout ComfyUI / A1111 load, kohya metadata,
   learned-embedding layouts.
@@ -32,11 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prcore.method.families.errors import UnsupportedModelError
 from prcore.method.families.noise import Diffusion, NoiseProcess
 
-
-class UnsupportedModelError(ValueError):
-    """A model this family cannot run (e.g. an SDXL refiner's aesthetic-score conditioning)."""
+__all__ = ["ModelFamily", "TextCond", "UnsupportedModelError"]
 
 
 @dataclass
@@ -78,6 +77,7 @@ class ModelFamily:
     gradient_checkpointing: bool = False  # training default when TrainConfig leaves it None
     supports_text_embeddings: bool = True  # train_text_embeddings (a learned identifier token)
     label: str = ""  # what the README's model table and errors call it
+    size_multiple_name: str = "the VAE factor"  # what :meth:`size_multiple` is, in errors
 
     # -- recognising and loading ------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ class ModelFamily:
         return pipe.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=self.added_cond(cond, time_ids), return_dict=False)[0]
 
     def set_attention(self, pipe: Any, kind: str) -> None:
-        """Attention kernel of the denoiser: "sdpa" (torch's fused kernel) or "math" (plain matmuls)."""
+        """Attention kernel of the denoiser: "sdpa" (torch's fused kernel) or "classic" (plain matmuls)."""
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
         self.denoiser(pipe).set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
@@ -182,13 +182,9 @@ class ModelFamily:
         """What a sampling height and width must be a multiple of."""
         return int(pipe.vae_scale_factor)
 
-    def to_latents(self, vae_config: Any, z: Tensor) -> Tensor:
-        """VAE latents (a posterior sample) -> the denoiser's latents: (z - shift) * scale."""
-        shift = getattr(vae_config, "shift_factor", None) or 0.0
-        return (z - shift) * float(vae_config.scaling_factor)
-
     def from_latents(self, vae_config: Any, latents: Tensor) -> Tensor:
-        """The inverse of :meth:`to_latents` (with per-channel mean/std where the VAE config has them)."""
+        """The denoiser's latents -> VAE latents: latents / scale + shift, or with per-channel mean/std
+        where the VAE config has them (the inverse of ``prcore.method.dco.LatentCache``'s (z - shift) * scale)."""
         mean = getattr(vae_config, "latents_mean", None)
         std = getattr(vae_config, "latents_std", None)
         if mean is not None and std is not None:

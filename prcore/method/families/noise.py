@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prcore.data.schema import SCHEDULER_NAMES, scheduler_key
-from prcore.data.schema import TrainingInputError
+from prcore.data.schema import SCHEDULER_NAMES, TrainingInputError, scheduler_key
+from prcore.method.families.errors import UnsupportedModelError
 
 
 class UnknownSchedulerError(ValueError):
@@ -110,6 +110,9 @@ class NoiseProcess:
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def check_weighting(self, snr_gamma: float | None) -> None:
+        """Refuse (:class:`TrainingInputError`) a loss weighting this process cannot apply, before any work."""
+
     def loss_weights(self, timesteps: Tensor, snr_gamma: float | None) -> Tensor | None:
         return None
 
@@ -127,8 +130,6 @@ class Diffusion(NoiseProcess):
         self.prediction_type = str(self.train_scheduler.config.prediction_type)
         self.num_train_timesteps = int(self.train_scheduler.config.num_train_timesteps)
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            from prcore.method.families.base import UnsupportedModelError
-
             raise UnsupportedModelError(f"scheduler prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
 
     def scheduler(self, name: str | None, base_config: Any) -> Any:
@@ -199,8 +200,11 @@ class FlowMatching(NoiseProcess):
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         return noise - latents
 
-    def loss_weights(self, timesteps: Tensor, snr_gamma: float | None) -> Tensor | None:
+    def check_weighting(self, snr_gamma: float | None) -> None:
         if snr_gamma:
             raise TrainingInputError("snr_gamma (min-SNR weighting) is for noise-predicting models; a flow-matching "
                                      "model (SD3) trains with logit-normal timesteps and uniform weights: leave snr_gamma unset")
+
+    def loss_weights(self, timesteps: Tensor, snr_gamma: float | None) -> Tensor | None:
+        self.check_weighting(snr_gamma)
         return None

@@ -55,6 +55,7 @@ class StableDiffusion3(ModelFamily):
     lora_components = ("transformer", "text_encoder", "text_encoder_2")
     gradient_checkpointing = True  # a 2.5B (Medium) / 8.1B (Large) transformer at 1024 px
     supports_text_embeddings = False
+    size_multiple_name = "the VAE factor x patch size"
 
     def matches(self, pipe: Any) -> bool:
         return getattr(pipe, "transformer", None) is not None and type(pipe).__name__.startswith("StableDiffusion3")
@@ -78,7 +79,7 @@ class StableDiffusion3(ModelFamily):
         from diffusers.models.attention_processor import JointAttnProcessor2_0
 
         if kind != "sdpa":
-            raise ValueError("attention='math' is not available for SD3 (its joint attention has only the sdpa kernel)")
+            raise ValueError("attention='classic' is not available for SD3 (its joint attention has only the sdpa kernel)")
         self.denoiser(pipe).set_attn_processor(JointAttnProcessor2_0())
 
     def set_channels_last(self, pipe: Any, on: bool) -> None:
