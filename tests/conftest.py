@@ -103,6 +103,21 @@ def tiny_sdxl(tiny_sdxl_path):
     return load_pipeline(tiny_sdxl_path, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory) -> Path:
+    """A tiny SD3 folder with all three text encoders (T5 included)."""
+    from prcore.method.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_path):
+    from prcore.method.models import load_pipeline
+
+    return load_pipeline(tiny_sd3_path, device="cpu", dtype="float32")
+
+
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -149,7 +149,8 @@ def _load_weights(pipe, lora_dir: Path, adapter_name: str) -> tuple[dict[str, se
     try:
         with warnings.catch_warnings():  # peft's config / state-dict "inconsistency": _check_applied refuses it as one error
             warnings.filterwarnings("ignore", message="While injecting the PEFT adapters", category=RuntimeWarning)
-            state = pipe.lora_state_dict(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, use_safetensors=True)[0]
+            state = pipe.lora_state_dict(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, use_safetensors=True)
+            state = state[0] if isinstance(state, tuple) else state  # (state, alphas) for UNet pipelines; SD3: the state
             expected, hint = file_lora_modules(state, family_of(pipe).lora_components), _mismatch_hint(state)
             try:
                 pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_FILE, adapter_name=adapter_name, use_safetensors=True)
