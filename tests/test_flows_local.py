@@ -456,3 +456,25 @@ def test_prcore_run_stops_at_a_write_the_store_refuses_mid_run_with_one_line_exi
     assert (out / "images").read_bytes() == b"in the way"
     assert list((out / "loras").rglob("training.json"))  # the LoRA trained before the refusal is kept
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_the_nightly_flow_runs_an_sd3_model_like_an_sd_one(prefect_api, tmp_path, tiny_sd3_path):
+    """The same flow, manifest and outputs for a flow-matching transformer (tiny SD3): trained LoRA in the
+    transformer layout, images sampled with its flow-matching scheduler, catalogue rows, a rerun that does nothing."""
+    import polars as pl
+    from safetensors import safe_open
+
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=2, num_images=1, steps=2, size=32), subjects=1)
+    out = tmp_path / "out"
+    state = run_flow(manifest, out, str(tiny_sd3_path), tmp_path / "cache")
+    assert state.is_completed(), state
+    summary = summary_of(out)
+    assert (summary["generated"], summary["trained"], summary["failed_subjects"]) == (2, 1, 0)
+    record = json.loads(next((out / "loras").rglob("training.json")).read_text())
+    assert record["model_family"] == "sd3" and record["resolution"] == 64
+    with safe_open(str(next((out / "loras").rglob("pytorch_lora_weights.safetensors"))), framework="pt") as fh:
+        assert all(k.startswith("transformer.") for k in fh.keys())
+    cat = pl.read_parquet(str(out / "catalog" / "**" / "*.parquet"), hive_partitioning=True)
+    assert cat.height == 2 and set(cat["scheduler"]) == {"FlowMatchEulerDiscreteScheduler"} and set(cat["width"]) == {32}
+    again = run_flow(manifest, out, str(tiny_sd3_path), tmp_path / "cache")
+    assert again.is_completed() and (summary_of(out)["generated"], summary_of(out)["trained"]) == (0, 0)
