@@ -225,3 +225,28 @@ def test_refused_before_any_training(tiny_sd3, tmp_path, config, message):
         train_subject_lora(tiny_sd3, images=subject_images(2), class_noun="dog", identifier="sks", out_dir=tmp_path / "l",
                            config=config, progress=False)
     assert not (tmp_path / "l").exists()
+
+
+def test_validate_refuses_what_an_sd3_model_cannot_do_before_any_work(tiny_sd3_path, tiny_sd_path, tmp_path):
+    """`prcore manifest validate --model`: a scheduler the flow model cannot step, learned embeddings and
+    min-SNR on SD3 rows are refused by row and column; the same cells on an SD row pass."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from prcore.cli import build_app
+
+    img = tmp_path / "a.png"
+    subject_images(1)[0].save(img)
+    base = {"instance_images": [str(img)], "class_noun": "dog", "prompt": "a {subject}", "identifier": "sks"}
+    rows = [{**base, "subject_id": "flow", "base_model": str(tiny_sd3_path), "scheduler": "ddim",
+             "train_train_text_embeddings": True, "train_snr_gamma": 5.0},
+            {**base, "subject_id": "unet", "base_model": str(tiny_sd_path), "scheduler": "ddim",
+             "train_train_text_embeddings": True, "train_snr_gamma": 5.0}]
+    pl.DataFrame(rows).write_parquet(tmp_path / "m.parquet")
+    result = CliRunner().invoke(build_app("manifest"), ["manifest", "validate", str(tmp_path / "m.parquet")])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("row")]
+    assert len(lines) == 3 and all("(subject flow)" in ln for ln in lines), result.output
+    assert any("column scheduler: cannot sample base model" in ln and "SD 3 / 3.5" in ln and "choose one of: euler" in ln for ln in lines)
+    assert any("column train_train_text_embeddings: is not supported" in ln for ln in lines)
+    assert any("column train_snr_gamma: min-SNR weighting is for noise-predicting models" in ln for ln in lines)

@@ -34,23 +34,25 @@ def validate_cmd(
     check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="Open every instance image (slower)")] = True,
     max_errors: Annotated[int, typer.Option(help="Print at most this many errors (0: all)")] = 0,
     model: Annotated[str | None, typer.Option("--model", help="The run's base model, for rows without base_model: "
-                                              "train_target_modules are checked against its UNet (default: the embedded model)")] = None,
+                                              "train_target_modules, schedulers and training options are checked against its family (default: the embedded model)")] = None,
     cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="The run's cache folder (where the embedded tiny model is built)")] = None,
 ) -> None:
     """Check a manifest. Exit 0 when valid; exit 2 with one line per error: row N (subject S), column C: message."""
     from prcore.data.load import load_manifest
     from prcore.data.validate import validate
 
-    def module_names(base: str | None):
-        from prcore.pipeline.models import default_model_id, layer_names
+    def known(base: str | None, ask):
+        from prcore.pipeline.models import default_model_id
         from prcore.pipeline.settings import RunSettings
 
-        cache = RunSettings(cache_dir=cache_dir).cache_path()
-        return layer_names(base, model or default_model_id(), cache)
+        return ask(base, model or default_model_id(), RunSettings(cache_dir=cache_dir).cache_path())
+
+    from prcore.pipeline.models import layer_names, model_rules
 
     with user_errors(*_store_errors()):
         manifest = load_manifest(path)
-        errors = validate(manifest, check_images=check_images, module_names=module_names)
+        errors = validate(manifest, check_images=check_images, module_names=lambda base: known(base, layer_names),
+                          model_rules=lambda base: known(base, model_rules))
     if not errors:
         subjects = manifest.df["subject_id"].n_unique() if "subject_id" in manifest.df.columns else 0
         print(f"{path}: valid ({manifest.df.height} rows, {subjects} subjects)")

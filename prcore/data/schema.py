@@ -27,7 +27,7 @@ import numpy as np
 # -- names ------------------------------------------------------------------------------------------
 
 GUIDANCE_MODES: tuple[str, ...] = ("parallel_rescaled", "consistency", "cfg", "pretrained")
-# The scheduler names the sampler knows (prcore.method.schedulers keys its diffusers mapping by the
+# The scheduler names the sampler knows (prcore.method.families.noise keys its diffusers mapping by the
 # same names; tests/test_manifest.py checks that they agree). Manifests, CLI options and flow
 # settings are validated against this list, spelled as make_scheduler normalises it.
 SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "pndm")
@@ -467,3 +467,14 @@ class ManifestInvalid(ValueError):
         shown = "\n".join(str(e) for e in self.errors[:20])
         more = f"\n... and {len(self.errors) - 20} more" if len(self.errors) > 20 else ""
         super().__init__(f"{source} has {len(self.errors)} error(s); run `prcore manifest validate` for all:\n{shown}{more}")
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    """What a base model's family accepts, for validation before any work (the family owns the facts:
+    ``prcore.pipeline.models.model_rules`` reads them without loading weights)."""
+
+    label: str  # e.g. "SD 3 / 3.5"
+    schedulers: tuple[str, ...]  # scheduler names its noise process can step
+    text_embeddings: bool  # train_text_embeddings possible
+    snr_weighting: bool  # snr_gamma meaningful (noise-predicting models)

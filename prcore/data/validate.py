@@ -23,14 +23,18 @@ from prcore.data.schema import (
     SUBJECT_COLUMNS,
     USER_COLUMN_PREFIX,
     ManifestError,
+    ModelRules,
     excerpt,
     identifier_problem,
 )
 from prcore.store.keys import SAFE_ID_RULE, is_safe_id
 
 _PLACEHOLDER = r"\{[^{}]*\}|[{}]"
-# the layer names of a base model's UNet (None: the run's model), or None when they cannot be known
+# the layer names of a base model's denoiser (None: the run's model), or None when they cannot be known
 ModuleNames = Callable[[str | None], Collection[str] | None]
+
+
+RulesOf = Callable[[str | None], "ModelRules | None"]
 _SCHEME = r"^([A-Za-z][A-Za-z0-9+.-]+)://"
 
 
@@ -93,13 +97,15 @@ class _Collector:
 
 
 def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, image_workers: int = 8,
-             module_names: ModuleNames | None = None) -> list[ManifestError]:
+             module_names: ModuleNames | None = None, model_rules: RulesOf | None = None) -> list[ManifestError]:
     """Every problem in the manifest (all collected, not just the first), sorted by row.
 
     ``check_images=False`` skips opening instance images (existence + full decode); every other
     rule is checked column-wise. ``module_names(base_model)`` (base_model None: the run's model)
     gives the layer names of a model's UNet, or None when unknown; with it, ``train_target_modules``
     names that match no layer are refused (the CLI and the pipeline pass it: they know the model).
+    ``model_rules(base_model)`` (:class:`ModelRules`, or None when unknown) refuses what the model's
+    family cannot do: a scheduler its noise process cannot step, learned text embeddings, min-SNR.
     """
     m = as_manifest(manifest)
     df, errors = m.normalized
@@ -182,6 +188,8 @@ def validate(manifest: Manifest | pl.DataFrame, *, check_images: bool = True, im
     _validate_train(c, usable)
     if module_names is not None and usable("train_target_modules"):
         _validate_target_modules(c, module_names, with_model=usable("base_model"))
+    if model_rules is not None:
+        _validate_model_rules(c, model_rules, usable)
 
     # -- instance images -----------------------------------------------------------------------------
     if usable("instance_images"):
@@ -351,6 +359,28 @@ def _validate_target_modules(c: _Collector, module_names: ModuleNames, *, with_m
             messages[row] = problem
     if messages:
         c.rows(pl.col("__row").is_in(list(messages)), "train_target_modules", lambda r: messages[r["__row"]], per_subject=True)
+
+
+def _validate_model_rules(c: _Collector, rules_of: RulesOf, usable: Callable[[str], bool]) -> None:
+    """Per base model, the cells its family refuses (:class:`ModelRules`): one message per cell."""
+    model = pl.col("base_model") if usable("base_model") else pl.lit(None, pl.String)
+    bases = c.df.select(model.alias("m"))["m"].unique().to_list()
+    for base in bases:
+        rules = rules_of(base)
+        if rules is None:
+            continue
+        mine = (pl.col("base_model") == base if base is not None else pl.col("base_model").is_null()) if usable("base_model") else pl.lit(True)
+        which = f"base model {base!r}" if base else "the run's base model"
+        if usable("scheduler"):
+            c.rows(mine & pl.col("scheduler").is_not_null() & ~pl.col("scheduler").is_in(list(rules.schedulers)), "scheduler",
+                   f"cannot sample {which} ({rules.label}); choose one of: {', '.join(rules.schedulers)} (or leave it empty)")
+        if not rules.text_embeddings and usable("train_train_text_embeddings"):
+            c.rows(mine & pl.col("train_train_text_embeddings").fill_null(False), "train_train_text_embeddings",
+                   f"is not supported for {which} ({rules.label}); set it false", per_subject=True)
+        if not rules.snr_weighting and usable("train_snr_gamma"):
+            c.rows(mine & pl.col("train_snr_gamma").is_not_null(), "train_snr_gamma",
+                   f"min-SNR weighting is for noise-predicting models, not {which} ({rules.label}, flow matching); leave it empty",
+                   per_subject=True)
 
 
 def _validate_uris(c: _Collector, m: Manifest, *, check_images: bool, workers: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prcore.data.model_source import SINGLE_FILE_SUFFIX, check_single_file
+from prcore.data.schema import ModelRules
 from prcore.method.families import ModelFamily, family_for_index, family_named
 
 
@@ -68,3 +69,14 @@ def lora_layer_names(source: str | Path) -> tuple[str, ...] | None:
         return _layer_names(family.name, json.dumps(config, sort_keys=True))
     except (TypeError, ValueError):  # a config this diffusers cannot build: the load reports it
         return None
+
+
+def model_rules(source: str | Path) -> ModelRules | None:
+    """What the family of ``source`` accepts (schedulers, learned embeddings, min-SNR), read without
+    weights like :func:`lora_layer_names`; None when the model is unknown here."""
+    found = denoiser_config(source)
+    if found is None:
+        return None
+    family = found[0]
+    return ModelRules(label=family.label, schedulers=tuple(family.noise_class.scheduler_names),
+                      text_embeddings=family.supports_text_embeddings, snr_weighting=family.noise_class.supports_min_snr)

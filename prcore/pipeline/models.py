@@ -73,6 +73,18 @@ def load_run_pipeline(model: str | None, settings):
     return pipe
 
 
+def _local_source(model: str | None, run_model: str, cache_dir: Path | None) -> str | Path | None:
+    """Where a subject's base model (``model``, or the run's ``run_model``) can be read without
+    weights: the model itself, the embedded models' folders once built; None when not here yet."""
+    model = model or run_model
+    if model == EMBEDDED_TOYWORLD:
+        return _toyworld_path()
+    if model == EMBEDDED_TINY:
+        tiny = cache_dir / "models" / "tiny-sd" if cache_dir is not None else None  # where resolve_model builds it
+        return tiny if tiny is not None and (tiny / "model_index.json").is_file() else None
+    return model
+
+
 def layer_names(model: str | None, run_model: str, cache_dir: Path | None = None) -> tuple[str, ...] | None:
     """The LoRA-targetable denoiser layer names of a subject's base model (``model``, or the run's
     ``run_model`` for a row without one), read without weights (:func:`prcore.method.targets.lora_layer_names`);
@@ -81,11 +93,14 @@ def layer_names(model: str | None, run_model: str, cache_dir: Path | None = None
     What ``validate(module_names=...)`` asks to check ``train_target_modules`` before any training."""
     from prcore.method.targets import lora_layer_names
 
-    model = model or run_model
-    if model == EMBEDDED_TOYWORLD:
-        path = _toyworld_path()
-        return lora_layer_names(path) if path is not None else None
-    if model == EMBEDDED_TINY:
-        tiny = cache_dir / "models" / "tiny-sd" if cache_dir is not None else None  # where resolve_model builds it
-        return lora_layer_names(tiny) if tiny is not None and (tiny / "model_index.json").is_file() else None
-    return lora_layer_names(model)
+    source = _local_source(model, run_model, cache_dir)
+    return lora_layer_names(source) if source is not None else None
+
+
+def model_rules(model: str | None, run_model: str, cache_dir: Path | None = None):
+    """What a subject's base model's family accepts (:class:`prcore.data.schema.ModelRules`), read
+    without weights; None when unknown here. What ``validate(model_rules=...)`` asks."""
+    from prcore.method.targets import model_rules as rules
+
+    source = _local_source(model, run_model, cache_dir)
+    return rules(source) if source is not None else None

@@ -72,6 +72,15 @@ def open_output(uri: str):
 # -- planning -----------------------------------------------------------------------------------------
 
 
+def _run_settings_refused(rules, defaults) -> list[str]:
+    """The run's default scheduler (for null cells), when the run model's family cannot step it."""
+    scheduler = getattr(defaults, "scheduler", None)
+    if rules is None or scheduler is None or scheduler in rules.schedulers:
+        return []
+    return [f"default scheduler {scheduler!r} cannot sample the run's base model ({rules.label}); "
+            f"choose one of: {', '.join(rules.schedulers)}"]
+
+
 def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids: Iterable[str] | None = None,
               check_images: bool = False, cache_dir: Path | None = None,
               target_modules: Sequence[str] | None = None) -> list[SubjectJob]:
@@ -90,7 +99,7 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     from prcore.data.plan import plan
     from prcore.data.schema import ManifestError, ManifestInvalid
     from prcore.data.validate import target_modules_problem, validate, validate_defaults
-    from prcore.pipeline.models import layer_names
+    from prcore.pipeline.models import layer_names, model_rules
 
     manifest = load_manifest(manifest_uri)
     rows = None
@@ -98,13 +107,15 @@ def plan_jobs(manifest_uri: str, store, *, model_id: str, defaults, subject_ids:
     if wanted is not None:
         manifest, rows = manifest.only_subjects(wanted)
     try:
-        errors = validate(manifest, check_images=False, module_names=lambda base: layer_names(base, model_id, cache_dir))
+        errors = validate(manifest, check_images=False, module_names=lambda base: layer_names(base, model_id, cache_dir),
+                          model_rules=lambda base: model_rules(base, model_id, cache_dir))
         if errors:
             raise ManifestInvalid(errors, manifest.source)
         bad_defaults = validate_defaults(defaults)
         if target_modules is not None and (layers := layer_names(None, model_id, cache_dir)):
             problem = target_modules_problem(target_modules, layers, "the run's base model")
             bad_defaults += [f"settings.train.target_modules: {problem}"] if problem else []
+        bad_defaults += _run_settings_refused(model_rules(None, model_id, cache_dir), defaults)
         if bad_defaults:
             raise ManifestInvalid([ManifestError(None, None, None, m) for m in bad_defaults], "the run's settings")
         jobs = plan(manifest, store=store, defaults=defaults, base_model=model_id, check=False, list_per_subject=wanted is not None)

@@ -78,6 +78,7 @@ class ModelFamily:
     supports_text_embeddings: bool = True  # train_text_embeddings (a learned identifier token)
     label: str = ""  # what the README's model table and errors call it
     size_multiple_name: str = "the VAE factor"  # what :meth:`size_multiple` is, in errors
+    noise_class: type[NoiseProcess] = Diffusion  # the noise process (:meth:`noise_process`)
 
     # -- recognising and loading ------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class ModelFamily:
     # -- the noise process ------------------------------------------------------------------------
 
     def noise_process(self, pipe: Any) -> NoiseProcess:
-        return Diffusion(pipe.scheduler.config)
+        return self.noise_class(pipe.scheduler.config)
 
     # -- latents and sizes ------------------------------------------------------------------------
 

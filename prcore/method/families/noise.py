@@ -86,7 +86,8 @@ class NoiseProcess:
     """What training and sampling ask of a model's noise process (see the module's table)."""
 
     kind: str = ""
-    scheduler_names: tuple[str, ...] = ()
+    scheduler_names: tuple[str, ...] = ()  # the names :meth:`scheduler` builds
+    supports_min_snr: bool = False  # whether ``snr_gamma`` (min-SNR loss weights) applies
 
     # -- sampling -----------------------------------------------------------------------------------
 
@@ -112,6 +113,9 @@ class NoiseProcess:
 
     def check_weighting(self, snr_gamma: float | None) -> None:
         """Refuse (:class:`TrainingInputError`) a loss weighting this process cannot apply, before any work."""
+        if snr_gamma and not self.supports_min_snr:
+            raise TrainingInputError(f"snr_gamma (min-SNR weighting) is for noise-predicting models; a {self.kind.replace('_', '-')} "
+                                     "model trains with its own timestep density and uniform weights: leave snr_gamma unset")
 
     def loss_weights(self, timesteps: Tensor, snr_gamma: float | None) -> Tensor | None:
         return None
@@ -122,6 +126,7 @@ class Diffusion(NoiseProcess):
 
     kind = "diffusion"
     scheduler_names = SCHEDULER_NAMES
+    supports_min_snr = True
 
     def __init__(self, scheduler_config: Any):
         from diffusers import DDPMScheduler
@@ -199,11 +204,6 @@ class FlowMatching(NoiseProcess):
 
     def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         return noise - latents
-
-    def check_weighting(self, snr_gamma: float | None) -> None:
-        if snr_gamma:
-            raise TrainingInputError("snr_gamma (min-SNR weighting) is for noise-predicting models; a flow-matching "
-                                     "model (SD3) trains with logit-normal timesteps and uniform weights: leave snr_gamma unset")
 
     def loss_weights(self, timesteps: Tensor, snr_gamma: float | None) -> Tensor | None:
         self.check_weighting(snr_gamma)

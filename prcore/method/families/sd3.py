@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from prcore.method.families.base import ModelFamily, TextCond
-from prcore.method.families.noise import FlowMatching, NoiseProcess
+from prcore.method.families.noise import FlowMatching
 
 MAX_T5_TOKENS = 256  # diffusers' StableDiffusion3Pipeline default max_sequence_length
 
@@ -56,6 +56,7 @@ class StableDiffusion3(ModelFamily):
     gradient_checkpointing = True  # a 2.5B (Medium) / 8.1B (Large) transformer at 1024 px
     supports_text_embeddings = False
     size_multiple_name = "the VAE factor x patch size"
+    noise_class = FlowMatching
 
     def matches(self, pipe: Any) -> bool:
         return getattr(pipe, "transformer", None) is not None and type(pipe).__name__.startswith("StableDiffusion3")
@@ -93,9 +94,6 @@ class StableDiffusion3(ModelFamily):
         return TextCond(embeds, pooled)
 
     # -- the noise process, latents, sizes ----------------------------------------------------------
-
-    def noise_process(self, pipe: Any) -> NoiseProcess:
-        return FlowMatching(pipe.scheduler.config)
 
     def resolution_multiple(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
