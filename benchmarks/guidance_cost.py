@@ -75,9 +75,9 @@ def main() -> None:
     variants = (args.variants or ("ours,diffusers" if full else "ours,two_call,pretrained,diffusers")).split(",")
 
     torch.set_num_threads(args.threads)
+    from prcore.method.families.noise import make_scheduler
     from prcore.method.models import load_pipeline
     from prcore.method.sampler import image_seeds, sample
-    from prcore.method.families.noise import make_scheduler
     from prcore.method.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -118,8 +118,8 @@ document.getElementById('f').onload = async () => {
 def test_report_bounds_the_subjects_it_reads_images_of(tmp_path):
     """A night of many subjects: only the first ``max_subjects`` (failures first) get their images read and
     shown; the others are listed by result alone, and their stored images are never read."""
-    from prcore.pipeline.report import report_subjects
     from prcore.outputs.run_report import render_report
+    from prcore.pipeline.report import report_subjects
 
     manifest = write_local_manifest(tmp_path / "in", manifest_rows(3, prompts=1, num_images=1, steps=2), subjects=3)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from prcore.method import adapters
+from prcore.method.families.noise import SCHEDULER_NAMES
 from prcore.method.models import load_pipeline
 from prcore.method.sampler import SamplerError, image_seeds, render_prompts, sample
-from prcore.method.families.noise import SCHEDULER_NAMES
 
 ADAPTER = "subj"
 ATOL = 1e-4

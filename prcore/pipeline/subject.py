@@ -249,8 +249,8 @@ def generate_requests(pipe, inputs: SubjectInputs, requests: Sequence[ImageReque
     alone would draw for its seed. Done images are skipped; with ``scorer``, CLIP/DINO scores and
     the QC verdict go into each record."""
     from prcore.method.accel import options_in_use
-    from prcore.method.sampler import Request, sample_batch
     from prcore.method.models import placement
+    from prcore.method.sampler import Request, sample_batch
     from prcore.outputs.sidecar import write_image
 
     started = time.perf_counter()
