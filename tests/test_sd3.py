@@ -91,6 +91,12 @@ def test_flow_matching_noise_process_is_the_sd3_recipe(tiny_sd3):
     torch.testing.assert_close(noise.target(x0, e, t2), e - x0)  # the velocity dx/ds
     with pytest.raises(TrainingInputError, match="snr_gamma"):
         noise.loss_weights(t2, 5.0)
+    # DCO compares errors in epsilon units: a velocity error dv is an epsilon error (1 - s) dv
+    v_hat = noise.target(x0, e, t2) + 0.1 * torch.randn(2, 16, 4, 4)
+    e_hat = noise.noisy(x0, e, t2) + (1 - t2 / 1000).view(-1, 1, 1, 1) * v_hat
+    eps_mse, v_mse = ((e_hat - e) ** 2).flatten(1).mean(1), ((v_hat - noise.target(x0, e, t2)) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(eps_mse, noise.dco_error_scale(t2) * v_mse)
+    torch.testing.assert_close(noise.dco_error_scale(t2), torch.tensor([0.75**2, 0.1**2]))
 
 
 # ------------------------------------------------------------------------------------------------

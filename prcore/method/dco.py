@@ -733,7 +733,8 @@ def _train_loop(
                 pred = family.predict(pipe, noisy.to(dtype), timesteps, cond, tids)
             w_inst = None if weights is None else weights[:b]
             if use_dco:
-                loss = dco_loss(pred[:b], ref, target[:b], config.dco_beta, w_inst)
+                scale = noise_process.dco_error_scale(timesteps[:b])
+                loss = dco_loss(pred[:b], ref, target[:b], config.dco_beta, w_inst if scale is None else scale.to(pred.device))
             else:
                 loss = dreambooth_loss(pred[:b], target[:b], w_inst)
             if class_cache is not None:
