@@ -42,11 +42,12 @@ def tiny_sdxl_path(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
 
 
-FULL_SIZE_ORDER = ("sd15", "sd21", "sdxl")
+FULL_SIZE_ORDER = ("sd15", "sd21", "sdxl", "sd35m")
 # What each full-size folder carries: sd15 both files (the fp16-variant test), sd21 fp32 only (its test
-# runs bf16, cast from fp32), sdxl only the fp16 variant (an fp16-only folder, as some hub repos ship:
-# 7 GB instead of 14 GB of fp32).
-FULL_SIZE_FILES = {"sd15": {}, "sd21": {"fp16_variant": False}, "sdxl": {"fp32": False}}
+# runs bf16, cast from fp32), sdxl and sd35m only the fp16 variant (an fp16-only folder, as some hub repos
+# ship: 7 GB / 6.3 GB instead of 14 GB / 12.6 GB of fp32; sd35m without T5). SD 3.5 Large is not built
+# here: its transformer is 32.6 GB in fp32, more than this machine's memory.
+FULL_SIZE_FILES = {"sd15": {}, "sd21": {"fp16_variant": False}, "sdxl": {"fp32": False}, "sd35m": {"fp32": False}}
 
 
 def full_size_name(item: pytest.Item) -> str | None:
@@ -69,7 +70,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def full_size_model(tmp_path_factory):
-    """``get(name)``: the full-size ``name`` folder ("sd15", "sd21", "sdxl"; random weights), built on
+    """``get(name)``: the full-size ``name`` folder ("sd15", "sd21", "sdxl", "sd35m"; random weights), built on
     first use. Asking for another architecture deletes the previous one: one on disk at a time."""
     from prcore.method.full_size import build_full_size
 

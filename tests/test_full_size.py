@@ -113,3 +113,45 @@ def test_fp16_variant_files_are_complete(full_size_model):
     for component in ("unet", "vae", "text_encoder"):
         files = sorted(p.name for p in (model / component).glob("*.safetensors"))
         assert any(".fp16." in f for f in files) and any(".fp16." not in f for f in files), (component, files)
+
+
+SD35M_TRANSFORMER_STORED = 2_469_663_936  # 2,243,171,520 trained + 226,492,416 fixed position embedding (384^2 x 1536)
+SD35M_PARAMS = {"transformer": 2_243_171_520, "vae": 83_819_683, "text_encoder": 123_650_304, "text_encoder_2": 694_659_840}
+
+
+@pytest.mark.full_size("sd35m")
+def test_sd35_medium_folder_and_single_file_load_every_weight(full_size_model, tmp_path):
+    """The exact SD 3.5 Medium architecture (MMDiT-X, random weights, T5 left out): its transformer has
+    Stability's "2.5 billion parameters" (2.47 B stored) and the pipeline keras-hub's published count
+    (SD3_PUBLISHED_PARAMS); written as one single file in the ComfyUI layout (fp16, as the folder) it
+    loads through ``load_pipeline`` (the path ``--model sd3.5_medium.safetensors`` takes) with every
+    weight equal. ~2 min here: ~70 s to build (10.5 GB peak), ~55 s for the rest (16 GB peak: bf16
+    weights plus the file read whole by diffusers' single-file loader)."""
+    from diffusers import StableDiffusion3Pipeline
+    from ldm_checkpoint import folder_tensors
+    from sd3_checkpoint import write_sd3_checkpoint
+
+    from prcore.method.architectures import SD3_PUBLISHED_PARAMS
+    from prcore.method.models import load_pipeline
+
+    model = full_size_model("sd35m")
+    assert sum(header_params(f) for f in (model / "transformer").glob("*.safetensors")) == SD35M_TRANSFORMER_STORED
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, variant="fp16", torch_dtype=torch.bfloat16, text_encoder_3=None,
+                                                    tokenizer_3=None)
+    counts = {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in SD35M_PARAMS}
+    assert counts == SD35M_PARAMS
+    assert sum(counts.values()) + pipe.transformer.pos_embed.pos_embed.numel() == SD3_PUBLISHED_PARAMS["sd35m"]
+    assert tuple(pipe.transformer.config.dual_attention_layers) == tuple(range(13)) and pipe.vae.config.latent_channels == 16
+    del pipe
+    ckpt = write_sd3_checkpoint(model, tmp_path / "sd3.5_medium_incl_clips.safetensors")
+    loaded = load_pipeline(ckpt, device="cpu", dtype="bfloat16", cache=False)
+    ckpt.unlink()  # 6.3 GB: the disk is shared with the next full-size folder
+    assert type(loaded).__name__ == "StableDiffusion3Pipeline" and loaded.text_encoder_3 is None
+    assert loaded._prcore_single_file == {"architecture": "sd35m", "prediction_type": "flow_matching"}
+    for component in SD35M_PARAMS:
+        state = getattr(loaded, component).state_dict()
+        n = 0
+        for key, ref in folder_tensors(model, component):
+            assert torch.equal(state[key], ref.to(state[key].dtype)), (component, key)
+            n += 1
+        assert n == len(state), (component, n, len(state))

@@ -1,4 +1,4 @@
-"""The exact SD 1.5, SD 2.1 (768 px, v-prediction) and SDXL-base architectures, random-initialised.
+"""The exact SD 1.5, SD 2.1 (768 px, v-prediction), SDXL-base and SD 3 / 3.5 architectures, random-initialised.
 
 No weights can be downloaded where prcore is developed and tested, so the real path (shapes,
 dtypes, conditioning, memory, file layout) is exercised on pipelines built here from the published
@@ -9,7 +9,21 @@ that :func:`prcore.method.models.load_pipeline` opens exactly like the hub's. Ra
 noise, but every tensor has the real shape. The configurations and the (real) CLIP tokenizers are
 :mod:`prcore.method.architectures`'s.
 
-    python -m prcore.method.full_size sd15 OUT [--seed 0] [--no-fp16 | --fp16-only] [--device cuda]    # also sd21, sdxl
+    python -m prcore.method.full_size sd15 OUT [--seed 0] [--no-fp16 | --fp16-only] [--device cuda]
+    # also sd21, sdxl, sd3m, sd35m, sd35l
+
+SD 3 / 3.5 folders leave T5-XXL out (``text_encoder_3`` null: 4.7 B parameters, 19 GB in fp32, and no T5
+tokenizer can be carried here); CLIP-L's projection is written as the identity, as SD3 uses it. Sizes
+(transformer with its stored position embedding, CLIP-L, CLIP-bigG, VAE; checked against keras-hub's
+published counts, :data:`prcore.method.architectures.SD3_PUBLISHED_PARAMS`):
+
+=========  ===============  ==============  ==============  =============================================
+name       parameters       fp32 on disk    fp16 on disk    builds on a 23 GB machine (fp32 drawn first)
+=========  ===============  ==============  ==============  =============================================
+``sd35m``  3.37 B           13.5 GB         6.7 GB          yes: ~10 GB peak (the transformer)
+``sd35l``  9.05 B           36.2 GB         18.1 GB         no: the transformer alone is 32.6 GB in fp32
+                                                            (``--device cuda`` on a GPU machine)
+=========  ===============  ==============  ==============  =============================================
 """
 
 from __future__ import annotations
@@ -22,12 +36,13 @@ from typing import Any
 
 import torch
 
-from prcore.method.architectures import ARCHITECTURES, component_name, write_config_folder
+from prcore.method.architectures import ARCHITECTURES, architecture, component_name, denoiser, write_config_folder
 
 
 def build_full_size(path: str | Path, name: str, *, seed: int = 0, fp16_variant: bool = True, fp32: bool = True,
                     device: str = "cpu") -> Path:
-    """Write the ``name`` architecture ("sd15", "sd21", "sdxl") with random weights to ``path``.
+    """Write the ``name`` architecture ("sd15", "sd21", "sdxl", "sd3m", "sd35m", "sd35l") with random
+    weights to ``path`` (SD 3 / 3.5 without T5).
 
     The configs and tokenizers come from :func:`prcore.method.architectures.write_config_folder` (the
     same files a single-file checkpoint is loaded with). Components are built and saved one at a time
@@ -54,7 +69,7 @@ def build_full_size(path: str | Path, name: str, *, seed: int = 0, fp16_variant:
         if fp16_variant:
             module.to(torch.float16).save_pretrained(path / component, safe_serialization=True, variant="fp16")
 
-    for offset, component in enumerate(("unet", "vae")):
+    for offset, component in enumerate((denoiser(architecture(name))[0], "vae")):
         torch.manual_seed(seed + offset)
         cls = getattr(diffusers, index[component][1])
         with torch.device(device):
@@ -66,6 +81,9 @@ def build_full_size(path: str | Path, name: str, *, seed: int = 0, fp16_variant:
         cls = getattr(transformers, index[component][1])
         with torch.device(device):
             module = cls(transformers.CLIPTextConfig.from_pretrained(path / component))
+        if index["_class_name"] == "StableDiffusion3Pipeline" and i == 0:
+            with torch.no_grad():  # SD3 conditions on CLIP-L's unprojected pooled output
+                module.text_projection.weight.copy_(torch.eye(module.text_projection.weight.shape[0]))
         save(component, module)
     return path
 
