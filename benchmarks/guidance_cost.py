@@ -1,13 +1,14 @@
 """What three-prediction guidance costs next to diffusers' own CFG sampler.
 
-On the tiny SD pipeline (built locally; nothing downloaded), with the same steps, size, batch and
-seeds, it times
+On a tiny pipeline (built locally; nothing downloaded; ``--family sd`` or ``sd3``) or a full-size
+folder of any family, with the same steps, size, batch and seeds, it times
 
-    ours      prcore.method.sampler.sample(guidance="parallel_rescaled"): one batched UNet forward of
-              3 * batch rows per step, the LoRA routed to the personal rows only
+    ours      prcore.method.sampler.sample(guidance="parallel_rescaled"): one batched denoiser forward
+              of 3 * batch rows per step, the LoRA routed to the personal rows only
     two-call  the same sampler with batch_mode="separate": a 2 * batch pretrained forward plus a
               1 * batch LoRA forward per step, as DCO's published sampler does
-    diffusers StableDiffusionPipeline.__call__ with CFG (2 * batch rows per step) on the base model
+    diffusers the family's own pipeline __call__ (StableDiffusionPipeline, StableDiffusion3Pipeline, ...)
+              with CFG (2 * batch rows per step) on the base model
     pretrained  sample(guidance="pretrained") on the base model: the same 2-row CFG loop as
               diffusers, so its ratio shows the sampler's own bookkeeping cost
 
@@ -23,6 +24,7 @@ Last line: guidance_cost_ratio=<x>.
 At full size (a folder written by ``python -m prcore.method.full_size sd15 DIR``):
 
     python benchmarks/guidance_cost.py --model DIR            # 512 px, 2 DDIM steps, 3 repeats, ours vs diffusers: ~6 min
+    python benchmarks/guidance_cost.py --model SD35M_DIR --size 256 --steps 4   # SD3.5 Medium: flow-matching Euler
 
 Both samplers stop at the latents (no VAE decode: the decode is the same for both and would hide
 the guidance's cost), use the same named scheduler, and the figure is per denoising step.
@@ -42,9 +44,12 @@ import torch
 def _random_lora(pipe, name: str, seed: int = 0) -> None:
     from peft import LoraConfig
 
-    pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=name)
+    from prcore.method.families import family_of
+
+    denoiser = family_of(pipe).denoiser(pipe)
+    denoiser.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=name)
     gen = torch.Generator().manual_seed(seed)
-    for pname, param in pipe.unet.named_parameters():
+    for pname, param in denoiser.named_parameters():
         if "lora_B" in pname:
             param.data = torch.randn(param.shape, generator=gen) * 0.1
 
@@ -55,7 +60,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 64; the model's with --model)")
     parser.add_argument("--batch", type=int, default=1, help="images per request")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 7; 3 with --model)")
-    parser.add_argument("--scheduler", default="ddim", help="scheduler of both samplers (prcore's names)")
+    parser.add_argument("--scheduler", default=None, help="scheduler of both samplers (prcore's names; default ddim, "
+                        "euler for a flow-matching model)")
+    parser.add_argument("--family", choices=("sd", "sd3"), default="sd", help="the tiny pipeline's family (without --model)")
+    parser.add_argument("--dtype", default="float32", help="weights' dtype (bfloat16 where the CPU has it natively)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated of ours,two_call,pretrained,diffusers (default: all; ours,diffusers with --model)")
     parser.add_argument("--threads", type=int, default=1)
@@ -75,17 +83,20 @@ def main() -> None:
     variants = (args.variants or ("ours,diffusers" if full else "ours,two_call,pretrained,diffusers")).split(",")
 
     torch.set_num_threads(args.threads)
-    from prcore.method.families.noise import make_scheduler
+    from prcore.method.families import family_of
     from prcore.method.models import load_pipeline
     from prcore.method.sampler import image_seeds, sample
     from prcore.method.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_tiny_pipeline(Path(tmp) / "tiny-sd", "sd", sample_size=(args.size or 64) // 4)
-        base = load_pipeline(model, device="cpu", dtype="float32", cache=False)
-        personal = load_pipeline(model, device="cpu", dtype="float32", cache=False)
-        args.size = args.size or int(base.unet.config.sample_size) * int(base.vae_scale_factor)
-        base.scheduler = make_scheduler(args.scheduler, base.scheduler.config)  # diffusers' loop, the same scheduler
+        model = args.model or build_tiny_pipeline(Path(tmp) / f"tiny-{args.family}", args.family, sample_size=(args.size or 64) // 4)
+        base = load_pipeline(model, device="cpu", dtype=args.dtype, cache=False)
+        personal = load_pipeline(model, device="cpu", dtype=args.dtype, cache=False)
+        family = family_of(base)
+        noise = family.noise_process(base)
+        args.scheduler = args.scheduler or ("ddim" if "ddim" in noise.scheduler_names else "euler")
+        args.size = args.size or family.default_resolution(base)
+        base.scheduler = noise.scheduler(args.scheduler, base.scheduler.config)  # diffusers' loop, the same scheduler
         _random_lora(personal, "subject")
         seeds = image_seeds(0, args.batch)
         common = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="latent")
@@ -116,7 +127,7 @@ def main() -> None:
                 times[key].append(clock() - start)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model={args.model or 'tiny-sd'} torch {torch.__version__}, threads={args.threads}, steps={args.steps}, size={args.size}, "
+    print(f"model={args.model or 'tiny-' + args.family} dtype={args.dtype} torch {torch.__version__}, threads={args.threads}, steps={args.steps}, size={args.size}, "
           f"batch={args.batch}, scheduler={args.scheduler}, repeats={args.repeats}, clock={args.clock}, decode excluded, "
           f"window [{window['consistency_start']:g}, {window['consistency_stop']:g})")
     for key, value in med.items():

@@ -4,6 +4,7 @@ no import circle, no Prefect in the library, a model side that runs on a bare GP
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,20 @@ def test_no_import_circle():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+# Where a model's parts may be named: its family (prcore/method/families/), the published architectures and the
+# model builders, the single-file key layout (model_source.py: key strings of checkpoint files), and the toy world's
+# own small network. Everything else asks the pipeline's family.
+FAMILY_SEAM_EXEMPT = ("prcore/method/families/", "prcore/method/architectures.py", "prcore/method/tiny.py",
+                      "prcore/method/full_size.py", "prcore/data/model_source.py", "prcore/toyworld/")
+MODEL_PART = re.compile(r"\.(unet|transformer)\b|\b[A-Za-z]+Scheduler\b|UNet2DConditionModel|SD3Transformer2DModel")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_only_the_families_name_a_denoiser_or_a_scheduler(path):
+    rel = path.relative_to(REPO).as_posix()
+    if rel.startswith(FAMILY_SEAM_EXEMPT):
+        return
+    hits = [f"{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1) if MODEL_PART.search(line)]
+    assert not hits, f"{rel} names a model part; ask prcore.method.families instead:\n" + "\n".join(hits)
