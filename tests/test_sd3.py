@@ -256,3 +256,31 @@ def test_validate_refuses_what_an_sd3_model_cannot_do_before_any_work(tiny_sd3_p
     assert any("column scheduler: cannot sample base model" in ln and "SD 3 / 3.5" in ln and "choose one of: euler" in ln for ln in lines)
     assert any("column train_train_text_embeddings: is not supported" in ln for ln in lines)
     assert any("column train_snr_gamma: min-SNR weighting is for noise-predicting models" in ln for ln in lines)
+
+
+def test_prcore_train_and_sample_commands_on_sd3(tiny_sd3_path, tmp_path):
+    """The `prcore train` / `prcore sample` commands take an SD3 folder like an SD one; a diffusion
+    scheduler on it is one line, exit 2, before any image is written."""
+    from typer.testing import CliRunner
+
+    from prcore.cli import build_app
+
+    images = tmp_path / "refs"
+    images.mkdir()
+    for i, im in enumerate(subject_images(2)):
+        im.save(images / f"{i}.png")
+    common = ["--class-noun", "dog", "--identifier", "sks", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    train = CliRunner().invoke(build_app("train"), ["train", "--model", str(tiny_sd3_path), "--images", str(images), "--out",
+                                                    str(tmp_path / "lora"), "--train-steps", "2", "--rank", "2", "--resolution", "32", *common])
+    assert train.exit_code == 0, train.output
+    assert json.loads((tmp_path / "lora" / "training.json").read_text())["model_family"] == "sd3"
+    args = ["sample", "--model", str(tiny_sd3_path), "--lora", str(tmp_path / "lora"), "--prompt", "a {subject} on the beach",
+            "--num-inference-steps", "2", "--height", "32", "--width", "32", "--num-images", "2", *common]
+    done = CliRunner().invoke(build_app("sample"), [*args, "--out", str(tmp_path / "img")])
+    assert done.exit_code == 0, done.output
+    pngs = sorted((tmp_path / "img").glob("*.png"))
+    sidecar = json.loads(pngs[0].with_suffix(".json").read_text())
+    assert len(pngs) == 2 and sidecar["scheduler"] == "FlowMatchEulerDiscreteScheduler" and sidecar["unet_rows"] == 5
+    refused = CliRunner().invoke(build_app("sample"), [*args, "--out", str(tmp_path / "none"), "--scheduler", "dpmpp_2m"])
+    assert refused.exit_code == 2 and "cannot sample a flow-matching model" in refused.output
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
