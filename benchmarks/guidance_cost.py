@@ -51,7 +51,7 @@ def _random_lora(pipe, name: str, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     for pname, param in denoiser.named_parameters():
         if "lora_B" in pname:
-            param.data = torch.randn(param.shape, generator=gen) * 0.1
+            param.data = (torch.randn(param.shape, generator=gen) * 0.1).to(param.dtype)
 
 
 def main() -> None:

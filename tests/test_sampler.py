@@ -385,3 +385,23 @@ def test_several_requests_and_subjects_in_one_loop_draw_what_each_draws_alone(ki
         assert np.abs(np.round(px[1].images * 255) - np.round(px_alone.images * 255)).max() <= 1
     finally:
         pipe.delete_adapters("other")
+
+
+def test_routing_takes_a_lora_whose_a_and_b_differ_in_dtype():
+    """bf16 base weights with an fp32 lora_B (as a LoRA filled in fp32 on a bf16 model): the routed rows
+    get exactly peft's own LoRA output, the base rows none."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["0"]),
+                                    torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16), adapter_name="s")
+    layer = model[0]
+    layer.lora_B["s"].weight.data = torch.randn(8, 2)  # fp32, A stays bf16
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with torch.no_grad(), adapters.per_sample_adapters(model, [adapters.BASE, "s"]):
+        routed = model(x)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        lora = base + layer.lora_B["s"](layer.lora_A["s"](x).float()).to(base.dtype) * layer.scaling["s"]
+    assert torch.equal(routed[0], base[0]) and (lora[1] - base[1]).abs().max() > 0.1
+    torch.testing.assert_close(routed[1], lora[1], atol=2e-2, rtol=0)

@@ -105,7 +105,8 @@ def _add_routed_lora(layer, args, kwargs, output, *, routing: Routing):
         if name not in layer.lora_A:
             continue
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-        delta = lora_b(lora_a(layer.lora_dropout[name](x[start:stop].to(lora_a.weight.dtype))))
+        hidden = lora_a(layer.lora_dropout[name](x[start:stop].to(lora_a.weight.dtype)))
+        delta = lora_b(hidden.to(lora_b.weight.dtype))  # A and B may differ (an fp32 B on bf16 weights)
         output[start:stop].add_(delta.to(output.dtype), alpha=layer.scaling[name])
     return output
 
