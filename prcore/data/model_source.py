@@ -28,6 +28,7 @@ import struct
 from pathlib import Path
 
 SINGLE_FILE_SUFFIX = ".safetensors"
+CONFIG_FOLDER_SUFFIX = ".config"  # <stem>.config/ beside a single file: its diffusers configs and tokenizers
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER_BYTES = 100 * 2**20  # a real SDXL checkpoint's header is ~0.2 MB
 

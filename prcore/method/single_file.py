@@ -31,7 +31,6 @@ prcore does not know (the tests' tiny models), or to bring SD3's T5 tokenizer (`
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,19 +39,17 @@ import torch
 
 from prcore.data.model_source import (
     ARCHITECTURE_NAMES,
+    CONFIG_FOLDER_SUFFIX,
     LDM_UNET_PREFIX,
     ModelSourceError,
     check_single_file,
     safetensors_keys,
     sd3_depth,
-    sd3_has_t5,
 )
 from prcore.method.architectures import SD3_ARCHITECTURES, architecture, write_config_folder
 from prcore.method.families import ModelFamily, family_for_index
 
-log = logging.getLogger(__name__)
 DEFAULT_PREDICTION = {"sd15": "epsilon", "sd21": "v_prediction", "sdxl": "epsilon", **dict.fromkeys(SD3_ARCHITECTURES, "flow_matching")}
-CONFIG_FOLDER_SUFFIX = ".config"
 _MAX_YAML_BYTES = 1_000_000
 
 
@@ -118,19 +115,6 @@ def check_sd3_shape(path: Path, arch: str, entries: dict[str, dict]) -> None:
             f"config folder beside the file as {path.stem}{CONFIG_FOLDER_SUFFIX}/")
 
 
-def _sd3_kwargs(path: Path, entries: dict[str, dict], index: dict[str, Any], family: ModelFamily) -> dict[str, Any]:
-    """What ``from_single_file`` needs for an SD 3 / 3.5 file: T5 left out where the file or the configs
-    have none (a file's T5 without a tokenizer is left out, and the log says so)."""
-    has_tokenizer = bool((index.get("tokenizer_3") or [None])[0])
-    if sd3_has_t5(entries) and has_tokenizer:
-        return family.load_kwargs(index)
-    if sd3_has_t5(entries):
-        log.warning("%s: its T5-XXL encoder is left out (a single file carries no T5 tokenizer); to use it, put a "
-                    "config folder with tokenizer_3/ beside the file as %s%s/ or load the diffusers folder",
-                    path, path.stem, CONFIG_FOLDER_SUFFIX)
-    return {"text_encoder_3": None, "tokenizer_3": None}
-
-
 def load_single_file(path: str | Path, *, torch_dtype: torch.dtype) -> tuple[Any, ModelFamily]:
     """The pipeline in a single-file checkpoint (weights in ``torch_dtype``) and its family."""
     path = Path(path).expanduser()
@@ -143,10 +127,8 @@ def load_single_file(path: str | Path, *, torch_dtype: torch.dtype) -> tuple[Any
         folder = beside or write_config_folder(arch, tmp, prediction_type=None if arch in SD3_ARCHITECTURES else prediction_type)
         index = json.loads((Path(folder) / "model_index.json").read_text())
         family = family_for_index(index)
-        kwargs = _sd3_kwargs(path, entries, index, family) if arch in SD3_ARCHITECTURES else family.load_kwargs(index)
-        pipe = family.pipeline_class().from_single_file(str(path), config=str(folder), local_files_only=True,
-                                                         torch_dtype=torch_dtype, **kwargs)
-    if getattr(pipe, "text_encoder_3", None) is not None:
-        pipe.text_encoder_3.tie_weights()  # loaded onto the meta device, T5's tied input embedding is left unset
+        pipe = family.pipeline_class().from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
+                                                         **family.single_file_kwargs(path, entries, index))
+    family.finish_single_file(pipe)
     pipe._prcore_single_file = {"architecture": arch, "prediction_type": prediction_type}
     return pipe, family

@@ -99,6 +99,14 @@ class ModelFamily:
         ``model_index.json`` is ``model_index`` (None: not known)."""
         return {}
 
+    def single_file_kwargs(self, path: Any, entries: Mapping[str, Any], model_index: Mapping[str, Any]) -> dict[str, Any]:
+        """Extra keyword arguments of ``from_single_file`` for a checkpoint whose safetensors header is
+        ``entries``, with the config folder's ``model_index`` (:mod:`prcore.method.single_file`)."""
+        return self.load_kwargs(model_index)
+
+    def finish_single_file(self, pipe: Any) -> None:
+        """Whatever a pipeline loaded from a single file still needs (nothing for the UNet families)."""
+
     # -- the denoiser -----------------------------------------------------------------------------
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:

@@ -31,7 +31,9 @@ The guidance equations are linear in the model output, so with a velocity predic
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +69,24 @@ class StableDiffusion3(ModelFamily):
         if model_index is not None and (not entry or entry[0] is None):
             return {"text_encoder_3": None, "tokenizer_3": None}
         return {}
+
+    def single_file_kwargs(self, path: Any, entries: Mapping[str, Any], model_index: Mapping[str, Any]) -> dict[str, Any]:
+        """T5 left out where the file or the configs have none: a file's T5 without a tokenizer (a single
+        file carries none) is left out, and the log says so."""
+        from prcore.data.model_source import CONFIG_FOLDER_SUFFIX, sd3_has_t5
+
+        has_tokenizer = bool((model_index.get("tokenizer_3") or [None])[0])
+        if sd3_has_t5(entries) and has_tokenizer:
+            return self.load_kwargs(model_index)
+        if sd3_has_t5(entries):
+            logging.getLogger("prcore.method.single_file").warning(
+                "%s: its T5-XXL encoder is left out (a single file carries no T5 tokenizer); to use it, put a config folder "
+                "with tokenizer_3/ beside the file as %s%s/ or load the diffusers folder", path, Path(path).stem, CONFIG_FOLDER_SUFFIX)
+        return {"text_encoder_3": None, "tokenizer_3": None}
+
+    def finish_single_file(self, pipe: Any) -> None:
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            pipe.text_encoder_3.tie_weights()  # loaded onto the meta device, T5's tied input embedding is left unset
 
     # -- the denoiser -----------------------------------------------------------------------------
 
