@@ -64,6 +64,10 @@ def main() -> None:
                         "euler for a flow-matching model)")
     parser.add_argument("--family", choices=("sd", "sd3"), default="sd", help="the tiny pipeline's family (without --model)")
     parser.add_argument("--dtype", default="float32", help="weights' dtype (bfloat16 where the CPU has it natively)")
+    parser.add_argument("--freeze-baseline", action="store_true",
+                        help="requires_grad=False on diffusers' pipeline too, as on any pipeline with a peft LoRA loaded: on a CPU, "
+                        "torch's linear then takes a slower path for non-contiguous inputs (SD3's joint-attention slices), "
+                        "so only a frozen baseline compares like with like there")
     parser.add_argument("--variants", default=None,
                         help="comma-separated of ours,two_call,pretrained,diffusers (default: all; ours,diffusers with --model)")
     parser.add_argument("--threads", type=int, default=1)
@@ -97,6 +101,8 @@ def main() -> None:
         args.scheduler = args.scheduler or ("ddim" if "ddim" in noise.scheduler_names else "euler")
         args.size = args.size or family.default_resolution(base)
         base.scheduler = noise.scheduler(args.scheduler, base.scheduler.config)  # diffusers' loop, the same scheduler
+        if args.freeze_baseline:
+            family.denoiser(base).requires_grad_(False)
         _random_lora(personal, "subject")
         seeds = image_seeds(0, args.batch)
         common = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="latent")
@@ -127,7 +133,7 @@ def main() -> None:
                 times[key].append(clock() - start)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model={args.model or 'tiny-' + args.family} dtype={args.dtype} torch {torch.__version__}, threads={args.threads}, steps={args.steps}, size={args.size}, "
+    print(f"model={args.model or 'tiny-' + args.family} dtype={args.dtype} frozen_baseline={args.freeze_baseline} torch {torch.__version__}, threads={args.threads}, steps={args.steps}, size={args.size}, "
           f"batch={args.batch}, scheduler={args.scheduler}, repeats={args.repeats}, clock={args.clock}, decode excluded, "
           f"window [{window['consistency_start']:g}, {window['consistency_stop']:g})")
     for key, value in med.items():
