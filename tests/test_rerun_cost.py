@@ -17,7 +17,7 @@ from prcore.data.plan import plan
 from prcore.outputs.catalog import write_snapshot
 from prcore.outputs.sidecar import write_image
 from prcore.pipeline import subject as S
-from prcore.store.keys import catalog_key, dirty_key
+from prcore.store.keys import LORA_RECORD_FILE, LORA_WEIGHTS_FILE, catalog_key, dirty_key
 from prcore.store.storage import open_store
 
 
@@ -103,3 +103,57 @@ def test_a_rerun_on_a_folder_catches_a_damaged_catalogue_file(tmp_path, damage):
     good = store.get(key)
     store.put(key, {"flip": _flip(good, 40), "truncate": good[: len(good) // 2], "garbage": b"not parquet"}[damage])
     assert [j.subject_id for j in S.subjects_with_work(store, plan(load_manifest(manifest), store=store))] == ["s2"]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_a_subjects_batches_sample_with_the_lora_verified_once_not_rechecked_in_the_store(prefect_api, tmp_path, tiny_sd_path,
+                                                                                          monkeypatch):
+    """One subject, 3 images in 3 denoising loops (``max_batch_images=1``): the store is asked about the LoRA
+    once, before training (the GET that finds none), then only written; no loop re-reads, HEADs or lists it
+    (before: a GET, a HEAD and a LIST per loop). Every image is made with it."""
+    import flows.nightly
+    from flows.nightly import nightly_batch
+    from prcore.pipeline.settings import FanOut, RunSettings
+    from prcore.store.storage import LocalStore
+
+    calls: list[tuple[str, str]] = []
+
+    class Counting(LocalStore):
+        def get(self, key):
+            calls.append(("get", key))
+            return super().get(key)
+
+        def exists(self, key):
+            calls.append(("exists", key))
+            return super().exists(key)
+
+        def list_info(self, prefix=""):
+            calls.append(("list", prefix))
+            return super().list_info(prefix)
+
+        def list(self, prefix=""):
+            calls.append(("list", prefix))
+            return super().list(prefix)
+
+        def put(self, key, data, content_type=None, metadata=None):
+            calls.append(("put", key))
+            return super().put(key, data, content_type, metadata)
+
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(1, prompts=1, num_images=3, steps=2), subjects=1)
+    out = tmp_path / "out"
+    monkeypatch.setattr(flows.nightly, "open_output", lambda uri: Counting(uri))
+    settings = RunSettings.model_validate({"model": str(tiny_sd_path), "train": {"steps": 2}, "cache_dir": str(tmp_path / "cache"),
+                                           "placement": {"device": "cpu", "dtype": "float32", "max_batch_images": 1}})
+    state = nightly_batch(manifest=str(manifest), output=str(out), settings=settings, fan_out=FanOut(), return_state=True)
+    assert state.is_completed(), state
+    assert len(list((out / "images").rglob("*.png"))) == 3
+    lora = [(op, key) for op, key in calls if key.startswith("loras/")]
+    assert [op for op, _ in lora if op != "put"] == ["get"], lora
+    assert {key.rsplit("/", 1)[-1] for op, key in lora if op == "put"} >= {LORA_RECORD_FILE, LORA_WEIGHTS_FILE}
