@@ -157,3 +157,23 @@ def test_a_subjects_batches_sample_with_the_lora_verified_once_not_rechecked_in_
     lora = [(op, key) for op, key in calls if key.startswith("loras/")]
     assert [op for op, _ in lora if op != "put"] == ["get"], lora
     assert {key.rsplit("/", 1)[-1] for op, key in lora if op == "put"} >= {LORA_RECORD_FILE, LORA_WEIGHTS_FILE}
+
+
+def test_a_snapshot_of_an_earlier_version_is_checked_subject_by_subject_then_rewritten_once(tmp_path):
+    """A snapshot without the files' versions (earlier versions wrote none): the rerun falls back to the
+    per-subject check (same answer), and the next snapshot refresh rewrites it once, with the versions."""
+    import polars as pl
+
+    from prcore.outputs.catalog import catalog_sources, snapshot_bytes, snapshot_facts, sources_fingerprint
+    from prcore.store.keys import CATALOG_SNAPSHOT_KEY
+
+    store = open_store(str(tmp_path / "out"))
+    manifest = _night(tmp_path, store, 3)
+    sources = catalog_sources(store)
+    frame = pl.read_parquet(io.BytesIO(store.get(CATALOG_SNAPSHOT_KEY)))
+    store.put(CATALOG_SNAPSHOT_KEY, snapshot_bytes(frame, sources_fingerprint(sources), len(sources)))
+    assert snapshot_facts(store) is None
+    assert S.stale_catalogs(store, plan(load_manifest(manifest), store=store)) == (set(), ["s0", "s1", "s2"])
+    assert S.subjects_with_work(store, plan(load_manifest(manifest), store=store)) == []
+    assert write_snapshot(store).written and not write_snapshot(store).written
+    assert S.stale_catalogs(store, plan(load_manifest(manifest), store=store)) == (set(), [])

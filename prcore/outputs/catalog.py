@@ -185,22 +185,20 @@ def snapshot_bytes(frame: pl.DataFrame, fingerprint: str, files: int,
     return buf.getvalue()
 
 
-def _snapshot_fingerprint(data: bytes) -> str | None:
-    """The source fingerprint in a snapshot's footer (the footer only: no page is decoded); None when absent
-    or the bytes are not Parquet."""
+def _snapshot_meta(data: bytes) -> dict[bytes, bytes]:
+    """A snapshot's footer key-value metadata (the footer only: no page is decoded); {} when the bytes are not Parquet."""
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+        return dict(pq.read_schema(io.BytesIO(data)).metadata or {})
     except Exception:  # not Parquet (damaged footer): not a snapshot of anything
-        return None
-    value = meta.get(SNAPSHOT_SOURCES_META)
-    return value.decode() if value else None
+        return {}
 
 
-def read_snapshot(store: Any, fingerprint: str | None) -> pl.DataFrame | None:
+def read_snapshot(store: Any, fingerprint: str | None, *, with_versions: bool = False) -> pl.DataFrame | None:
     """The snapshot's frame when it was built from exactly the files of ``fingerprint`` and every page checksum
-    holds; None when it is missing, stale or damaged (the caller reads the per-subject files)."""
+    holds (``with_versions``: and it records each file's version, as this version writes it); None when it is
+    missing, stale or damaged (the caller reads the per-subject files)."""
     from prcore.store.storage import KeyNotFoundError
 
     if fingerprint is None:
@@ -209,7 +207,8 @@ def read_snapshot(store: Any, fingerprint: str | None) -> pl.DataFrame | None:
         data = store.get(CATALOG_SNAPSHOT_KEY)
     except KeyNotFoundError:
         return None
-    if _snapshot_fingerprint(data) != fingerprint:
+    meta = _snapshot_meta(data)
+    if meta.get(SNAPSHOT_SOURCES_META, b"").decode() != fingerprint or (with_versions and SNAPSHOT_VERSIONS_META not in meta):
         return None
     try:
         return parse_catalog(data, CATALOG_SNAPSHOT_KEY)
@@ -256,8 +255,8 @@ def snapshot_facts(store: Any) -> SnapshotFacts | None:
 def write_snapshot(store: Any, *, force: bool = False) -> Snapshot:
     """Rebuild ``catalog.parquet`` from the per-subject files (one listing, one GET each, every page checksum
     verified) and replace it in one put (a reader sees the old snapshot or the new); skipped when the
-    snapshot already holds exactly the listed files and reads back whole (one GET of it, every page
-    checksum verified) unless ``force``.
+    snapshot already holds exactly the listed files, records their versions (an earlier version's does not:
+    it is rewritten once) and reads back whole (one GET of it, every page checksum verified) unless ``force``.
     A damaged per-subject file is :class:`CatalogCorruptError` naming it, and the old snapshot stays
     (:func:`read_catalog` no longer trusts it: its fingerprint does not match)."""
     sources = catalog_sources(store)
@@ -265,7 +264,7 @@ def write_snapshot(store: Any, *, force: bool = False) -> Snapshot:
     if fingerprint is None:
         raise ValueError(f"{store!r} lists no version (ETag, or a folder's mtime) of its catalogue files; a snapshot could not be checked")
     if not force:
-        current = read_snapshot(store, fingerprint)
+        current = read_snapshot(store, fingerprint, with_versions=True)
         if current is not None:
             return Snapshot(CATALOG_SNAPSHOT_KEY, len(sources), current.height, fingerprint, written=False)
     frame = _read_files(store, [k for k, _ in sources])
