@@ -177,3 +177,34 @@ def test_a_snapshot_of_an_earlier_version_is_checked_subject_by_subject_then_rew
     assert S.subjects_with_work(store, plan(load_manifest(manifest), store=store)) == []
     assert write_snapshot(store).written and not write_snapshot(store).written
     assert S.stale_catalogs(store, plan(load_manifest(manifest), store=store)) == (set(), [])
+
+
+def test_the_run_report_takes_a_finished_subjects_records_from_its_catalogue_file_not_its_sidecars(tmp_path):
+    """The report's records of a subject that ended well: one GET of its catalogue file (the same records as its
+    sidecars), no sidecar read; a failed subject's, or one whose catalogue file is damaged: from its sidecars."""
+    from prcore.outputs.reports import SubjectResult
+    from prcore.outputs.sidecar import read_sidecar
+    from prcore.pipeline.report import report_subjects
+    from prcore.store.storage import LocalStore
+
+    class Reads(LocalStore):
+        read: list[str] = []
+
+        def get(self, key):
+            Reads.read.append(key)
+            return super().get(key)
+
+    store = Reads(tmp_path / "out")
+    manifest = _night(tmp_path, store, 3)
+    jobs = plan(load_manifest(manifest), store=store)
+    store.put(catalog_key("s2"), b"damaged")
+    results = [SubjectResult("s0", requests=1, images=2, generated=2), SubjectResult("s1", requests=1, images=2, error="boom"),
+               SubjectResult("s2", requests=1, images=2, generated=2)]
+    Reads.read.clear()
+    entries = {e["subject_id"]: e for e in report_subjects(store, jobs, results)}
+    sidecars = [k for k in Reads.read if k.endswith(".json")]
+    assert not any(k.startswith("images/s0/") for k in sidecars) and catalog_key("s0") in Reads.read
+    assert sum(k.startswith("images/s1/") for k in sidecars) >= 2 and sum(k.startswith("images/s2/") for k in sidecars) >= 2
+    keys = [k for r in jobs[0].requests for k in r.keys]
+    assert entries["s0"]["records"] == [read_sidecar(store, k) for k in keys]
+    assert all(len(e["records"]) == 2 and len(e["thumbs"]) == 2 for e in entries.values())

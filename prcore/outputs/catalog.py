@@ -62,6 +62,16 @@ def catalog_frame(records: Iterable[ImageRecord]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=CATALOG_SCHEMA)
 
 
+def catalog_records(frame: pl.DataFrame) -> list[ImageRecord]:
+    """A catalogue frame's rows as records (what :func:`catalog_frame` was given: scalar columns, and the
+    nested fields and ``extra`` from ``extra_json``)."""
+    out = []
+    for row in frame.iter_rows(named=True):
+        nested = json.loads(row.pop("extra_json") or "{}")
+        out.append(ImageRecord.from_dict({**row, **nested}))
+    return out
+
+
 class CatalogCorruptError(ValueError):
     """A catalogue file that does not read back (bytes changed since written: a page checksum fails, or not
     Parquet at all). The next ``prcore run`` rebuilds it from the sidecars."""
