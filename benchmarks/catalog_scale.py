@@ -132,6 +132,25 @@ def reads(store: Any, root: str, opts: dict[str, str] | None, rows: int, duck: b
     return res
 
 
+def snapshot_read_parts(store: Any) -> dict[str, float]:
+    """Where ``read_catalog(store)``'s time goes when it uses the snapshot: the LIST of ``catalog/``, the GET of
+    ``catalog.parquet``, pyarrow's decode with every page checksum verified, the conversion to polars."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from prcore.outputs.catalog import catalog_sources
+
+    res: dict[str, float] = {}
+    res["LIST catalog/"], _ = timed("  part: LIST catalog/ (catalog_sources)", lambda: catalog_sources(store))
+    res["GET catalog.parquet"], data = timed("  part: GET catalog.parquet", lambda: store.get(CATALOG_SNAPSHOT_KEY))
+    res["decode, checksums verified"], table = timed("  part: pyarrow decode, page checksums verified",
+                                                     lambda: pq.read_table(io.BytesIO(data), page_checksum_verification=True))
+    res["decode, no checksums"], _ = timed("  part: pyarrow decode, no checksum", lambda: pq.read_table(io.BytesIO(data)))
+    res["to polars"], _ = timed("  part: pl.from_arrow", lambda: pl.from_arrow(table))
+    return res
+
+
 def one_size(n: int, args: argparse.Namespace, tmp: Path, endpoint: str | None) -> dict[str, float]:
     rows = n * args.prompts * args.images
     print(f"== {n} subjects x {args.prompts} prompts x {args.images} images = {rows} rows", flush=True)
@@ -163,6 +182,7 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path, endpoint: str | None) 
         opts = {"aws_endpoint_url": endpoint, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
                 "aws_region": "us-east-1", "aws_allow_http": "true"}
         out |= {f"s3: {k}": v for k, v in reads(s3, f"s3://{bucket}", opts, rows, duck=False).items()}
+        out |= {f"s3: read_catalog part: {k}": v for k, v in snapshot_read_parts(s3).items()}
     return out
 
 

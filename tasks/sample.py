@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from prcore.data.plan import ImageRequest
-from prcore.pipeline.lora import LoraInfo, activate_lora, materialize_lora
+from prcore.pipeline.lora import LoraInfo, activate_lora, ready_lora
 from prcore.pipeline.models import load_run_pipeline
 from prcore.pipeline.settings import RunSettings
 from prcore.pipeline.subject import RequestResult, RunContext, SubjectInputs, generate_requests
@@ -19,10 +19,11 @@ from tasks.common import RETRY_OPTIONS
       **RETRY_OPTIONS)
 def generate_batch_task(inputs: SubjectInputs, requests: list[ImageRequest], store: Any, model: str, lora: LoraInfo,
                         settings: RunSettings, run: RunContext, scorer: Any = None) -> list[RequestResult]:
-    """Activate the subject's LoRA (download it if this machine lacks it), sample the requests in one
-    denoising loop, write every image."""
+    """Activate the subject's LoRA (the copy ``ensure_lora`` verified in this process, with no store request;
+    downloaded and checked again only if that copy is gone), sample the requests in one denoising loop, write
+    every image."""
     pipe = load_run_pipeline(model, settings)
-    materialize_lora(store, lora.subject_id, lora.lora_fp, settings.cache_path())
+    ready_lora(store, lora, settings.cache_path())
     activate_lora(pipe, lora)
     results = generate_requests(pipe, inputs, requests, store, adapter_name=lora.adapter_name, lora_fp=lora.lora_fp,
                                 base_model=model, run=run, scorer=scorer,

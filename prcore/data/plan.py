@@ -100,6 +100,10 @@ class SubjectJob:
     _meta: pl.DataFrame | None = field(default=None, repr=False, compare=False)  # meta_* columns by row, shared
     # finished images found damaged when the store was checked before the subject's work (made again)
     damaged: list[str] = field(default_factory=list, compare=False)
+    # {PNG key: (size, MD5)} of the subject's images with sidecars as the planning listing described them
+    # (every one under images/{subject_id}/, in the manifest or not); None when not planned against a store.
+    # Not in the plan file: a shard re-lists its subjects before their work.
+    listed: dict[str, tuple[int, str | None]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_todo(self) -> int:
@@ -191,29 +195,56 @@ def _build_requests(job: SubjectJob) -> list[ImageRequest]:
     ]
 
 
-def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int | None = 64) -> pl.DataFrame:
-    """Done images in ``store``: (subject_id, prompt_id, req_fp, index) for every sidecar found.
+def list_images(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int | None = 64) -> pl.DataFrame:
+    """Every image key of the subjects in ``store``, parsed, with what the listing says of the object:
+    ``size`` and ``md5`` (an S3 single-part upload's ETag; null on a folder). Lists ``images/{subject_id}/``
+    per subject when there are at most ``per_subject_limit`` subjects (None: always; a shard lists its own
+    subjects only), else ``images/`` once (paginated: one request per 1,000 keys on S3)."""
+    from prcore.store.storage import list_info
 
-    Lists ``images/{subject_id}/`` per subject when there are at most ``per_subject_limit`` subjects
-    (None: always; a shard lists its own subjects only), else ``images/`` once;
-    a PNG without its JSON sidecar is not done, nor is a sidecar whose PNG is gone. Whether a listed PNG
+    if per_subject_limit is None or len(subject_ids) <= per_subject_limit:
+        prefixes = [keys.subject_images_prefix(sid) for sid in subject_ids]
+    else:
+        prefixes = [f"{keys.IMAGES_PREFIX}/"]
+    columns: dict[str, list[Any]] = {"key": [], "size": [], "md5": []}
+    for prefix in prefixes:  # three flat columns, not an object per key (2,000,000 keys at catalogue scale)
+        for info in list_info(store, prefix):
+            columns["key"].append(info.key)
+            columns["size"].append(info.size)
+            columns["md5"].append(info.md5)
+    listed = pl.DataFrame(columns, schema={"key": pl.String, "size": pl.Int64, "md5": pl.String})
+    return pl.concat([listed, listed["key"].str.extract_groups(keys.IMAGE_KEY_PATTERN).struct.unnest()], how="horizontal")
+
+
+def list_done(store: Any, subject_ids: Sequence[str], *, per_subject_limit: int | None = 64,
+              listed: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Done images in ``store``: (subject_id, prompt_id, req_fp, index) for every sidecar found, with the
+    PNG's key and its listed size and MD5 (``__key``, ``__size``, ``__md5``).
+
+    ``listed``: :func:`list_images` of these subjects, when the caller has it (else it is listed here).
+    A PNG without its JSON sidecar is not done, nor is a sidecar whose PNG is gone. Whether a listed PNG
     is the file its sidecar recorded is checked per subject before its work (``prcore.pipeline.subject``).
     """
-    if per_subject_limit is None or len(subject_ids) <= per_subject_limit:
-        listed: list[str] = []
-        for sid in subject_ids:
-            listed.extend(store.list(keys.subject_images_prefix(sid)))
-    else:
-        listed = list(store.list(f"{keys.IMAGES_PREFIX}/"))
-    parts = pl.Series("key", listed, dtype=pl.String).str.extract_groups(keys.IMAGE_KEY_PATTERN).struct.unnest()
+    parts = list_images(store, subject_ids, per_subject_limit=per_subject_limit) if listed is None else listed
     image = ["subject_id", "prompt_id", "req_fp", "index"]
-    pngs = parts.filter(pl.col("ext") == "png").select(image)
-    return parts.filter(pl.col("ext") == "json").join(pngs, on=image, how="semi").select(
+    pngs = parts.filter(pl.col("ext") == "png").select(*image, "key", "size", "md5")
+    return parts.filter(pl.col("ext") == "json").select(image).join(pngs, on=image, how="inner").select(
         pl.col("subject_id"),
         pl.col("prompt_id").alias("__pid"),
         pl.col("req_fp").alias("__req_fp"),
         pl.col("index").cast(pl.Int64, strict=False).alias("__index"),
-    ).drop_nulls()
+        pl.col("key").alias("__key"),
+        pl.col("size").alias("__size"),
+        pl.col("md5").alias("__md5"),
+    ).drop_nulls(["subject_id", "__pid", "__req_fp", "__index"])
+
+
+def _listings(done: pl.DataFrame) -> dict[str, dict[str, tuple[int, str | None]]]:
+    """{subject_id: {PNG key: (listed size, listed MD5)}} of every PNG with its sidecar (:func:`list_done`)."""
+    out: dict[str, dict[str, tuple[int, str | None]]] = {}
+    for sid, key, size, md5 in done.select("subject_id", "__key", "__size", "__md5").iter_rows():
+        out.setdefault(sid, {})[key] = (size, md5)
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -259,8 +290,12 @@ def plan(
     )
     subjects, subject_info, subj_table = _subjects(m, firsts, defaults, base_model)
     df, params_list = _request_specs(df, subj_table)
-    df = _mark_done(df, store, subjects, list_per_subject)
-    return _jobs(m, df, subject_info, params_list)
+    df, listings = _mark_done(df, store, subjects, list_per_subject)
+    jobs = _jobs(m, df, subject_info, params_list)
+    if listings is not None:
+        for job in jobs:
+            job.listed = listings.get(job.subject_id, {})
+    return jobs
 
 
 def _checked_rows(m: Manifest, check: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -358,12 +393,15 @@ def _request_specs(df: pl.DataFrame, subj_table: pl.DataFrame) -> tuple[pl.DataF
     return df, params_list
 
 
-def _mark_done(df: pl.DataFrame, store: Any, subjects: pl.DataFrame, list_per_subject: bool) -> pl.DataFrame:
+def _mark_done(df: pl.DataFrame, store: Any, subjects: pl.DataFrame, list_per_subject: bool
+               ) -> tuple[pl.DataFrame, dict[str, dict[str, tuple[int, str | None]]] | None]:
     """``__done_idx``: each row's image indices already in ``store`` (one listing, joined on subject,
-    prompt_id and req_fp)."""
+    prompt_id and req_fp); and what that listing said of each subject's PNGs with sidecars (:func:`_listings`)."""
     if store is None:
-        return df.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("__done_idx"))
+        return df.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("__done_idx")), None
     done = list_done(store, subjects["subject_id"].to_list(), per_subject_limit=None if list_per_subject else 64)
+    wanted = subjects.select("subject_id", "__sidx")
+    listings = _listings(done.join(wanted, on="subject_id", how="semi"))
     done = done.join(subjects.select("subject_id", "__sidx"), on="subject_id", how="inner").with_columns(
         pl.col("__req_fp").str.to_integer(base=16, dtype=pl.UInt64, strict=False).alias("__req_u64")
     )
@@ -375,7 +413,7 @@ def _mark_done(df: pl.DataFrame, store: Any, subjects: pl.DataFrame, list_per_su
         .group_by(join_on)
         .agg(pl.col("__index").unique().alias("__done_idx"))
     )
-    return df.join(done, on=join_on, how="left", maintain_order="left")
+    return df.join(done, on=join_on, how="left", maintain_order="left"), listings
 
 
 def _jobs(m: Manifest, df: pl.DataFrame, subject_info: list, params_list: list[dict[str, Any]]) -> list[SubjectJob]:

@@ -62,6 +62,16 @@ def catalog_frame(records: Iterable[ImageRecord]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=CATALOG_SCHEMA)
 
 
+def catalog_records(frame: pl.DataFrame) -> list[ImageRecord]:
+    """A catalogue frame's rows as records (what :func:`catalog_frame` was given: scalar columns, and the
+    nested fields and ``extra`` from ``extra_json``)."""
+    out = []
+    for row in frame.iter_rows(named=True):
+        nested = json.loads(row.pop("extra_json") or "{}")
+        out.append(ImageRecord.from_dict({**row, **nested}))
+    return out
+
+
 class CatalogCorruptError(ValueError):
     """A catalogue file that does not read back (bytes changed since written: a page checksum fails, or not
     Parquet at all). The next ``prcore run`` rebuilds it from the sidecars."""
@@ -125,6 +135,7 @@ def read_subject_catalog(store: Any, subject_id: str) -> pl.DataFrame | None:
 
 SNAPSHOT_SOURCES_META = b"prcore.catalog.sources"  # Parquet metadata: fingerprint of the files a snapshot holds
 SNAPSHOT_FILES_META = b"prcore.catalog.files"
+SNAPSHOT_VERSIONS_META = b"prcore.catalog.versions"  # "key<TAB>version" of each file it holds, one a line
 SNAPSHOT_ROW_GROUP_ROWS = 100_000  # row groups a reader decodes in parallel (and skips by subject_id statistics)
 READ_THREADS = 16  # parallel GETs of per-subject files (S3 round trips overlap)
 
@@ -168,35 +179,36 @@ class Snapshot:
     written: bool
 
 
-def snapshot_bytes(frame: pl.DataFrame, fingerprint: str, files: int) -> bytes:
-    """The snapshot's Parquet bytes: page checksums, row groups of SNAPSHOT_ROW_GROUP_ROWS, and the
-    fingerprint of its source files in the file's key-value metadata."""
+def snapshot_bytes(frame: pl.DataFrame, fingerprint: str, files: int,
+                   sources: list[tuple[str, str | None]] | None = None) -> bytes:
+    """The snapshot's Parquet bytes: page checksums, row groups of SNAPSHOT_ROW_GROUP_ROWS, and in the file's
+    key-value metadata the fingerprint of its source files and (``sources``) each file's key and version."""
     import pyarrow.parquet as pq
 
     table = frame.to_arrow()
     meta = {**(table.schema.metadata or {}), SNAPSHOT_SOURCES_META: fingerprint.encode(), SNAPSHOT_FILES_META: str(files).encode()}
+    if sources is not None:
+        meta[SNAPSHOT_VERSIONS_META] = "\n".join(f"{k}\t{v}" for k, v in sources).encode()
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd", write_page_checksum=True,
                    row_group_size=SNAPSHOT_ROW_GROUP_ROWS)
     return buf.getvalue()
 
 
-def _snapshot_fingerprint(data: bytes) -> str | None:
-    """The source fingerprint in a snapshot's footer (the footer only: no page is decoded); None when absent
-    or the bytes are not Parquet."""
+def _snapshot_meta(data: bytes) -> dict[bytes, bytes]:
+    """A snapshot's footer key-value metadata (the footer only: no page is decoded); {} when the bytes are not Parquet."""
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+        return dict(pq.read_schema(io.BytesIO(data)).metadata or {})
     except Exception:  # not Parquet (damaged footer): not a snapshot of anything
-        return None
-    value = meta.get(SNAPSHOT_SOURCES_META)
-    return value.decode() if value else None
+        return {}
 
 
-def read_snapshot(store: Any, fingerprint: str | None) -> pl.DataFrame | None:
+def read_snapshot(store: Any, fingerprint: str | None, *, with_versions: bool = False) -> pl.DataFrame | None:
     """The snapshot's frame when it was built from exactly the files of ``fingerprint`` and every page checksum
-    holds; None when it is missing, stale or damaged (the caller reads the per-subject files)."""
+    holds (``with_versions``: and it records each file's version, as this version writes it); None when it is
+    missing, stale or damaged (the caller reads the per-subject files)."""
     from prcore.store.storage import KeyNotFoundError
 
     if fingerprint is None:
@@ -205,7 +217,8 @@ def read_snapshot(store: Any, fingerprint: str | None) -> pl.DataFrame | None:
         data = store.get(CATALOG_SNAPSHOT_KEY)
     except KeyNotFoundError:
         return None
-    if _snapshot_fingerprint(data) != fingerprint:
+    meta = _snapshot_meta(data)
+    if meta.get(SNAPSHOT_SOURCES_META, b"").decode() != fingerprint or (with_versions and SNAPSHOT_VERSIONS_META not in meta):
         return None
     try:
         return parse_catalog(data, CATALOG_SNAPSHOT_KEY)
@@ -213,11 +226,47 @@ def read_snapshot(store: Any, fingerprint: str | None) -> pl.DataFrame | None:
         return None
 
 
+@dataclass(frozen=True)
+class SnapshotFacts:
+    """What the snapshot recorded of each per-subject file it holds: its version when it was read (and
+    verified) into the snapshot, and each of its rows' ``key``, ``bytes`` and ``md5``."""
+
+    versions: dict[str, str]  # catalogue file key -> version (ObjectInfo.version)
+    rows: dict[str, list[tuple[str, int | None, str | None]]]  # subject_id -> [(key, bytes, md5)]
+
+
+def snapshot_facts(store: Any) -> SnapshotFacts | None:
+    """The snapshot's record of its files (one GET; the pages of the four columns read here checksum-verified);
+    None when there is no snapshot, it is damaged or it does not record its files' versions (written by an
+    earlier version). A file whose listed version is the one recorded here holds exactly these rows."""
+    import pyarrow.parquet as pq
+
+    from prcore.store.storage import KeyNotFoundError
+
+    try:
+        data = store.get(CATALOG_SNAPSHOT_KEY)
+    except KeyNotFoundError:
+        return None
+    try:
+        meta = pq.read_schema(io.BytesIO(data)).metadata or {}
+        table = pq.read_table(io.BytesIO(data), columns=["subject_id", "key", "bytes", "md5"], page_checksum_verification=True)
+    except Exception:  # not Parquet, a failed checksum, or a missing column: nothing recorded can be trusted
+        return None
+    if SNAPSHOT_VERSIONS_META not in meta:
+        return None
+    versions = dict(line.split("\t", 1) for line in meta[SNAPSHOT_VERSIONS_META].decode().splitlines() if "\t" in line)
+    rows: dict[str, list[tuple[str, int | None, str | None]]] = {}
+    cols = [table.column(c).to_pylist() for c in ("subject_id", "key", "bytes", "md5")]
+    for sid, key, size, md5 in zip(*cols, strict=True):
+        rows.setdefault(sid, []).append((key, size, md5))
+    return SnapshotFacts(versions, rows)
+
+
 def write_snapshot(store: Any, *, force: bool = False) -> Snapshot:
     """Rebuild ``catalog.parquet`` from the per-subject files (one listing, one GET each, every page checksum
     verified) and replace it in one put (a reader sees the old snapshot or the new); skipped when the
-    snapshot already holds exactly the listed files and reads back whole (one GET of it, every page
-    checksum verified) unless ``force``.
+    snapshot already holds exactly the listed files, records their versions (an earlier version's does not:
+    it is rewritten once) and reads back whole (one GET of it, every page checksum verified) unless ``force``.
     A damaged per-subject file is :class:`CatalogCorruptError` naming it, and the old snapshot stays
     (:func:`read_catalog` no longer trusts it: its fingerprint does not match)."""
     sources = catalog_sources(store)
@@ -225,11 +274,11 @@ def write_snapshot(store: Any, *, force: bool = False) -> Snapshot:
     if fingerprint is None:
         raise ValueError(f"{store!r} lists no version (ETag, or a folder's mtime) of its catalogue files; a snapshot could not be checked")
     if not force:
-        current = read_snapshot(store, fingerprint)
+        current = read_snapshot(store, fingerprint, with_versions=True)
         if current is not None:
             return Snapshot(CATALOG_SNAPSHOT_KEY, len(sources), current.height, fingerprint, written=False)
     frame = _read_files(store, [k for k, _ in sources])
-    store.put(CATALOG_SNAPSHOT_KEY, snapshot_bytes(frame, fingerprint, len(sources)), content_type="application/vnd.apache.parquet")
+    store.put(CATALOG_SNAPSHOT_KEY, snapshot_bytes(frame, fingerprint, len(sources), sources), content_type="application/vnd.apache.parquet")
     return Snapshot(CATALOG_SNAPSHOT_KEY, len(sources), frame.height, fingerprint, written=True)
 
 

@@ -39,6 +39,20 @@ class LoraInfo:
     train_seconds: float = 0.0  # time inside training steps (0 when reused)
     final_loss: float | None = None
     damaged: str | None = None  # what was wrong with the stored copy, when it was replaced (retrained or re-uploaded)
+    record_sha256: str | None = None  # sha256 of the training.json verified here: the local copy sampled with
+
+    def local_copy(self) -> Path | None:
+        """``local_dir`` while it still holds the copy :func:`ensure_lora` verified in this process (its
+        ``training.json`` hashes to ``record_sha256``, the weights file is there); else None. Reads two local
+        files, asks the store nothing."""
+        import hashlib
+
+        local = Path(self.local_dir)
+        try:
+            same = hashlib.sha256((local / LORA_RECORD_FILE).read_bytes()).hexdigest() == self.record_sha256
+        except OSError:
+            return None
+        return local if same and self.record_sha256 and (local / LORA_WEIGHTS_FILE).is_file() else None
 
     @property
     def trained(self) -> bool:
@@ -204,6 +218,14 @@ def _local_matches(local: Path, record: bytes) -> bool:
         return False
 
 
+def ready_lora(store, lora: LoraInfo, cache_dir: Path) -> Path:
+    """The local folder to sample ``lora`` from: the copy :func:`ensure_lora` verified in this process (store
+    listing against the record, every file's sha256), when it is still in place (:meth:`LoraInfo.local_copy`,
+    no store request: a subject's batches do not re-check it each); else :func:`materialize_lora`."""
+    local = lora.local_copy()
+    return local if local is not None else materialize_lora(store, lora.subject_id, lora.lora_fp, cache_dir)
+
+
 def materialize_lora(store, subject_id: str, lora_fp: str, cache_dir: Path) -> Path:
     """The local folder of a LoRA that is in the store, downloading it into the cache if this machine
     lacks it or holds a copy that differs from the store's."""
@@ -253,7 +275,7 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
         source, problem, repaired = _verified_copy(store, job.subject_id, lora_fp, local, record)
         if problem is None:
             return LoraInfo(job.subject_id, lora_fp, prefix, str(local), source, seconds=time.perf_counter() - started,
-                            damaged=repaired)
+                            damaged=repaired, record_sha256=_sha256_file(local / LORA_RECORD_FILE))
         log.warning("LoRA %s of subject %s in %s is damaged (%s): training it again and replacing it", lora_fp,
                     job.subject_id, store.uri, problem)
         store.delete(lora_record_key(job.subject_id, lora_fp))  # the folder is incomplete until the new upload ends
@@ -275,6 +297,7 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
             raise FloatingPointError(f"training of subject {job.subject_id!r} diverged (final loss {final_loss}); "
                                      "lower train_learning_rate or check the instance images")
         record_file_hashes(tmp)  # what every later use checks the bytes against
+        record_sha256 = _sha256_file(tmp / LORA_RECORD_FILE)
         _upload_lora(store, tmp, prefix)
         if local.exists():
             shutil.rmtree(local, ignore_errors=True)
@@ -282,7 +305,8 @@ def ensure_lora(inputs: SubjectInputs, store, pipe, *, config: TrainConfig, lora
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return LoraInfo(job.subject_id, lora_fp, prefix, str(local), "trained", seconds=time.perf_counter() - started,
-                    train_seconds=float(result.seconds_total), final_loss=final_loss, damaged=problem)
+                    train_seconds=float(result.seconds_total), final_loss=final_loss, damaged=problem,
+                    record_sha256=record_sha256)
 
 
 def activate_lora(pipe, lora: LoraInfo) -> None:

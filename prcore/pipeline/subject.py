@@ -448,16 +448,67 @@ def catalog_is_current(store, subject_id: str) -> bool:
 
 
 def subjects_with_work(store, jobs: Sequence[SubjectJob], *, workers: int = 16) -> list[SubjectJob]:
-    """The jobs with images to make, or whose catalogue is not current (:func:`catalog_is_current`),
-    in order. The catalogue checks (a HEAD, a GET and a LIST each) run ``workers`` at a time: a rerun
-    of an unchanged 10,000-subject manifest is 10,000 of them (serially ~0.2 s each on the local S3
-    server, measured by benchmarks/night_scale.py)."""
+    """The jobs with images to make, or whose catalogue is not current, in order.
+
+    The subjects with nothing to make are checked together (:func:`stale_catalogs`: one LIST of
+    ``state/dirty/``, one of ``catalog/``, one GET of the snapshot, and the planning listing of their
+    images): a rerun of an unchanged manifest costs a fixed number of requests, not three per subject.
+    Only a subject the snapshot cannot vouch for (its catalogue file rewritten or added since the
+    snapshot, no snapshot, a job planned without a listing) gets the per-subject check
+    (:func:`catalog_is_current`: a HEAD, a GET and a LIST), ``workers`` at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     idle = [j for j in jobs if j.n_todo == 0]
-    with ThreadPoolExecutor(max(1, min(workers, len(idle) or 1))) as pool:
-        current = dict(zip((j.subject_id for j in idle), pool.map(lambda j: catalog_is_current(store, j.subject_id), idle), strict=True))
-    return [j for j in jobs if j.n_todo > 0 or not current[j.subject_id]]
+    stale, unsure = stale_catalogs(store, idle) if idle else (set(), [])
+    with ThreadPoolExecutor(max(1, min(workers, len(unsure) or 1))) as pool:
+        checked = dict(zip(unsure, pool.map(lambda sid: catalog_is_current(store, sid), unsure), strict=True))
+    stale |= {sid for sid, current in checked.items() if not current}
+    return [j for j in jobs if j.n_todo > 0 or j.subject_id in stale]
+
+
+def stale_catalogs(store, jobs: Sequence[SubjectJob]) -> tuple[set[str], list[str]]:
+    """``(stale, unsure)`` for jobs with nothing to make: the subjects whose derived outputs need work (a
+    dirty marker; a catalogue file that is not the one the snapshot holds rows of, or whose rows are not
+    exactly the images the planning listing found, each PNG's listed size and MD5 as recorded; no file
+    while images are stored), and the subjects this cannot decide (checked one by one by the caller).
+
+    Requests: one LIST of ``state/dirty/``, one of ``catalog/`` (both paginated, 1,000 keys a page), one
+    GET of ``catalog.parquet``. A catalogue file whose listed version (S3: size and ETag, the MD5 of its
+    bytes; a folder: size, mtime, inode) is the one the snapshot recorded when it read and verified it
+    (page checksums) holds exactly the snapshot's rows, so it is not read again."""
+    from prcore.outputs.catalog import catalog_sources, snapshot_facts
+    from prcore.store.keys import DIRTY_PREFIX, catalog_key, dirty_key
+
+    dirty = set(store.list(DIRTY_PREFIX))
+    files = dict(catalog_sources(store))
+    facts = snapshot_facts(store) if files else None
+    stale: set[str] = set()
+    unsure: list[str] = []
+    for job in jobs:
+        sid, listed, key = job.subject_id, getattr(job, "listed", None), catalog_key(job.subject_id)
+        if dirty_key(sid) in dirty:
+            stale.add(sid)
+        elif listed is None:
+            unsure.append(sid)
+        elif key not in files:
+            if listed:  # images without a catalogue file: a rerun writes it
+                stale.add(sid)
+        elif facts is None or files[key] is None or facts.versions.get(key) != files[key]:
+            unsure.append(sid)
+        elif not _rows_match_listing(facts.rows.get(sid, []), listed):
+            stale.add(sid)
+    return stale, unsure
+
+
+def _rows_match_listing(rows: Sequence[tuple[str, int | None, str | None]], listed: dict[str, tuple[int, str | None]]) -> bool:
+    """Whether catalogue rows ``(key, bytes, md5)`` are exactly the listed PNGs (one row each), each PNG as
+    listed (size; S3: ETag's MD5) the file its row recorded."""
+    from prcore.store.storage import ObjectInfo
+
+    keys = [k for k, _, _ in rows]
+    if len(keys) != len(set(keys)) or set(keys) != set(listed):
+        return False
+    return all(size is not None and ObjectInfo(k, listed[k][0], listed[k][1]).matches(size, md5) for k, size, md5 in rows)
 
 
 def _catalog_facts_from(cat) -> dict[str, tuple[int | None, str | None]]:

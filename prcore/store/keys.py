@@ -26,6 +26,7 @@ LORAS_PREFIX = "loras"
 CATALOG_PREFIX = "catalog"
 RUNS_PREFIX = "runs"
 STATE_PREFIX = "state"
+DIRTY_PREFIX = f"{STATE_PREFIX}/dirty/"  # the dirty markers, listed at once by a rerun
 
 # The files of a LoRA folder (local cache and store alike). The record is written last: a LoRA
 # folder counts only when it is there and names its weights.
@@ -243,7 +244,7 @@ def lease_key(subject_id: str) -> str:
 def dirty_key(subject_id: str) -> str:
     """``state/dirty/{subject_id}.json``: put before a run writes images of the subject, removed once the
     subject's contact sheet and catalogue file match them (a crash in between leaves it: the rerun reconciles)."""
-    return f"{STATE_PREFIX}/dirty/{safe_id('subject_id', subject_id)}.json"
+    return f"{DIRTY_PREFIX}{safe_id('subject_id', subject_id)}.json"
 
 
 # -- a DreamBench output root (``prcore bench dreambench``) ---------------------------------------------
