@@ -237,6 +237,21 @@ def night(manifest: str, output: str, settings: dict, per_shard: int | None,
     return state.result(), wall, str(state.state_details.flow_run_id)
 
 
+def print_table(rows_out: list[dict]) -> None:
+    """The nights as a Markdown table, then the headline figures."""
+    print("\n| subjects | images | shards | wall s | ideal GPU s | overhead | extrapolated, full-length GPU | "
+          "shard start -> 1st GPU s (median/max) | parent s | S3 req/image (without run report) | run report s | "
+          "API calls/image | rerun s / S3 req | catalogue read s |")
+    print("| --- " * 14 + "|")
+    for r in rows_out:
+        print(f"| {r['subjects']} | {r['images']:,} | {r['shards']} x {r['per_shard']} | {r['wall']:.1f} | {r['ideal']:.1f} | {r['overhead']:.2f} | "
+              f"{r['overhead_full']:.3f} | {r['first_gpu_median']:.1f} / {r['first_gpu_max']:.1f} | {r['parent']:.1f} | "
+              f"{r['s3_per_image']:.2f} ({r['s3_per_image_no_report']:.2f}) | {r['report_s']:.1f} | {r['api_per_image']:.3f} | {r['rerun_s']:.1f} / {r['rerun_requests']} | "
+              f"{r['catalog_s']:.2f} |")
+    print(f"night_scale_overhead_full_length={rows_out[-1]['overhead_full']:.3f}")
+    print(f"night_scale_overhead={rows_out[-1]['overhead']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", default="8,24,64", help="comma-separated scales (subjects in the manifest)")
@@ -308,12 +323,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{per_subject_gpu * args.time_scale:.2f} s of GPU per subject of {args.prompts * args.images} images")
         print(f"# Prefect server on {'PostgreSQL' if pg else 'SQLite'}; {args.workers} process workers in `gpu`; "
               f"moto S3 server; shards of {args.per_shard or 'the size the run chooses'}")
-        probe_rows = [probe(s3, endpoint, server, events_root, settings, n, args) for n in probes]
-        if probe_rows:
-            base = probe_rows[0]
-            for r in probe_rows[1:]:
-                print(f"probe_first_gpu_ratio_{r['subjects']}={r['first_gpu_median'] / base['first_gpu_median']:.2f} "
-                      f"(median, vs the {base['subjects']:,}-subject manifest)")
         rows_out = []
         parent_count = ParentCounter()
         for n in scales:
@@ -356,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             assert catalog.height == images, catalog.height
             non_gpu = wall - ideal
             full_ideal = n * per_subject_gpu / args.workers
-            row = dict(subjects=n, images=images, shards=result["shards"], wall=wall, ideal=ideal, overhead=wall / ideal,
+            row = dict(subjects=n, images=images, shards=result["shards"], per_shard=result["subjects_per_shard"], wall=wall, ideal=ideal, overhead=wall / ideal,
                        non_gpu=non_gpu, overhead_full=(full_ideal + non_gpu) / full_ideal, loads=loads,
                        first_gpu_median=firsts[len(firsts) // 2], first_gpu_max=firsts[-1], parent=parent_s,
                        s3_other=other, s3_per_image=other / images, parent_requests=parent_requests,
@@ -380,19 +389,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"Prefect API calls {row['api']} ({row['api_per_image']:.3f}/image); rerun {rerun_wall:.1f}s, "
                   f"{row['rerun_requests']} S3 requests, {row['rerun_api']} API calls, {rerun_gpu} GPU calls; "
                   f"catalog.parquet full read (polars, S3) {catalog_s:.2f}s", flush=True)
-        if not rows_out:
-            return
-        print("\n| subjects | images | shards | wall s | ideal GPU s | overhead | extrapolated, full-length GPU | "
-              "shard start -> 1st GPU s (median/max) | parent s | S3 req/image (without run report) | run report s | "
-              "API calls/image | rerun s / S3 req | catalogue read s |")
-        print("| --- " * 14 + "|")
-        for r in rows_out:
-            print(f"| {r['subjects']} | {r['images']:,} | {r['shards']} | {r['wall']:.1f} | {r['ideal']:.1f} | {r['overhead']:.2f} | "
-                  f"{r['overhead_full']:.3f} | {r['first_gpu_median']:.1f} / {r['first_gpu_max']:.1f} | {r['parent']:.1f} | "
-                  f"{r['s3_per_image']:.2f} ({r['s3_per_image_no_report']:.2f}) | {r['report_s']:.1f} | {r['api_per_image']:.3f} | {r['rerun_s']:.1f} / {r['rerun_requests']} | "
-                  f"{r['catalog_s']:.2f} |")
-        print(f"night_scale_overhead_full_length={rows_out[-1]['overhead_full']:.3f}")
-        print(f"night_scale_overhead={rows_out[-1]['overhead']:.2f}")
+        if rows_out:
+            print_table(rows_out)
+        probe_rows = [probe(s3, endpoint, server, events_root, settings, n, args) for n in probes]
+        for r in probe_rows[1:]:  # the first probe is the small manifest the others are compared with
+            print(f"probe_first_gpu_ratio_{r['subjects']}={r['first_gpu_median'] / probe_rows[0]['first_gpu_median']:.2f} "
+                  f"(median, vs the {probe_rows[0]['subjects']:,}-subject manifest)")
     finally:
         if server is not None:
             server.stop()

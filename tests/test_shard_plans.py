@@ -267,8 +267,8 @@ def test_the_automatic_shard_size_balances_workers_within_the_start_cost_and_sha
     assert choose_subjects_per_shard(64, 2, sdxl) == 8
     assert choose_subjects_per_shard(800, 25, sdxl) == 8 and choose_subjects_per_shard(24, 2, sdxl) == 3
     # ... but a lost shard loses at most MOST_SUBJECTS, and never more than MAX_SHARDS flow runs
-    assert choose_subjects_per_shard(2_000, 2, sdxl) == MOST_SUBJECTS == 16
-    assert choose_subjects_per_shard(10_000, 100, sdxl) == 16
+    assert choose_subjects_per_shard(2_000, 2, sdxl) == MOST_SUBJECTS == 10
+    assert choose_subjects_per_shard(10_000, 100, sdxl) == 10 and choose_subjects_per_shard(10_000, 400, sdxl) == 10
     assert choose_subjects_per_shard(50_000, 1_000, sdxl) == 50_000 // MAX_SHARDS == 50
     # few subjects, many workers: one subject per shard (the start is ~5% of 628 s)
     assert choose_subjects_per_shard(3, 8, sdxl) == 1 and choose_subjects_per_shard(0, 8, sdxl) == 1

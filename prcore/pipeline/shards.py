@@ -35,7 +35,7 @@ GPU_S_PER_STEP = 1.088  # one DCO step, SDXL bf16 on an H200 (README, "Measured 
 GPU_S_PER_IMAGE = 3600 / 1864  # one image, same (1,864 images/h)
 START_FRACTION = 0.05  # a shard's fixed start stays under this share of its GPU time
 SHARDS_PER_WORKER = 4  # each GPU worker gets at least this many shards: the last ones end close together
-MOST_SUBJECTS = 16  # a lost shard (crash, preemption) loses at most this many subjects of the night
+MOST_SUBJECTS = 10  # a lost shard (crash, preemption) loses at most this many subjects of the night (~1.7 h of SDXL GPU)
 MAX_SHARDS = 1_000  # flow runs per night: plan + submit of 1,000 shards took 40.7 s, 2,500 took 128.8 s
 
 
