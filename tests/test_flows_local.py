@@ -490,7 +490,7 @@ def test_the_default_shard_size_is_chosen_by_the_run_and_recorded(prefect_api, t
     state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache", subjects_per_shard=None)
     assert state.is_completed(), state
     summary = summary_of(out)
-    # 3 subjects of 2 training steps + 1 image on one worker (local mode): 8.1 GPU s each at the reference
-    # speeds, so the 30 s start needs 147 per shard to stay under 5%: one shard of all three
+    # 3 subjects of 2 training steps + 1 image on one worker (local mode): 4.1 GPU s each at the reference
+    # speeds, so the 35 s start needs 171 per shard to stay under 5%: one shard of all three
     per = choose_subjects_per_shard(3, 1, 2 * GPU_S_PER_STEP + GPU_S_PER_IMAGE)
-    assert (summary["subjects_per_shard"], summary["shards"], summary["generated"]) == (per, 1, 3) and per == 147
+    assert (summary["subjects_per_shard"], summary["shards"], summary["generated"]) == (per, 1, 3) and per == 171

@@ -270,12 +270,12 @@ def test_the_automatic_shard_size_balances_workers_within_the_start_cost_and_sha
     assert choose_subjects_per_shard(2_000, 2, sdxl) == MOST_SUBJECTS == 10
     assert choose_subjects_per_shard(10_000, 100, sdxl) == 10 and choose_subjects_per_shard(10_000, 400, sdxl) == 10
     assert choose_subjects_per_shard(50_000, 1_000, sdxl) == 50_000 // MAX_SHARDS == 50
-    # few subjects, many workers: one subject per shard (the start is ~5% of 628 s)
-    assert choose_subjects_per_shard(3, 8, sdxl) == 1 and choose_subjects_per_shard(0, 8, sdxl) == 1
+    # few subjects, many workers: two subjects per shard (one would pay a 35 s start on 628 s of GPU: 5.6%)
+    assert choose_subjects_per_shard(3, 8, sdxl) == 2 and choose_subjects_per_shard(0, 8, sdxl) == 1
     # short subjects (10 images, no more training): shards grow until the fixed start is under 5%
     short = 10 * 3600 / 1864
     expected = -(-SHARD_START_S // (START_FRACTION * short))
-    assert choose_subjects_per_shard(3, 8, short) == expected == 32
+    assert choose_subjects_per_shard(3, 8, short) == expected == 37
     # every size keeps the start under START_FRACTION of the shard's GPU time
     for n, w in [(1, 1), (7, 3), (64, 2), (999, 7), (10_000, 100)]:
         per = choose_subjects_per_shard(n, w, sdxl)

@@ -29,8 +29,9 @@ from prcore.store.keys import shard_plan_key
 PLAN_FORMAT = 1
 
 # What the automatic shard size is chosen from (measured; docs/orchestration.md, "Shard size"):
-SHARD_START_S = 30.0  # a shard's fixed start: process + imports + plan file + lease to first GPU work, ~6 s
-#                       (benchmarks/night_scale.py, 2 shared cores), plus the base model's load, 22 s (SDXL, GPU suite)
+SHARD_START_S = 35.0  # a shard's fixed start, GPU idle: the worker's next poll (5 s on average at Prefect's default
+#                       10 s query interval), process + imports + plan file + lease to first GPU work (~6 s,
+#                       benchmarks/night_scale.py on 2 shared cores), the base model's load (22 s, SDXL, GPU suite)
 GPU_S_PER_STEP = 1.088  # one DCO step, SDXL bf16 on an H200 (README, "Measured on an H200")
 GPU_S_PER_IMAGE = 3600 / 1864  # one image, same (1,864 images/h)
 START_FRACTION = 0.05  # a shard's fixed start stays under this share of its GPU time
