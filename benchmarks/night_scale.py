@@ -21,9 +21,19 @@ unchanged manifest, then a full read of the catalogue snapshot from S3. Reported
 seconds from process start to first GPU work; S3 requests per image (all but the image's own 2
 PUTs, counted at the server); Prefect API calls per image (the server's access log); the parent's
 plan + image check + plan files + submit; the rerun (seconds, requests, GPU work); the catalogue read.
+Shards are of the size the run chooses (``FanOut.subjects_per_shard=None``) unless ``--per-shard``.
+
+``--probe`` sizes (e.g. ``10,2000,10000``): what does not need every image written. Per size a manifest
+is uploaded (instance images 16 at a time) and the real night runs with ``max_subjects`` so that only
+``--probe-shards`` shards of ``--probe-per-shard`` run: the parent loads, plans and image-checks the
+whole manifest, writes the plan files and submits; reported are that parent time and those shards'
+seconds from process start to first GPU work, compared with the first (smallest) size.
+
+``--profile DIR``: every shard process is profiled (cProfile, written at exit).
 
     python benchmarks/night_scale.py --time-scale 0.01         # 8, 24, 64 subjects x 25 x 4: ~14 min on 2 shared cores
     python benchmarks/night_scale.py --subjects 2 --time-scale 0.002   # quick check
+    python benchmarks/night_scale.py --subjects "" --probe 10,2000,10000   # the probes only
 
 Last line: ``night_scale_overhead=<wall / ideal GPU time at the largest scale>``.
 """
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-shard", type=int, default=None, help="subjects per shard (default: chosen by the run)")
     ap.add_argument("--probe", default="", help="comma-separated manifest sizes to probe (parent + a few shards only)")
     ap.add_argument("--probe-shards", type=int, default=2, help="shards run per probe")
-    ap.add_argument("--probe-per-shard", type=int, default=16, help="subjects per shard in a probe")
+    ap.add_argument("--probe-per-shard", type=int, default=2, help="subjects per shard in a probe")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--time-scale", type=float, default=0.01, help="multiplies every simulated GPU duration")
