@@ -21,9 +21,19 @@ unchanged manifest, then a full read of the catalogue snapshot from S3. Reported
 seconds from process start to first GPU work; S3 requests per image (all but the image's own 2
 PUTs, counted at the server); Prefect API calls per image (the server's access log); the parent's
 plan + image check + plan files + submit; the rerun (seconds, requests, GPU work); the catalogue read.
+Shards are of the size the run chooses (``FanOut.subjects_per_shard=None``) unless ``--per-shard``.
+
+``--probe`` sizes (e.g. ``10,2000,10000``): what does not need every image written. Per size a manifest
+is uploaded (instance images 16 at a time) and the real night runs with ``max_subjects`` so that only
+``--probe-shards`` shards of ``--probe-per-shard`` run: the parent loads, plans and image-checks the
+whole manifest, writes the plan files and submits; reported are that parent time and those shards'
+seconds from process start to first GPU work, compared with the first (smallest) size.
+
+``--profile DIR``: every shard process is profiled (cProfile, written at exit).
 
     python benchmarks/night_scale.py --time-scale 0.01         # 8, 24, 64 subjects x 25 x 4: ~14 min on 2 shared cores
     python benchmarks/night_scale.py --subjects 2 --time-scale 0.002   # quick check
+    python benchmarks/night_scale.py --subjects "" --probe 10,2000,10000   # the probes only
 
 Last line: ``night_scale_overhead=<wall / ideal GPU time at the largest scale>``.
 """
@@ -134,6 +144,50 @@ def parent_phase_seconds(server, parent_id: str) -> float:
     return max((c - start).total_seconds() for c in created) if created else float("nan")
 
 
+def upload_manifest_parallel(s3, bucket: str, prefix: str, subjects: int, prompts: int, images: int) -> str:
+    """``prefect_harness.upload_manifest`` with the instance images put 16 at a time (20,000 at 10,000 subjects)."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import polars as pl
+    from prefect_harness import manifest_rows, subject_image
+
+    def put(i: int) -> None:
+        s, k = divmod(i, 2)
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/subjects/s{s}/{k}.png", Body=subject_image(100 * s + k))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(2 * subjects)))
+    buf = io.BytesIO()
+    pl.DataFrame(manifest_rows(subjects, prompts=prompts, num_images=images, size=64)).write_parquet(buf)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/manifest.parquet", Body=buf.getvalue())
+    return f"s3://{bucket}/{prefix}/manifest.parquet"
+
+
+def probe(s3, endpoint: str, server, events_root: Path, settings: dict, n: int, args) -> dict:
+    """What does not need every image of an ``n``-subject manifest written: the real parent (whole manifest
+    loaded, planned, image-checked) with only ``--probe-shards`` shards of ``--probe-per-shard`` subjects
+    run (``max_subjects``), and those shards' seconds from process start to first GPU work."""
+    manifest = upload_manifest_parallel(s3, "night", f"probe{n}", n, args.prompts, args.images)
+    shutil.rmtree(events_root, ignore_errors=True)
+    events_root.mkdir(parents=True)
+    c0, a0 = s3_counts(endpoint), api_calls(server)
+    cap = min(n, args.probe_shards * args.probe_per_shard)
+    result, wall, parent_id = night(manifest, f"s3://night/probe{n}-out", settings, args.probe_per_shard, cap)
+    counts, api = delta(s3_counts(endpoint), c0), api_calls(server) - a0
+    firsts = sorted(e["since_start"] for e in read_events(events_root) if e["event"] == "first_gpu")
+    assert result["generated"] == cap * args.prompts * args.images and len(firsts) == result["shards"], (result, firsts)
+    row = dict(subjects=n, shards=result["shards"], per_shard=args.probe_per_shard, wall=wall,
+               parent=parent_phase_seconds(server, parent_id), first_gpu_median=firsts[len(firsts) // 2],
+               first_gpu_max=firsts[-1], image_gets=counts.get("GET subjects", 0), image_lists=counts.get("GET list:images", 0),
+               api=api)
+    print(f"probe: {n:,}-subject manifest, {row['shards']} shards of {row['per_shard']} run (max_subjects {cap}): parent "
+          f"plan + image check (all {n:,} subjects) + plan files + submit {row['parent']:.1f}s; shard start -> first GPU "
+          f"work median {row['first_gpu_median']:.2f}s, max {row['first_gpu_max']:.2f}s; instance-image GETs "
+          f"{row['image_gets']:,}, images/ LISTs {row['image_lists']}; night wall {wall:.1f}s; {counts}", flush=True)
+    return row
+
+
 class ParentCounter:
     """S3 requests made by this process (the parent flow runs here), and the run report's share of them
     (``prcore.pipeline.report.write_report`` timed and counted; its behaviour is unchanged)."""
@@ -180,14 +234,32 @@ def shard_window(server, parent_id: str) -> tuple[float, float]:
     return (datetime.fromisoformat(parent["end_time"]) - max(ends)).total_seconds(), (max(ends) - min(starts)).total_seconds()
 
 
-def night(manifest: str, output: str, settings: dict, per_shard: int) -> tuple[dict, float, str]:
+def night(manifest: str, output: str, settings: dict, per_shard: int | None,
+          max_subjects: int | None = None) -> tuple[dict, float, str]:
+    """The real ``nightly-batch`` flow, deployment fan-out (``per_shard`` None: the run chooses)."""
     from flows.nightly import nightly_batch
 
     t0 = time.perf_counter()
     state = nightly_batch(manifest=manifest, output=output, settings=settings,
-                          fan_out={"mode": "deployment", "subjects_per_shard": per_shard}, return_state=True)
+                          fan_out={"mode": "deployment", "subjects_per_shard": per_shard, "max_subjects": max_subjects},
+                          return_state=True)
     wall = time.perf_counter() - t0
     return state.result(), wall, str(state.state_details.flow_run_id)
+
+
+def print_table(rows_out: list[dict]) -> None:
+    """The nights as a Markdown table, then the headline figures."""
+    print("\n| subjects | images | shards | wall s | ideal GPU s | overhead | extrapolated, full-length GPU | "
+          "shard start -> 1st GPU s (median/max) | parent s | S3 req/image (without run report) | run report s | "
+          "API calls/image | rerun s / S3 req | catalogue read s |")
+    print("| --- " * 14 + "|")
+    for r in rows_out:
+        print(f"| {r['subjects']} | {r['images']:,} | {r['shards']} x {r['per_shard']} | {r['wall']:.1f} | {r['ideal']:.1f} | {r['overhead']:.2f} | "
+              f"{r['overhead_full']:.3f} | {r['first_gpu_median']:.1f} / {r['first_gpu_max']:.1f} | {r['parent']:.1f} | "
+              f"{r['s3_per_image']:.2f} ({r['s3_per_image_no_report']:.2f}) | {r['report_s']:.1f} | {r['api_per_image']:.3f} | {r['rerun_s']:.1f} / {r['rerun_requests']} | "
+              f"{r['catalog_s']:.2f} |")
+    print(f"night_scale_overhead_full_length={rows_out[-1]['overhead_full']:.3f}")
+    print(f"night_scale_overhead={rows_out[-1]['overhead']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,13 +267,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--subjects", default="8,24,64", help="comma-separated scales (subjects in the manifest)")
     ap.add_argument("--prompts", type=int, default=25)
     ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--per-shard", type=int, default=4)
+    ap.add_argument("--per-shard", type=int, default=None, help="subjects per shard (default: chosen by the run)")
+    ap.add_argument("--probe", default="", help="comma-separated manifest sizes to probe (parent + a few shards only)")
+    ap.add_argument("--probe-shards", type=int, default=2, help="shards run per probe")
+    ap.add_argument("--probe-per-shard", type=int, default=2, help="subjects per shard in a probe")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--time-scale", type=float, default=0.01, help="multiplies every simulated GPU duration")
     ap.add_argument("--sqlite", action="store_true", help="Prefect on SQLite even when PostgreSQL is available")
+    ap.add_argument("--profile", type=Path, help="a folder: cProfile every shard process and the parent into it")
     args = ap.parse_args(argv)
-    scales = [int(s) for s in args.subjects.split(",")]
+    scales = [int(s) for s in args.subjects.split(",") if s]
+    probes = [int(s) for s in args.probe.split(",") if s]
 
     from prefect_harness import free_port, manifest_rows, stop_process_group, upload_manifest
 
@@ -239,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             server.start_worker("gpu", name, extra_env={
                 "PYTHONPATH": os.pathsep.join([str(STANDIN), str(ROOT)]), "PRCORE_WORKER_LABEL": name,
                 "PRCORE_CACHE_DIR": str(tmp / "cache" / name), "PREFECT_LOGGING_LEVEL": "WARNING",
-                "PRCORE_NIGHT_STANDIN": json.dumps({**standin, "out": str(events_root)})})
+                "PRCORE_NIGHT_STANDIN": json.dumps({**standin, "out": str(events_root)}),
+                **({"PRCORE_NIGHT_PROFILE": str(args.profile.resolve())} if args.profile else {})})
         server.wait_for_workers("gpu", names, timeout=180)
 
         import boto3
@@ -254,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{S_PER_IMAGE:.3f} s/image, {LOAD_S} s/model load; x{args.time_scale} -> "
               f"{per_subject_gpu * args.time_scale:.2f} s of GPU per subject of {args.prompts * args.images} images")
         print(f"# Prefect server on {'PostgreSQL' if pg else 'SQLite'}; {args.workers} process workers in `gpu`; "
-              f"moto S3 server; shards of {args.per_shard}")
+              f"moto S3 server; shards of {args.per_shard or 'the size the run chooses'}")
         rows_out = []
         parent_count = ParentCounter()
         for n in scales:
@@ -297,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             assert catalog.height == images, catalog.height
             non_gpu = wall - ideal
             full_ideal = n * per_subject_gpu / args.workers
-            row = dict(subjects=n, images=images, shards=result["shards"], wall=wall, ideal=ideal, overhead=wall / ideal,
+            row = dict(subjects=n, images=images, shards=result["shards"], per_shard=result["subjects_per_shard"], wall=wall, ideal=ideal, overhead=wall / ideal,
                        non_gpu=non_gpu, overhead_full=(full_ideal + non_gpu) / full_ideal, loads=loads,
                        first_gpu_median=firsts[len(firsts) // 2], first_gpu_max=firsts[-1], parent=parent_s,
                        s3_other=other, s3_per_image=other / images, parent_requests=parent_requests,
@@ -308,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
                        rerun_requests=sum(delta(c2, c1).values()), rerun_api=a2 - a1, rerun_gpu=rerun_gpu,
                        catalog_s=catalog_s)
             rows_out.append(row)
-            print(f"{n} subjects x {args.prompts} x {args.images} = {images:,} images, {row['shards']} shards (simulated GPU): "
+            print(f"{n} subjects x {args.prompts} x {args.images} = {images:,} images, {row['shards']} shards of "
+                  f"{result['subjects_per_shard']} (simulated GPU): "
                   f"wall {wall:.1f}s vs ideal {ideal:.1f}s -> overhead {row['overhead']:.2f} "
                   f"(non-GPU wall {non_gpu:.1f}s; with full-length GPU work, extrapolated: {row['overhead_full']:.3f}); "
                   f"{loads} model loads; shard start -> first GPU work median {row['first_gpu_median']:.1f}s, max "
@@ -320,17 +399,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"Prefect API calls {row['api']} ({row['api_per_image']:.3f}/image); rerun {rerun_wall:.1f}s, "
                   f"{row['rerun_requests']} S3 requests, {row['rerun_api']} API calls, {rerun_gpu} GPU calls; "
                   f"catalog.parquet full read (polars, S3) {catalog_s:.2f}s", flush=True)
-        print("\n| subjects | images | shards | wall s | ideal GPU s | overhead | extrapolated, full-length GPU | "
-              "shard start -> 1st GPU s (median/max) | parent s | S3 req/image (without run report) | run report s | "
-              "API calls/image | rerun s / S3 req | catalogue read s |")
-        print("| --- " * 14 + "|")
-        for r in rows_out:
-            print(f"| {r['subjects']} | {r['images']:,} | {r['shards']} | {r['wall']:.1f} | {r['ideal']:.1f} | {r['overhead']:.2f} | "
-                  f"{r['overhead_full']:.3f} | {r['first_gpu_median']:.1f} / {r['first_gpu_max']:.1f} | {r['parent']:.1f} | "
-                  f"{r['s3_per_image']:.2f} ({r['s3_per_image_no_report']:.2f}) | {r['report_s']:.1f} | {r['api_per_image']:.3f} | {r['rerun_s']:.1f} / {r['rerun_requests']} | "
-                  f"{r['catalog_s']:.2f} |")
-        print(f"night_scale_overhead_full_length={rows_out[-1]['overhead_full']:.3f}")
-        print(f"night_scale_overhead={rows_out[-1]['overhead']:.2f}")
+        if rows_out:
+            print_table(rows_out)
+        probe_rows = [probe(s3, endpoint, server, events_root, settings, n, args) for n in probes]
+        for r in probe_rows[1:]:  # the first probe is the small manifest the others are compared with
+            print(f"probe_first_gpu_ratio_{r['subjects']}={r['first_gpu_median'] / probe_rows[0]['first_gpu_median']:.2f} "
+                  f"(median, vs the {probe_rows[0]['subjects']:,}-subject manifest)")
     finally:
         if server is not None:
             server.stop()

@@ -9,6 +9,8 @@ planned and image-checked here), so it reads nothing of other subjects.
 Rebuilds the catalogue snapshot ``catalog.parquet`` from the per-subject files (when they changed), writes
 ``runs/{run_id}/summary.json`` and ``failures.json``, publishes the run table, progress and
 contact-sheet artifacts, and ends Failed when any subject failed (after all the others finished).
+Task arguments that grow with the manifest (every job, every result) are passed in ``quote(...)``, so
+Prefect does not walk them (see ``flows/personalize.py``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_run
+from prefect.utilities.annotations import quote
 
-from flows.common import SubjectsFailed, progress_event, wait_for_flow_runs
+from flows.common import GPU_LIMIT, SubjectsFailed, progress_event, wait_for_flow_runs
 from prcore.data.load import manifest_identity
 from prcore.outputs.reports import Failure, SubjectResult, summarize, table_rows
 from prcore.pipeline.settings import FanOut, RunSettings
+from prcore.pipeline.shards import choose_subjects_per_shard, subject_gpu_seconds
 from prcore.pipeline.subject import RunContext, new_run_id, open_output, shard, subjects_with_work, worker_identity
 from tasks.outputs import catalog_snapshot_task
 from tasks.plan import plan_task, write_shard_plans_task
@@ -78,9 +82,10 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
     # work left: images to make, or derived outputs (contact sheet, catalogue) that do not match the store
     todo = subjects_with_work(store, jobs)[: fan_out.max_subjects]
     todo_ids = {j.subject_id for j in todo}
-    shards = shard([j.subject_id for j in todo], fan_out.subjects_per_shard)
-    logger.info("run %s: %d subject(s), %d with work left, %d shard(s), fan-out %s", run_id, len(jobs), len(todo),
-                len(shards), fan_out.mode)
+    per_shard = fan_out.subjects_per_shard or _auto_subjects_per_shard(todo, settings, fan_out)
+    shards = shard([j.subject_id for j in todo], per_shard)
+    logger.info("run %s: %d subject(s), %d with work left, %d shard(s) of %d%s, fan-out %s", run_id, len(jobs), len(todo),
+                len(shards), per_shard, "" if fan_out.subjects_per_shard else " (chosen)", fan_out.mode)
     progress_event(event="planned", run_id=run_id, subjects=len(jobs), todo_subjects=len(todo),
                    images=sum(j.n_images for j in jobs), pending=sum(j.n_todo for j in todo), shards=len(shards))
     progress = Progress(len(shards), f"Run {run_id}: shards finished")
@@ -97,7 +102,7 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
             progress.advance()
     else:
         by_id = {j.subject_id: j for j in todo}
-        plans = write_shard_plans_task(store, run_id, [[by_id[s] for s in ids] for ids in shards], manifest, manifest_fp,
+        plans = write_shard_plans_task(store, run_id, quote([[by_id[s] for s in ids] for ids in shards]), manifest, manifest_fp,
                                        settings) if shards else []
         params = dict(manifest=manifest, output=output, settings=settings.model_dump(mode="json"), run_id=run_id,
                       run_date=run_date, use_gpu_limit=fan_out.use_gpu_limit)
@@ -132,13 +137,14 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
                                          skipped=job.n_done, step=None if job.n_todo == 0 else "limit"))
     summary = {"run_id": run_id, "run_date": run_date, "flow_run_id": flow_run_id, "manifest": manifest,
                "output": store.uri, "model": settings.model, "fan_out": fan_out.mode, "shards": len(shards),
+               "subjects_per_shard": per_shard,
                "shard_states": {str(k): v for k, v in shard_states.items()},
                "seconds": round(time.perf_counter() - started, 3), **summarize(results),
                "subjects_detail": table_rows(results)}
     summary["catalog_snapshot"] = catalog_snapshot_task(store)  # after every shard: the per-subject files in one
-    keys = write_run_report_task(store, run_id, summary, failures)
+    keys = write_run_report_task(store, run_id, quote(summary), quote(failures))
     try:  # the browsable report: a failure to write it is logged, never fails the night
-        keys["report"] = write_html_report_task(store, run_id, summary, jobs, results)
+        keys["report"] = write_html_report_task(store, run_id, quote(summary), quote(jobs), quote(results))
     except Exception as exc:
         logger.warning("run report not written: %s", exc)
     publish_artifacts(store, run_id, results, failures, report_key=keys.get("report"))
@@ -151,8 +157,42 @@ def nightly_batch(manifest: str, output: str, settings: RunSettings = RunSetting
             + "; ".join(f"{f.subject_id} at {f.step}: {f.error}" for f in failures[:5])
             + f". Report: {store.uri}/{keys['failures']}"
         )
-    return {k: summary[k] for k in ("run_id", "subjects", "generated", "skipped", "failed", "shards")} | {
-        "summary": keys["summary"]}
+    kept = ("run_id", "subjects", "generated", "skipped", "failed", "shards", "subjects_per_shard")
+    return {k: summary[k] for k in kept} | {"summary": keys["summary"]}
+
+
+def _auto_subjects_per_shard(todo: list[Any], settings: RunSettings, fan_out: FanOut) -> int:
+    """The shard size when the run does not fix one (:func:`choose_subjects_per_shard`)."""
+    workers = 1 if fan_out.mode == "local" else fan_out.gpu_workers or gpu_workers(fan_out)
+    gpu_s = subject_gpu_seconds(todo, [settings.train_config(j.train_overrides).steps for j in todo])
+    per_shard = choose_subjects_per_shard(len(todo), workers, gpu_s)
+    get_run_logger().info("subjects per shard: %d, chosen for %d subject(s) with work left on %d GPU worker(s) "
+                          "(~%.0f GPU s per subject)", per_shard, len(todo), workers, gpu_s)
+    return per_shard
+
+
+def gpu_workers(fan_out: FanOut) -> int:
+    """How many shards run at once: the ``gpu`` global concurrency limit's slots when the shards hold
+    it (and it is active), else the online workers of the shard deployment's work pool (each runs
+    one shard at a time on its GPU), else 1."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkerStatus
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        if fan_out.use_gpu_limit:
+            try:
+                limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+                if limit.active and limit.limit > 0:
+                    return int(limit.limit)
+            except ObjectNotFound:
+                pass
+        try:
+            pool = client.read_deployment_by_name(fan_out.shard_deployment).work_pool_name
+            online = [w for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE] if pool else []
+        except ObjectNotFound:
+            online = []
+    return max(1, len(online))
 
 
 def submit_shards(shards: list[list[str]], params: dict[str, Any], deployment: str, flow_run_id: str | None, run_id: str,

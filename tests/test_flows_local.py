@@ -28,7 +28,7 @@ def run_flow(manifest: Path, output: Path, model: str, cache: Path, **params):
 
     settings = RunSettings.model_validate({"model": model, "train": TRAIN, "placement": {"device": "cpu", "dtype": "float32"},
                                            "cache_dir": str(cache), "check_images": params.pop("check_images", True)})
-    fan_out = FanOut(subjects_per_shard=params.pop("subjects_per_shard", 1), **params)
+    fan_out = FanOut(subjects_per_shard=params.pop("subjects_per_shard", 1), **params)  # None: chosen by the run
     return nightly_batch(manifest=str(manifest), output=str(output), settings=settings, fan_out=fan_out, return_state=True)
 
 
@@ -478,3 +478,19 @@ def test_the_nightly_flow_runs_an_sd3_model_like_an_sd_one(prefect_api, tmp_path
     assert cat.height == 2 and set(cat["scheduler"]) == {"FlowMatchEulerDiscreteScheduler"} and set(cat["width"]) == {32}
     again = run_flow(manifest, out, str(tiny_sd3_path), tmp_path / "cache")
     assert again.is_completed() and (summary_of(out)["generated"], summary_of(out)["trained"]) == (0, 0)
+
+
+def test_the_default_shard_size_is_chosen_by_the_run_and_recorded(prefect_api, tmp_path, tiny_sd_path):
+    from prcore.pipeline.settings import FanOut
+    from prcore.pipeline.shards import GPU_S_PER_IMAGE, GPU_S_PER_STEP, choose_subjects_per_shard
+
+    assert FanOut().subjects_per_shard is None
+    manifest = write_local_manifest(tmp_path / "in", manifest_rows(3, prompts=1, num_images=1, steps=2), subjects=3)
+    out = tmp_path / "out"
+    state = run_flow(manifest, out, str(tiny_sd_path), tmp_path / "cache", subjects_per_shard=None)
+    assert state.is_completed(), state
+    summary = summary_of(out)
+    # 3 subjects of 2 training steps + 1 image on one worker (local mode): 4.1 GPU s each at the reference
+    # speeds, so the 35 s start needs 171 per shard to stay under 5%: one shard of all three
+    per = choose_subjects_per_shard(3, 1, 2 * GPU_S_PER_STEP + GPU_S_PER_IMAGE)
+    assert (summary["subjects_per_shard"], summary["shards"], summary["generated"]) == (per, 1, 3) and per == 171

@@ -251,3 +251,49 @@ def test_the_manifest_identity_changes_when_a_file_is_edited_added_or_removed(wh
         assert manifest_identity(uri) not in (first, edited)
         put("b.parquet", None)
         assert manifest_identity(uri) == edited
+
+
+def test_the_automatic_shard_size_balances_workers_within_the_start_cost_and_shard_count_bounds():
+    from prcore.pipeline.shards import (
+        MAX_SHARDS,
+        MOST_SUBJECTS,
+        SHARD_START_S,
+        START_FRACTION,
+        choose_subjects_per_shard,
+    )
+
+    sdxl = 400 * 1.088 + 100 * 3600 / 1864  # one subject of the nightly contract: 628 GPU s
+    # balance: every worker gets 4 shards (64 subjects on 2 workers: 8 shards of 8) ...
+    assert choose_subjects_per_shard(64, 2, sdxl) == 8
+    assert choose_subjects_per_shard(800, 25, sdxl) == 8 and choose_subjects_per_shard(24, 2, sdxl) == 3
+    # ... but a lost shard loses at most MOST_SUBJECTS, and never more than MAX_SHARDS flow runs
+    assert choose_subjects_per_shard(2_000, 2, sdxl) == MOST_SUBJECTS == 10
+    assert choose_subjects_per_shard(10_000, 100, sdxl) == 10 and choose_subjects_per_shard(10_000, 400, sdxl) == 10
+    assert choose_subjects_per_shard(50_000, 1_000, sdxl) == 50_000 // MAX_SHARDS == 50
+    # few subjects, many workers: two subjects per shard (one would pay a 35 s start on 628 s of GPU: 5.6%)
+    assert choose_subjects_per_shard(3, 8, sdxl) == 2 and choose_subjects_per_shard(0, 8, sdxl) == 1
+    # short subjects (10 images, no more training): shards grow until the fixed start is under 5%
+    short = 10 * 3600 / 1864
+    expected = -(-SHARD_START_S // (START_FRACTION * short))
+    assert choose_subjects_per_shard(3, 8, short) == expected == 37
+    # every size keeps the start under START_FRACTION of the shard's GPU time
+    for n, w in [(1, 1), (7, 3), (64, 2), (999, 7), (10_000, 100)]:
+        per = choose_subjects_per_shard(n, w, sdxl)
+        assert SHARD_START_S <= START_FRACTION * per * sdxl + 1e-9 and -(-n // per) <= MAX_SHARDS
+
+
+def test_gpu_workers_come_from_the_gpu_limit_else_the_pool_else_one(prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from flows.nightly import gpu_workers
+    from prcore.pipeline.settings import FanOut
+
+    fan_out = FanOut(mode="deployment", shard_deployment="personalize-subject/nowhere")
+    assert gpu_workers(fan_out) == 1  # no limit, no such deployment
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name("gpu", 3)
+        try:
+            assert gpu_workers(fan_out) == 3
+            assert gpu_workers(fan_out.model_copy(update={"use_gpu_limit": False})) == 1
+        finally:
+            client.delete_global_concurrency_limit_by_name("gpu")

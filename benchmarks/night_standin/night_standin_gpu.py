@@ -20,9 +20,12 @@ class _Unet:
 
 
 class StandinPipe:
-    """What the product holds as its pipeline: only ``unet.device`` / ``unet.dtype`` are read."""
+    """What the product holds as its pipeline: it is matched to the SD family (``unet`` and
+    ``text_encoder`` set, no ``text_encoder_2``), then only ``unet.device`` / ``unet.dtype`` are read."""
 
     unet = _Unet()
+    text_encoder = "simulated"
+    text_encoder_2 = None
 
 
 def _event(kind: str, **fields: Any) -> None:

@@ -12,7 +12,8 @@ module at start-up and it replaces only the model's GPU work, by sleeps of state
 - sampling (``prcore.method.sampler.sample_batch``): ``images x s_per_image``; returns small real PIL
   images that the product encodes and writes (PNG + sidecar), catalogues and puts on contact sheets.
 
-Every duration is multiplied by ``scale``. Each process appends one JSON line per event to
+With ``PRCORE_NIGHT_PROFILE`` (a folder) set, the process is profiled (``cProfile``, main thread) and
+its statistics written there at exit (``shard-{pid}.prof``). Every duration is multiplied by ``scale``. Each process appends one JSON line per event to
 ``{out}/events-{pid}.jsonl``: its start, the first GPU work, and the seconds slept.
 """
 
@@ -28,3 +29,11 @@ if _CONFIG and os.environ.get("PREFECT__FLOW_RUN_ID"):
     from night_standin_gpu import install
 
     install(_CONFIG, _STARTED)
+    if os.environ.get("PRCORE_NIGHT_PROFILE"):  # a folder: this flow-run process's cProfile, written at exit
+        import atexit
+        import cProfile
+
+        _PROFILE = cProfile.Profile()
+        _PROFILE.enable()
+        atexit.register(lambda: (_PROFILE.disable(), _PROFILE.dump_stats(
+            os.path.join(os.environ["PRCORE_NIGHT_PROFILE"], f"shard-{os.getpid()}.prof"))))

@@ -92,11 +92,15 @@ class RunSettings(BaseModel):
 
 
 class FanOut(BaseModel):
-    """How the nightly flow runs its shards."""
+    """How the nightly flow runs its shards (the automatic shard size:
+    :func:`prcore.pipeline.shards.choose_subjects_per_shard`)."""
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["local", "deployment"] = Field("local", description="local: shards in this process; deployment: one flow run per shard")
-    subjects_per_shard: int = Field(4, ge=1, description="subjects per shard (a shard loads the base model once)")
+    subjects_per_shard: int | None = Field(None, ge=1, description="subjects per shard (a shard loads the base model once); "
+                                           "None: chosen by the run from the subjects with work left and the GPU workers")
+    gpu_workers: int | None = Field(None, ge=1, description="GPU workers the shards share, for the automatic shard size "
+                                    "(None: the `gpu` concurrency limit's slots, else the pool's online workers; 1 in local mode)")
     shard_deployment: str = SHARD_DEPLOYMENT
     max_subjects: int | None = Field(None, ge=1, description="run at most this many subjects with work left")
     shard_timeout_s: float = Field(6 * 3600, gt=0, description="how long to wait for deployment shards")
