@@ -403,3 +403,23 @@ def test_a_write_the_disk_refuses_is_one_line_and_leaves_no_partial_file(tmp_pat
     assert line.startswith("REFUSED cannot write 'images/s/big.png'") and "too large" in line and "\n" not in line
     files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert files == ["ok.png"]
+
+
+def test_reads_without_a_client_share_one_per_process(s3_server, s3_bucket, monkeypatch):
+    """Instance-image reads (``read_uri_bytes`` with no client) make one boto3 client per process, not one
+    per image (each costs a session and a credential-chain read); a changed endpoint makes a new one."""
+    import boto3
+
+    from prcore.store import storage
+
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="img/0.png", Body=b"p0")
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="img/1.png", Body=b"p1")
+    made = []
+    real = storage.make_s3_client
+    monkeypatch.setattr(storage, "make_s3_client", lambda options=None: made.append(options) or real(options))
+    monkeypatch.setattr(storage, "_SHARED_CLIENTS", {})
+    for _ in range(3):
+        assert [read_uri_bytes(f"s3://{s3_bucket}/img/{i}.png") for i in range(2)] == [b"p0", b"p1"]
+    assert len(made) == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server + "/")  # the same server under another spelling: a new client
+    assert read_uri_bytes(f"s3://{s3_bucket}/img/0.png") == b"p0" and len(made) == 2

@@ -24,6 +24,7 @@ import io
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -681,6 +682,30 @@ def make_s3_client(options: S3Options | None = None) -> Any:
     if options.region:
         kwargs["region_name"] = options.region
     return session.client("s3", **kwargs)
+
+
+_SHARED_CLIENTS: dict[str, Any] = {}  # an explicit per-process cache: one client per S3Options (thread-safe clients)
+_SHARED_LOCK = threading.Lock()
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
+               "AWS_SHARED_CREDENTIALS_FILE")
+
+
+def shared_s3_client(options: S3Options | None = None) -> Any:
+    """One :func:`make_s3_client` per process and per ``options`` (boto3 clients are thread-safe; making one
+    builds a session and reads the credential chain: 0.2-0.7 s each on the 2-core machine, against ~8 ms
+    for a request). Read paths that are given no client (``read_uri_bytes``) use it, so a shard reading
+    its subjects' instance images makes one client instead of one per image."""
+    import hashlib
+
+    options = options or S3Options()
+    env = [os.environ.get(k, "") for k in _CLIENT_ENV]  # a changed endpoint, profile or key makes a new client
+    key = hashlib.sha256(repr((options, env)).encode()).hexdigest()  # no credential kept in the clear
+    with _SHARED_LOCK:
+        client = _SHARED_CLIENTS.get(key)
+        if client is None:
+            client = _SHARED_CLIENTS[key] = make_s3_client(options)
+        return client
 
 
 def _error_code(exc: BaseException) -> str:

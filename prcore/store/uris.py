@@ -16,8 +16,8 @@ from prcore.store.storage import (
     KeyNotFoundError,
     S3Options,
     StoreError,
-    make_s3_client,
     parse_s3_uri,
+    shared_s3_client,
     translate_s3_error,
 )
 
@@ -123,7 +123,7 @@ def read_uri_bytes(uri: str, *, s3_options: S3Options | None = None, client: Any
     bucket, key = parse_s3_uri(uri)
     if not key:
         raise ValueError(f"{uri!r} names a bucket, not an object")
-    client = client or make_s3_client(s3_options)
+    client = client or shared_s3_client(s3_options)
     try:
         obj = client.get_object(Bucket=bucket, Key=key)
         size = int(obj.get("ContentLength") or 0)
