@@ -45,11 +45,9 @@ class LoraInfo:
         """``local_dir`` while it still holds the copy :func:`ensure_lora` verified in this process (its
         ``training.json`` hashes to ``record_sha256``, the weights file is there); else None. Reads two local
         files, asks the store nothing."""
-        import hashlib
-
         local = Path(self.local_dir)
         try:
-            same = hashlib.sha256((local / LORA_RECORD_FILE).read_bytes()).hexdigest() == self.record_sha256
+            same = _sha256_file(local / LORA_RECORD_FILE) == self.record_sha256
         except OSError:
             return None
         return local if same and self.record_sha256 and (local / LORA_WEIGHTS_FILE).is_file() else None
