@@ -32,7 +32,7 @@ The guidance equations are linear in the model output, so with a velocity predic
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +120,6 @@ class StableDiffusion3(ModelFamily):
 
     def size_multiple(self, pipe: Any) -> int:
         return self.resolution_multiple(pipe)
-
-    def time_ids(self, pipe: Any, sizes: Sequence[Sequence[int]], *, dtype: torch.dtype, device: Any) -> None:
-        return None
 
     # -- files ------------------------------------------------------------------------------------
 
