@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -440,11 +440,7 @@ def catalog_is_current(store, subject_id: str) -> bool:
     stored = stored_pngs(store, subject_id)
     if cat is None:
         return not stored
-    keys = cat["key"].to_list()
-    if len(keys) != len(set(keys)) or set(keys) != set(stored):
-        return False
-    facts = _catalog_facts_from(cat)
-    return all(facts[k][0] is not None and stored[k].matches(*facts[k]) for k in keys)
+    return _rows_match_listing(_catalog_rows(cat), stored)
 
 
 def subjects_with_work(store, jobs: Sequence[SubjectJob], *, workers: int = 16) -> list[SubjectJob]:
@@ -478,6 +474,7 @@ def stale_catalogs(store, jobs: Sequence[SubjectJob]) -> tuple[set[str], list[st
     (page checksums) holds exactly the snapshot's rows, so it is not read again."""
     from prcore.outputs.catalog import catalog_sources, snapshot_facts
     from prcore.store.keys import DIRTY_PREFIX, catalog_key, dirty_key
+    from prcore.store.storage import ObjectInfo
 
     dirty = set(store.list(DIRTY_PREFIX))
     files = dict(catalog_sources(store))
@@ -495,25 +492,28 @@ def stale_catalogs(store, jobs: Sequence[SubjectJob]) -> tuple[set[str], list[st
                 stale.add(sid)
         elif facts is None or files[key] is None or facts.versions.get(key) != files[key]:
             unsure.append(sid)
-        elif not _rows_match_listing(facts.rows.get(sid, []), listed):
+        elif not _rows_match_listing(facts.rows.get(sid, []), {k: ObjectInfo(k, size, md5) for k, (size, md5) in listed.items()}):
             stale.add(sid)
     return stale, unsure
 
 
-def _rows_match_listing(rows: Sequence[tuple[str, int | None, str | None]], listed: dict[str, tuple[int, str | None]]) -> bool:
+def _rows_match_listing(rows: Sequence[tuple[str, int | None, str | None]], listed: Mapping[str, Any]) -> bool:
     """Whether catalogue rows ``(key, bytes, md5)`` are exactly the listed PNGs (one row each), each PNG as
-    listed (size; S3: ETag's MD5) the file its row recorded."""
-    from prcore.store.storage import ObjectInfo
-
+    listed (``listed``: key -> ``ObjectInfo``; size, on S3 the ETag's MD5) the file its row recorded."""
     keys = [k for k, _, _ in rows]
     if len(keys) != len(set(keys)) or set(keys) != set(listed):
         return False
-    return all(size is not None and ObjectInfo(k, listed[k][0], listed[k][1]).matches(size, md5) for k, size, md5 in rows)
+    return all(size is not None and listed[k].matches(size, md5) for k, size, md5 in rows)
+
+
+def _catalog_rows(cat) -> list[tuple[str, int | None, str | None]]:
+    """``(key, bytes, md5)`` of each row of a subject's catalogue frame (md5 None in files written before it)."""
+    md5 = cat["md5"].to_list() if "md5" in cat.columns else [None] * cat.height
+    return list(zip(cat["key"].to_list(), cat["bytes"].to_list(), md5, strict=True))
 
 
 def _catalog_facts_from(cat) -> dict[str, tuple[int | None, str | None]]:
-    md5 = cat["md5"].to_list() if "md5" in cat.columns else [None] * cat.height
-    return {k: (b, m) for k, b, m in zip(cat["key"].to_list(), cat["bytes"].to_list(), md5, strict=True)}
+    return {k: (b, m) for k, b, m in _catalog_rows(cat)}
 
 
 def mark_dirty(store, run: RunContext, subject_id: str) -> None:
