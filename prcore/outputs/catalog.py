@@ -195,6 +195,16 @@ def snapshot_bytes(frame: pl.DataFrame, fingerprint: str, files: int,
     return buf.getvalue()
 
 
+def _snapshot_data(store: Any) -> bytes | None:
+    """The snapshot's bytes (one GET); None when there is none."""
+    from prcore.store.storage import KeyNotFoundError
+
+    try:
+        return store.get(CATALOG_SNAPSHOT_KEY)
+    except KeyNotFoundError:
+        return None
+
+
 def _snapshot_meta(data: bytes) -> dict[bytes, bytes]:
     """A snapshot's footer key-value metadata (the footer only: no page is decoded); {} when the bytes are not Parquet."""
     import pyarrow.parquet as pq
@@ -209,13 +219,8 @@ def read_snapshot(store: Any, fingerprint: str | None, *, with_versions: bool = 
     """The snapshot's frame when it was built from exactly the files of ``fingerprint`` and every page checksum
     holds (``with_versions``: and it records each file's version, as this version writes it); None when it is
     missing, stale or damaged (the caller reads the per-subject files)."""
-    from prcore.store.storage import KeyNotFoundError
-
-    if fingerprint is None:
-        return None
-    try:
-        data = store.get(CATALOG_SNAPSHOT_KEY)
-    except KeyNotFoundError:
+    data = _snapshot_data(store) if fingerprint is not None else None
+    if data is None:
         return None
     meta = _snapshot_meta(data)
     if meta.get(SNAPSHOT_SOURCES_META, b"").decode() != fingerprint or (with_versions and SNAPSHOT_VERSIONS_META not in meta):
@@ -241,18 +246,13 @@ def snapshot_facts(store: Any) -> SnapshotFacts | None:
     earlier version). A file whose listed version is the one recorded here holds exactly these rows."""
     import pyarrow.parquet as pq
 
-    from prcore.store.storage import KeyNotFoundError
-
-    try:
-        data = store.get(CATALOG_SNAPSHOT_KEY)
-    except KeyNotFoundError:
-        return None
-    try:
-        meta = pq.read_schema(io.BytesIO(data)).metadata or {}
-        table = pq.read_table(io.BytesIO(data), columns=["subject_id", "key", "bytes", "md5"], page_checksum_verification=True)
-    except Exception:  # not Parquet, a failed checksum, or a missing column: nothing recorded can be trusted
-        return None
+    data = _snapshot_data(store)
+    meta = _snapshot_meta(data) if data is not None else {}
     if SNAPSHOT_VERSIONS_META not in meta:
+        return None
+    try:
+        table = pq.read_table(io.BytesIO(data), columns=["subject_id", "key", "bytes", "md5"], page_checksum_verification=True)
+    except Exception:  # a failed checksum or a missing column: nothing recorded can be trusted
         return None
     versions = dict(line.split("\t", 1) for line in meta[SNAPSHOT_VERSIONS_META].decode().splitlines() if "\t" in line)
     rows: dict[str, list[tuple[str, int | None, str | None]]] = {}
