@@ -124,14 +124,12 @@ class SubjectJob:
         and the indices of the images done when it was planned). Read from the planned columns while
         the requests are not built (no objects, no keys: thousands of subjects a second)."""
         overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in self.train_overrides.items()}
-        if self._requests is None:
-            requests = [{"prompt_id": pid, "prompt": prompt, "params": params, "req_fp": fp, "base_seed": base, "num_images": n,
-                         "done": sorted(done), "row": row, "meta": meta}
-                        for row, pid, prompt, n, base, fp, done, params, meta in _planned_requests(self)]
-        else:
-            requests = [{"prompt_id": r.prompt_id, "prompt": r.prompt, "params": r.params, "req_fp": r.req_fp,
-                         "base_seed": r.base_seed, "num_images": r.num_images, "done": [i for i, d in enumerate(r.done) if d],
-                         "row": r.row, "meta": r.meta} for r in self.requests]
+        planned = _planned_requests(self) if self._requests is None else [
+            (r.row, r.prompt_id, r.prompt, r.num_images, r.base_seed, r.req_fp, {i for i, d in enumerate(r.done) if d}, r.params, r.meta)
+            for r in self.requests]
+        requests = [{"prompt_id": pid, "prompt": prompt, "params": params, "req_fp": fp, "base_seed": base, "num_images": n,
+                     "done": sorted(done), "row": row, "meta": meta}
+                    for row, pid, prompt, n, base, fp, done, params, meta in planned]
         return {
             "subject_id": self.subject_id, "class_noun": self.class_noun, "identifier": self.identifier,
             "instance_images": self.instance_images, "instance_prompts": self.instance_prompts,
