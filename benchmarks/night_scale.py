@@ -60,18 +60,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 S_PER_STEP, S_PER_IMAGE, LOAD_S = 1.088, 3600 / 1864, 22.0  # SDXL bf16, H200 (README); labelled simulated
 
 
-def wait_port(port: int, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port}")
-
-
 def start_postgres(folder: Path, port: int) -> str | None:
     """A PostgreSQL server on loopback run as user ``postgres`` (initdb refuses root); its URL, or None."""
     if not (shutil.which("initdb") and shutil.which("pg_ctl")):
@@ -280,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     scales = [int(s) for s in args.subjects.split(",") if s]
     probes = [int(s) for s in args.probe.split(",") if s]
 
-    from prefect_harness import free_port, manifest_rows, stop_process_group, upload_manifest
+    from prefect_harness import free_port, manifest_rows, stop_process_group, upload_manifest, wait_for_port
 
     tmp = Path(tempfile.mkdtemp(prefix="night-"))
     procs: list[subprocess.Popen] = []
@@ -291,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         endpoint = f"http://127.0.0.1:{s3_port}"
         procs.append(subprocess.Popen([sys.executable, str(STANDIN / "s3_counting.py"), str(s3_port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        wait_port(s3_port)
+        wait_for_port(s3_port, timeout=60)
         aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_ENDPOINT_URL": endpoint}
         os.environ.update(aws)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import torch  # noqa: E402
-from prefect_harness import free_port  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+from prefect_harness import free_port, wait_for_port  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
 # Tiny models: one intra-op thread is faster than two fighting over the cores with the test's
 # own servers and workers (measured up to 75x on a loaded 2-core machine).
@@ -117,16 +115,6 @@ def tiny_sd3(tiny_sd3_path):
     from prcore.method.models import load_pipeline
 
     return load_pipeline(tiny_sd3_path, device="cpu", dtype="float32")
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 @pytest.fixture(scope="session")

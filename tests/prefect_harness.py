@@ -49,6 +49,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Return once something listens on 127.0.0.1:``port``; TimeoutError after ``timeout`` seconds."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
 def descendants(pid: int) -> list[int]:
     """PIDs of every live descendant of ``pid`` (from /proc/<pid>/task/*/children), depth first."""
     out: list[int] = []
