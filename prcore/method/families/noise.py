@@ -187,7 +187,6 @@ class FlowMatching(NoiseProcess):
     scheduler_names = tuple(_FLOW_SCHEDULERS)
 
     def __init__(self, scheduler_config: Any, *, logit_mean: float = 0.0, logit_std: float = 1.0):
-        self.config = scheduler_config
         self.shift = float(scheduler_config.get("shift", 1.0))
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         self.logit_mean, self.logit_std = logit_mean, logit_std
