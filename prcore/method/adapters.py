@@ -44,6 +44,11 @@ def adapter_names_of(module: nn.Module | None) -> set[str]:
     return names
 
 
+def has_adapter(module: nn.Module, name: str) -> bool:
+    """Whether peft holds an adapter ``name`` in ``module`` (its config: no walk over the layers)."""
+    return bool(getattr(module, "_hf_peft_config_loaded", False)) and name in module.peft_config
+
+
 def loaded_adapters(pipe) -> set[str]:
     """Names of the LoRA adapters loaded anywhere in a pipeline (its family's ``lora_components``)."""
     from prcore.method.families import family_of

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from prcore.data.fingerprint import fingerprint, sha256_bytes
 from prcore.data.images import ImageSource, PreparedImage, fingerprint_bytes, prepare_images
 from prcore.data.schema import DEFAULT_CAPTION, SUBJECT_PLACEHOLDER, TrainConfig, TrainingInputError, identifier_problem
+from prcore.method.adapters import has_adapter
 from prcore.method.families import ModelFamily, TextCond, family_of
 from prcore.method.families.noise import NoiseProcess
 from prcore.method.lora_io import read_training_record, save_embeddings, save_lora
@@ -243,7 +244,7 @@ def add_training_adapter(denoiser, config: TrainConfig, adapter_name: str = TRAI
     """Add a fresh LoRA (B = 0, A gaussian, seeded by config.seed) to ``denoiser``; return its parameters in fp32."""
     from peft import LoraConfig
 
-    if getattr(denoiser, "_hf_peft_config_loaded", False) and adapter_name in denoiser.peft_config:
+    if has_adapter(denoiser, adapter_name):
         denoiser.delete_adapters(adapter_name)  # left over from an interrupted run in this process
     lora_config = LoraConfig(
         r=int(config.rank),
@@ -624,7 +625,7 @@ def train_subject_lora(
 
 def _remove_training_adapter(pipe) -> None:
     denoiser = family_of(pipe).denoiser(pipe)
-    if getattr(denoiser, "_hf_peft_config_loaded", False) and TRAIN_ADAPTER_NAME in denoiser.peft_config:
+    if has_adapter(denoiser, TRAIN_ADAPTER_NAME):
         denoiser.delete_adapters(TRAIN_ADAPTER_NAME)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from prcore.method.adapters import loaded_adapters, lora_layers
+from prcore.method.adapters import has_adapter, loaded_adapters, lora_layers
 from prcore.method.families import ModelFamily, family_named, family_of
 from prcore.store.keys import (
     LORA_EMBEDDINGS_FILE,
@@ -172,7 +172,7 @@ def load_subject_lora(pipe, lora_dir: str | Path, adapter_name: str) -> None:
     """
     lora_dir = Path(lora_dir)
     denoiser = family_of(pipe).denoiser(pipe)
-    if getattr(denoiser, "_hf_peft_config_loaded", False) and adapter_name in denoiser.peft_config:
+    if has_adapter(denoiser, adapter_name):
         return
     weights = lora_dir / LORA_WEIGHTS_FILE
     if not weights.is_file():
@@ -259,7 +259,7 @@ def _check_applied(pipe, weights: Path, expected: dict[str, set[str]], adapter_n
 def unload_subject_lora(pipe, adapter_name: str) -> None:
     """Remove a subject's adapter and its added tokens, leaving the base pipeline as before loading."""
     denoiser = family_of(pipe).denoiser(pipe)
-    if getattr(denoiser, "_hf_peft_config_loaded", False) and adapter_name in denoiser.peft_config:
+    if has_adapter(denoiser, adapter_name):
         pipe.delete_adapters(adapter_name)
     tokens = _loaded_tokens(pipe).pop(adapter_name, [])
     for tok, te in family_of(pipe).text_pairs(pipe):
