@@ -22,15 +22,19 @@ PROMPT = "a photo of {subject} in the snow"
 SIZE = 32
 
 
-def save_random_lora(path, lora_dir) -> None:
-    """Write a random, output-changing UNet LoRA for the pipeline at ``path`` in diffusers format."""
+def save_random_lora(path, lora_dir, seed: int = 123) -> None:
+    """Write a random, output-changing UNet LoRA for the pipeline at ``path`` in diffusers format; the
+    same ``seed``, the same LoRA, whatever ran before."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     donor = load_pipeline(path, device="cpu", dtype="float32", cache=False)
-    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=ADAPTER)
-    gen = torch.Generator().manual_seed(123)
+    with torch.random.fork_rng(devices=[]):  # lora_A's gaussian init draws from the global RNG
+        torch.manual_seed(seed)
+        donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                               adapter_name=ADAPTER)
+    gen = torch.Generator().manual_seed(seed)
     for name, param in donor.unet.named_parameters():
         if "lora_B" in name:  # peft initialises B to zero: randomise so the LoRA changes outputs
             param.data = torch.randn(param.shape, generator=gen) * 0.5
@@ -362,7 +366,7 @@ def test_several_requests_and_subjects_in_one_loop_draw_what_each_draws_alone(ki
 
     pipe = request.getfixturevalue(kind)
     other = tmp_path / "other"
-    save_random_lora(request.getfixturevalue(f"tiny_{kind}_path"), other)
+    save_random_lora(request.getfixturevalue(f"tiny_{kind}_path"), other, seed=321)
     pipe.load_lora_weights(str(other), adapter_name="other", use_safetensors=True)
     try:
         reqs = [Request(PROMPT, "dog", "sks", ADAPTER, image_seeds(3, 2)),
